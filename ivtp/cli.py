@@ -1,0 +1,196 @@
+"""The `ivtp` command: demo, generate, visualize, convert."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+import torch
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def _model_args(p: argparse.ArgumentParser, default_model: str = "tiny-random") -> None:
+    p.add_argument("--model", default=default_model,
+                   help="preset (tiny-random, llava-1.5-7b, llava-1.5-13b), llava-hf folder or hub id in the cache")
+    p.add_argument("--random-weights", action="store_true", help="build the preset's architecture, random weights")
+    p.add_argument("--prune-config", default=None,
+                   help="prune config YAML; 'none' runs the unpruned model (default: PruneConfig(), the paper's "
+                        "setting, which configs/ivtp_64.yaml spells out)")
+    p.add_argument("--dtype", choices=sorted(DTYPES), default=None)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--attn-implementation", default=None, help="sdpa (default), eager, flash_attention_2")
+    p.add_argument("--max-new-tokens", type=int, default=32)
+    p.add_argument("--json", action="store_true", help="print one JSON object instead of text")
+
+
+def _load(args):
+    from ivtp import PruneConfig, apply_pruning
+    from ivtp.models import load_model
+
+    # Parse the config before the model loads, so a bad key costs no loading time.
+    config = None if args.prune_config == "none" else PruneConfig.load(args.prune_config)
+    model, processor = load_model(args.model, random_weights=args.random_weights,
+                                  dtype=DTYPES[args.dtype] if args.dtype else None, device=args.device,
+                                  attn_implementation=args.attn_implementation)
+    if config is not None:
+        apply_pruning(model, config)
+    return model, processor, config
+
+
+def _step_names(model) -> list[str]:
+    state = getattr(model, "ivtp_state", None)
+    return state.step_names() if state is not None else ["input"]
+
+
+def _report(args, model, config, results, extra: dict | None = None) -> None:
+    steps = _step_names(model)
+    if args.json:
+        payload = {
+            "model": args.model,
+            "prune_config": None if config is None else config.to_dict(),
+            "steps": steps,
+            "answers": [r.answer for r in results],
+            "visual_tokens": [r.visual_tokens for r in results],
+            "samples": [r.to_json() for r in results],
+            **(extra or {}),
+        }
+        json.dump(payload, sys.stdout, indent=2)
+        sys.stdout.write("\n")
+        return
+    for i, r in enumerate(results):
+        print(f"[{i}] {r.prompt}")
+        print(f"    answer: {r.answer}")
+        if r.visual_tokens:
+            print("    visual tokens: " + ", ".join(f"{s}={n}" for s, n in zip(steps, r.visual_tokens)))
+        else:
+            print("    visual tokens: none (text-only)")
+    for k, v in (extra or {}).items():
+        print(f"{k}: {v}")
+
+
+def _write_overlays(results, model, out_dir: str, prefix: str) -> list[str]:
+    from ivtp.patch.llava import num_patches
+    from ivtp.viz import denormalize, overlay_panel
+
+    os.makedirs(out_dir, exist_ok=True)
+    steps = _step_names(model)
+    paths = []
+    for i, r in enumerate(results):
+        if r.pixel_values is None:
+            continue
+        counts = " -> ".join(f"{n}" for n in r.visual_tokens)
+        caption = f"Q: {r.prompt}\nA: {r.answer[:60]}\nvisual tokens ({', '.join(steps)}): {counts}"
+        path = os.path.join(out_dir, f"{prefix}{i}.png")
+        overlay_panel(denormalize(r.pixel_values), r.kept_patches, num_patches(model.config), caption).save(path)
+        paths.append(path)
+    return paths
+
+
+def _samples_from_args(args):
+    from ivtp.inference import Sample
+
+    if not args.prompt:
+        raise SystemExit("error: give at least one --prompt")
+    images = args.image or []
+    if len(images) != len(args.prompt):
+        raise SystemExit(f"error: {len(images)} --image for {len(args.prompt)} --prompt; give them in pairs "
+                         "(use --image none for a text-only prompt)")
+    samples = [Sample(p, None if i.lower() == "none" else i) for i, p in zip(images, args.prompt)]
+    for s in samples:  # fail on a bad path before the model loads
+        if s.image is not None and not os.path.isfile(s.image):
+            raise SystemExit(f"error: image not found: {s.image}")
+    return samples
+
+
+def cmd_demo(args) -> None:
+    from ivtp.data.shapes import draw_scene
+    from ivtp.inference import Sample, generate
+
+    t0 = time.time()
+    model, processor, config = _load(args)
+    image, objects = draw_scene(seed=args.seed)
+    target = objects[0]
+    question = f"Where is the {target.colour} {target.shape}?"
+    results = generate(model, processor, [Sample(question, image)], max_new_tokens=args.max_new_tokens)
+    paths = _write_overlays(results, model, args.out, "demo_")
+    _report(args, model, config, results, {"overlays": paths, "seconds": round(time.time() - t0, 2)})
+
+
+def cmd_generate(args) -> None:
+    from ivtp.inference import generate
+
+    samples = _samples_from_args(args)
+    model, processor, config = _load(args)
+    results = generate(model, processor, samples, max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
+                       use_cache=not args.no_cache, progress=not args.json)
+    _report(args, model, config, results)
+
+
+def cmd_visualize(args) -> None:
+    from ivtp.inference import generate
+
+    samples = _samples_from_args(args)
+    model, processor, config = _load(args)
+    results = generate(model, processor, samples, max_new_tokens=args.max_new_tokens, batch_size=args.batch_size)
+    paths = _write_overlays(results, model, args.out, "overlay_")
+    _report(args, model, config, results, {"overlays": paths})
+
+
+def cmd_convert(args) -> None:
+    from ivtp.convert import convert_original_llava
+
+    out = convert_original_llava(args.src, args.out, clip=args.clip, dtype=DTYPES[args.dtype] if args.dtype else None)
+    print(f"wrote llava-hf checkpoint to {out}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="ivtp", description="Instruction-guided visual token pruning for LLaVA-1.5")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("demo", help="prune and answer on the embedded default model and a generated image")
+    _model_args(p)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default="ivtp_out")
+    p.set_defaults(func=cmd_demo)
+
+    for name, func, helptext in (("generate", cmd_generate, "answer prompts about images, batched"),
+                                 ("visualize", cmd_visualize, "write kept-patch overlays for images")):
+        p = sub.add_parser(name, help=helptext)
+        _model_args(p)
+        p.add_argument("--image", action="append", help="image path (repeat; pairs with --prompt; 'none': no image)")
+        p.add_argument("--prompt", action="append", help="question (repeat)")
+        p.add_argument("--batch-size", type=int, default=8)
+        if name == "generate":
+            p.add_argument("--no-cache", action="store_true", help="decode without the KV cache (a check)")
+        else:
+            p.add_argument("--out", default="ivtp_out")
+        p.set_defaults(func=func)
+
+    p = sub.add_parser("convert", help="convert an original LLaVA-1.5 checkpoint to the llava-hf layout")
+    p.add_argument("src", help="folder of the original checkpoint (config.json with mm_* keys)")
+    p.add_argument("out", help="output folder")
+    p.add_argument("--clip", default=None, help="CLIP vision tower (default: the config's mm_vision_tower)")
+    p.add_argument("--dtype", choices=sorted(DTYPES), default=None)
+    p.set_defaults(func=cmd_convert)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    from ivtp.config import ConfigError
+    from ivtp.ops.sequence import PlaceholderError
+
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except (ConfigError, PlaceholderError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Prompts, conversation templates and synthetic images."""

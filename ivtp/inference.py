@@ -1,0 +1,98 @@
+"""Batched generation with a pruned LLaVA, with the per-step visual-token counts of every sample."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+
+import torch
+from PIL import Image
+from tqdm import tqdm
+
+from ivtp.data.templates import vicuna_v1_prompt
+from ivtp.patch.llava import num_patches
+
+
+@dataclass
+class Sample:
+    prompt: str  # the bare question; the template adds the <image> placeholder
+    image: "str | Image.Image | None" = None  # a path, an image, or None for a text-only sample
+
+
+@dataclass
+class Result:
+    prompt: str
+    image: str | None
+    answer: str
+    visual_tokens: list[int]  # tokens per image after the input and after each pruning step ([] if text-only)
+    kept_patches: list[int] = field(default_factory=list)  # original patch indices that reached the LLM
+    pixel_values: torch.Tensor | None = field(default=None, repr=False)  # what the tower saw, for overlays
+
+    def to_json(self) -> dict:
+        return {"prompt": self.prompt, "image": self.image, "answer": self.answer,
+                "visual_tokens": self.visual_tokens, "kept_patches": self.kept_patches}
+
+
+def load_image(image: "str | Image.Image") -> Image.Image:
+    if isinstance(image, Image.Image):
+        return image.convert("RGB")
+    if not os.path.isfile(image):
+        raise FileNotFoundError(f"image not found: {image}")
+    try:
+        with Image.open(image) as im:
+            return im.convert("RGB")
+    except OSError as e:
+        raise ValueError(f"cannot read image {image}: {e}") from None
+
+
+def generate(model, processor, samples: list[Sample], max_new_tokens: int = 32, batch_size: int = 8,
+             use_cache: bool = True, progress: bool = False) -> list[Result]:
+    """Greedy answers for `samples`, in batches. Images are all opened before any compute, so a bad path fails
+    at once and names the file."""
+    images = [None if s.image is None else load_image(s.image) for s in samples]
+    state = getattr(model, "ivtp_state", None)
+    results: list[Result] = []
+    starts = range(0, len(samples), batch_size)
+    for start in tqdm(starts, desc="generate", disable=not progress):
+        batch = samples[start : start + batch_size]
+        batch_images = images[start : start + batch_size]
+        results.extend(_generate_batch(model, processor, batch, batch_images, max_new_tokens, use_cache, state))
+    return results
+
+
+@torch.no_grad()
+def _generate_batch(model, processor, batch, batch_images, max_new_tokens, use_cache, state) -> list[Result]:
+    prompts = [vicuna_v1_prompt(s.prompt, has_image=img is not None) for s, img in zip(batch, batch_images)]
+    present = [img for img in batch_images if img is not None]
+    processor.tokenizer.padding_side = "left"  # decoder-only generation pads on the left
+    inputs = processor(images=present or None, text=prompts, padding=True, return_tensors="pt").to(model.device)
+    if "pixel_values" in inputs:
+        inputs["pixel_values"] = inputs["pixel_values"].to(model.dtype)
+    input_ids, attention_mask = inputs["input_ids"], inputs["attention_mask"]
+    if state is not None and present:
+        # Shrink the <image> runs here rather than inside generate, so the prompt length is known.
+        shrunk = state.shrink(input_ids, len(present), attention_mask, None, padding_side="left")
+        input_ids, attention_mask = shrunk.input_ids, shrunk.attention_mask
+    extra = {"pixel_values": inputs["pixel_values"]} if present else {}
+    if state is not None:
+        extra["ivtp_shrunk"] = True
+    out = model.generate(input_ids=input_ids, attention_mask=attention_mask, max_new_tokens=max_new_tokens,
+                         do_sample=False, use_cache=use_cache, pad_token_id=processor.tokenizer.pad_token_id,
+                         **extra)
+    answers = processor.tokenizer.batch_decode(out[:, input_ids.shape[1] :], skip_special_tokens=True)
+    trace = state.last_trace if state is not None and present else None
+    results, image_idx = [], 0
+    for sample, img, answer in zip(batch, batch_images, answers):
+        image_name = sample.image if isinstance(sample.image, str) else (None if img is None else "<image>")
+        if img is None:
+            results.append(Result(sample.prompt, image_name, answer.strip(), []))
+            continue
+        if trace is not None:
+            counts, kept = list(trace.counts), trace.kept[image_idx].tolist()
+        else:  # an unpruned model: every patch reaches the LLM
+            n = num_patches(model.config)
+            counts, kept = [n], list(range(n))
+        results.append(Result(sample.prompt, image_name, answer.strip(), counts, kept,
+                              inputs["pixel_values"][image_idx].float().cpu()))
+        image_idx += 1
+    return results

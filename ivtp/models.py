@@ -1,0 +1,188 @@
+"""Model presets and loading: llava-hf checkpoints (local path or hub id in the user's cache) and random-weight
+architectures for work that needs no weights (FLOPs, latency, tests).
+
+Presets:
+- ``tiny-random``: LLaVA-1.5's token geometry (336 px, patch 14, 576 patches, feature layer -2) with a narrow
+  8-layer CLIP tower and a narrow 16-layer Llama; seconds on a CPU. Deterministic (seeded).
+- ``llava-1.5-7b`` / ``llava-1.5-13b``: the llava-hf checkpoints; with ``random_weights=True`` the same
+  architectures with random weights, built directly on the target device.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+
+import torch
+from transformers import (
+    AutoProcessor,
+    AutoTokenizer,
+    CLIPImageProcessor,
+    CLIPVisionConfig,
+    LlamaConfig,
+    LlavaConfig,
+    LlavaForConditionalGeneration,
+    LlavaProcessor,
+)
+
+logger = logging.getLogger(__name__)
+
+ASSETS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets")
+TINY_TOKENIZER = os.path.join(ASSETS, "tiny-tokenizer")
+OPENAI_CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]
+OPENAI_CLIP_STD = [0.26862954, 0.26130258, 0.27577711]
+
+
+@dataclass(frozen=True)
+class Preset:
+    hub_id: str | None  # where the real weights live (None: random only)
+    vision: dict
+    text: dict
+
+
+_CLIP_L_336 = dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
+                   image_size=336, patch_size=14, projection_dim=768, hidden_act="quick_gelu")
+PRESETS = {
+    "tiny-random": Preset(
+        hub_id=None,
+        vision=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=8, num_attention_heads=4,
+                    image_size=336, patch_size=14, projection_dim=32, hidden_act="quick_gelu"),
+        text=dict(hidden_size=64, intermediate_size=128, num_hidden_layers=16, num_attention_heads=4,
+                  num_key_value_heads=4, max_position_embeddings=2048, rms_norm_eps=1e-5),
+    ),
+    "llava-1.5-7b": Preset(
+        hub_id="llava-hf/llava-1.5-7b-hf",
+        vision=_CLIP_L_336,
+        text=dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
+                  num_key_value_heads=32, max_position_embeddings=4096, rms_norm_eps=1e-5, vocab_size=32064),
+    ),
+    "llava-1.5-13b": Preset(
+        hub_id="llava-hf/llava-1.5-13b-hf",
+        vision=_CLIP_L_336,
+        text=dict(hidden_size=5120, intermediate_size=13824, num_hidden_layers=40, num_attention_heads=40,
+                  num_key_value_heads=40, max_position_embeddings=4096, rms_norm_eps=1e-5, vocab_size=32064),
+    ),
+}
+
+
+def tiny_tokenizer():
+    return AutoTokenizer.from_pretrained(TINY_TOKENIZER)
+
+
+def llava_config(vision: dict, text: dict, tokenizer=None, **overrides) -> LlavaConfig:
+    """A LlavaConfig in LLaVA-1.5's shape. Without `text['vocab_size']`, the vocabulary follows the tokenizer
+    (padded to a multiple of 64, as llava-hf does)."""
+    text = dict(text)
+    image_token_id, pad_id = 32000, 32001
+    if tokenizer is not None:
+        image_token_id = tokenizer.convert_tokens_to_ids("<image>")
+        pad_id = tokenizer.pad_token_id
+        text.setdefault("vocab_size", -(-len(tokenizer) // 64) * 64)
+    text_config = LlamaConfig(pad_token_id=pad_id, **text)
+    return LlavaConfig(
+        vision_config=CLIPVisionConfig(**vision), text_config=text_config, image_token_id=image_token_id,
+        projector_hidden_act="gelu", vision_feature_layer=-2, vision_feature_select_strategy="default",
+        tie_word_embeddings=False, **overrides,
+    )
+
+
+def build_processor(tokenizer, image_size: int, patch_size: int) -> LlavaProcessor:
+    """A LLaVA-1.5 processor: CLIP resize + centre crop to `image_size`, one placeholder per patch."""
+    image_processor = CLIPImageProcessor(
+        size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size},
+        image_mean=OPENAI_CLIP_MEAN, image_std=OPENAI_CLIP_STD, do_convert_rgb=True,
+    )
+    return LlavaProcessor(image_processor=image_processor, tokenizer=tokenizer, patch_size=patch_size,
+                          vision_feature_select_strategy="default", num_additional_image_tokens=1)
+
+
+def tiny_random(seed: int = 0, **vision_overrides) -> tuple[LlavaForConditionalGeneration, LlavaProcessor]:
+    """The tiny-random preset (deterministic). `vision_overrides` let tests shrink the image, e.g. image_size=112."""
+    preset = PRESETS["tiny-random"]
+    tok = tiny_tokenizer()
+    vision = {**preset.vision, **vision_overrides}
+    config = llava_config(vision, preset.text, tok)
+    torch.manual_seed(seed)
+    model = LlavaForConditionalGeneration(config).eval()
+    return model, build_processor(tok, vision["image_size"], vision["patch_size"])
+
+
+def random_model(name: str, dtype: torch.dtype = torch.bfloat16, device: str | torch.device = "cpu",
+                 attn_implementation: str = "sdpa", seed: int = 0):
+    """A preset's architecture with random weights, built on `device`. The processor uses the tiny tokenizer
+    (its ids are valid in any vocabulary), which is all latency and FLOPs work needs."""
+    if name == "tiny-random":
+        model, processor = tiny_random(seed)
+        return model.to(device=device, dtype=dtype), processor
+    preset = _preset(name)
+    tok = tiny_tokenizer()
+    config = llava_config(preset.vision, preset.text)
+    config._attn_implementation = attn_implementation
+    # The tiny tokenizer's special ids index the real vocabulary; point the config at them.
+    config.image_token_id = tok.convert_tokens_to_ids("<image>")
+    torch.manual_seed(seed)
+    with torch.device(device):
+        model = LlavaForConditionalGeneration._from_config(config, dtype=dtype).eval()
+    return model, build_processor(tok, preset.vision["image_size"], preset.vision["patch_size"])
+
+
+def _preset(name: str) -> Preset:
+    if name not in PRESETS:
+        raise ValueError(f"unknown preset {name!r}; presets: {', '.join(PRESETS)}")
+    return PRESETS[name]
+
+
+def load_model(
+    name_or_path: str,
+    random_weights: bool = False,
+    dtype: torch.dtype | None = None,
+    device: str | torch.device = "cpu",
+    attn_implementation: str | None = None,
+) -> tuple[LlavaForConditionalGeneration, LlavaProcessor]:
+    """Load (model, processor) from a preset name, a local llava-hf folder, or a hub id in the user's cache."""
+    if name_or_path == "tiny-random":
+        model, processor = tiny_random()
+        return model.to(device=device, dtype=dtype or torch.float32), processor
+    if random_weights:
+        return random_model(name_or_path, dtype=dtype or torch.bfloat16, device=device,
+                            attn_implementation=attn_implementation or "sdpa")
+    source = PRESETS[name_or_path].hub_id if name_or_path in PRESETS else name_or_path
+    if os.path.isdir(source):
+        _check_llava_folder(source)
+    kwargs = dict(dtype=dtype or "auto")
+    if attn_implementation:
+        kwargs["attn_implementation"] = attn_implementation
+    model = _from_local_or_cache(LlavaForConditionalGeneration, source, **kwargs).to(device).eval()
+    processor = _from_local_or_cache(AutoProcessor, source)
+    return model, processor
+
+
+def _check_llava_folder(path: str) -> None:
+    if not os.path.isfile(os.path.join(path, "config.json")):
+        raise FileNotFoundError(f"{path} has no config.json: not a llava-hf checkpoint folder")
+    import json
+
+    with open(os.path.join(path, "config.json")) as f:
+        cfg = json.load(f)
+    if cfg.get("model_type") != "llava" or "vision_config" not in cfg:
+        raise ValueError(
+            f"{path} is not in the llava-hf layout (model_type {cfg.get('model_type')!r}). An original LLaVA-1.5 "
+            "checkpoint (LlavaLlamaForCausalLM, mm_projector) converts with `ivtp convert`."
+        )
+
+
+def _from_local_or_cache(cls, source: str, **kwargs):
+    """Prefer what is on disk (local folder or HF cache); only then ask the hub, with an error that says so."""
+    try:
+        return cls.from_pretrained(source, local_files_only=True, **kwargs)
+    except OSError as local_error:
+        if os.path.isdir(source) or os.environ.get("HF_HUB_OFFLINE") == "1":
+            raise
+        try:
+            return cls.from_pretrained(source, **kwargs)
+        except OSError as hub_error:
+            raise OSError(
+                f"could not load {source!r}: not in the local HF cache ({local_error.__class__.__name__}) and the "
+                f"hub could not be reached ({hub_error}). Download it on a connected machine or pass a local path."
+            ) from hub_error

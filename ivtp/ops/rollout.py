@@ -1,0 +1,73 @@
+"""Group-wise attention rollout and GTP importance scores (IVTP eqs. 2-4).
+
+Shapes: B batch, H heads, N tokens (including the query token: the ViT [CLS] or, in the LLM, the pseudo-CLS),
+Dh head dim.
+
+Eq. 3 rolls attention out over the layers l1..l2 of one group:
+    R(l1) = A(l1),   R(l) = norm(A(l) + I) @ R(l-1)   for l1 < l <= l2,
+where norm() renormalises rows to sum 1. Only the query's row of R(l2) is needed, and a row vector times a
+product of matrices can be pushed down the product one matrix at a time, so the top layer needs only its query
+row and each lower layer its full head-mean matrix. Nothing here ever forms the N x N product.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def head_mean_attention(
+    query: torch.Tensor, key: torch.Tensor, scale: float, mask: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Softmax attention averaged over heads, in float32 (eq. 2).
+
+    query: (B, H, Nq, Dh), key: (B, H, Nk, Dh), mask: additive, broadcastable to (B, H, Nq, Nk) or None.
+    Returns (B, Nq, Nk); each row sums to 1.
+    """
+    logits = torch.matmul(query.float(), key.float().transpose(-1, -2)) * scale  # (B, H, Nq, Nk)
+    if mask is not None:
+        logits = logits + mask.float()
+    return logits.softmax(dim=-1).mean(dim=1)  # (B, Nq, Nk)
+
+
+def _add_identity_row(row: torch.Tensor, query_index: int) -> torch.Tensor:
+    """Row `query_index` of norm(A + I), given that row of A. row: (B, N) -> (B, N)."""
+    row = row.clone()
+    row[:, query_index] += 1.0
+    return row / row.sum(dim=-1, keepdim=True)
+
+
+def rollout_query_row(lower: list[torch.Tensor], top_row: torch.Tensor, query_index: int = 0) -> torch.Tensor:
+    """The query's row of the group rollout R(l2) of eq. 3.
+
+    lower:   head-mean attention matrices of the group's layers below the top, bottom layer first, each (B, N, N).
+             Empty for a group of one layer, where the rollout is that layer's own attention.
+    top_row: head-mean attention row of the query at the group's top layer, (B, N).
+    Returns (B, N), summing to 1.
+    """
+    if not lower:
+        return top_row.float()
+    # e_q^T norm(A(l2) + I)
+    row = _add_identity_row(top_row.float(), query_index)  # (B, N)
+    # ... norm(A(l) + I) for l2 > l > l1, pushed down one layer at a time: row @ norm(A + I).
+    for attn in reversed(lower[1:]):
+        attn = attn.float()  # (B, N, N)
+        eye_plus = attn + torch.eye(attn.shape[-1], device=attn.device, dtype=attn.dtype)
+        eye_plus = eye_plus / eye_plus.sum(dim=-1, keepdim=True)
+        row = torch.bmm(row.unsqueeze(1), eye_plus).squeeze(1)  # (B, N)
+    # ... A(l1): the bottom layer enters without the identity.
+    return torch.bmm(row.unsqueeze(1), lower[0].float()).squeeze(1)  # (B, N)
+
+
+def value_norms(value: torch.Tensor) -> torch.Tensor:
+    """||V_i|| with the heads concatenated. value: (B, H, N, Dh) -> (B, N)."""
+    return value.float().pow(2).sum(dim=(1, 3)).sqrt()
+
+
+def gtp_scores(query_row: torch.Tensor, vnorms: torch.Tensor, query_index: int = 0) -> torch.Tensor:
+    """Eq. 4: S_i = R[q, i] ||V_i|| / sum_j R[q, j] ||V_j||, over every token but the query itself.
+
+    query_row: (B, N) rollout row, vnorms: (B, N). Returns (B, N - 1) in the order of the remaining tokens.
+    """
+    keep = [i for i in range(query_row.shape[-1]) if i != query_index % query_row.shape[-1]]
+    weighted = query_row[:, keep].float() * vnorms[:, keep].float()  # (B, N-1)
+    return weighted / weighted.sum(dim=-1, keepdim=True).clamp_min(torch.finfo(torch.float32).tiny)

@@ -1,0 +1,1 @@
+"""How a stock transformers LLaVA is changed: class swaps that override forward only."""

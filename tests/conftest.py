@@ -1,0 +1,42 @@
+"""Shared fixtures: tiny random LLaVA models (the real transformers classes) and generated images."""
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from ivtp.models import tiny_random
+
+
+@pytest.fixture
+def small_llava():
+    """A factory of fresh tiny LLaVAs at 112 px (8x8 = 64 patches) for fast model tests.
+
+    Fresh per call: apply_pruning changes a model in place and refuses a second application.
+    """
+
+    def make(seed: int = 0, **vision):
+        vision.setdefault("image_size", 112)
+        return tiny_random(seed, **vision)
+
+    return make
+
+
+@pytest.fixture
+def images():
+    def make(n: int, size: int = 112, seed: int = 0):
+        rng = np.random.RandomState(seed)
+        return [Image.fromarray((rng.rand(size + 13 * i, size + 7 * i, 3) * 255).astype("uint8")) for i in range(n)]
+
+    return make
+
+
+def prompt(question: str, image: bool = True) -> str:
+    from ivtp.data.templates import vicuna_v1_prompt
+
+    return vicuna_v1_prompt(question, has_image=image)
+
+
+@pytest.fixture(autouse=True)
+def _deterministic():
+    torch.manual_seed(0)

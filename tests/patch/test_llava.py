@@ -1,0 +1,167 @@
+"""apply_pruning on the real transformers LlavaForConditionalGeneration (tiny random configs)."""
+
+import pytest
+import torch
+
+from conftest import prompt
+from ivtp import ConfigError, PruneConfig, apply_pruning, load_pruned
+from ivtp.ops.sequence import PlaceholderError
+
+N = 64  # patches of the 112 px test model
+
+
+def inputs_for(processor, images, questions, padding_side="left"):
+    processor.tokenizer.padding_side = padding_side
+    texts = [prompt(q, image=img is not None) for q, img in zip(questions, images)]
+    present = [img for img in images if img is not None]
+    return processor(images=present or None, text=texts, padding=True, return_tensors="pt")
+
+
+def test_keep_all_logits_and_loss_equal_the_stock_model(small_llava, images):
+    stock, processor = small_llava()
+    pruned, _ = small_llava()
+    apply_pruning(pruned, "configs/keep_all.yaml")
+    batch = inputs_for(processor, images(2) + [None], ["What is it?", "Count the red shapes please", "Hello"],
+                       padding_side="right")
+    labels = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
+    with torch.no_grad():
+        ref = stock(**batch, labels=labels)
+        out = pruned(**batch, labels=labels)
+    torch.testing.assert_close(out.logits, ref.logits, rtol=0, atol=1e-5)
+    torch.testing.assert_close(out.loss, ref.loss, rtol=0, atol=1e-6)
+    assert pruned.ivtp_state.last_trace.counts == [N, N, N, N]  # scoring ran in every group
+
+
+def test_pruned_forward_shrinks_ids_mask_and_labels(small_llava, images):
+    model, processor = small_llava()
+    apply_pruning(model, {"vision": {"keep": 8}})
+    batch = inputs_for(processor, images(2) + [None], ["What is it?", "Where is the circle?", "Hi"],
+                       padding_side="right")
+    labels = batch["input_ids"].masked_fill(batch["input_ids"] == model.config.image_token_id, -100)
+    labels = labels.masked_fill(batch["attention_mask"] == 0, -100)
+    with torch.no_grad():
+        out = model(**batch, labels=labels)
+    lengths = batch["attention_mask"].sum(1)
+    # Image rows lose N - 8 tokens; the text-only row keeps its length, so the batch is as long as the longest.
+    new_len = int(torch.stack([lengths[0] - (N - 8), lengths[1] - (N - 8), lengths[2]]).max())
+    assert out.logits.shape[:2] == (3, new_len)
+    assert model.ivtp_state.last_trace.counts == [N, 45, 27, 8]  # 7 layers feed layer -2: 3 groups
+    # The loss is the stock causal-LM loss on the shrunk labels: recompute it from the logits and the text labels,
+    # which shrinking must keep, in order, row by row.
+    shrunk = model.ivtp_state.shrink(batch["input_ids"], 2, batch["attention_mask"], labels, "right")
+    for b in range(3):
+        assert shrunk.labels[b][shrunk.labels[b] != -100].tolist() == labels[b][labels[b] != -100].tolist()
+    ref_loss = torch.nn.functional.cross_entropy(
+        out.logits[:, :-1].reshape(-1, out.logits.shape[-1]), shrunk.labels[:, 1:].reshape(-1), ignore_index=-100)
+    torch.testing.assert_close(out.loss, ref_loss, rtol=1e-5, atol=1e-6)
+
+
+def test_greedy_generation_with_cache_equals_without(small_llava, images):
+    model, processor = small_llava()
+    apply_pruning(model, {"vision": {"keep": 10, "group_size": 2}})
+    batch = inputs_for(processor, images(2), ["What colour?", "Is there a square in the picture?"])
+    with torch.no_grad():
+        cached = model.generate(**batch, max_new_tokens=12, do_sample=False)
+        uncached = model.generate(**batch, max_new_tokens=12, do_sample=False, use_cache=False)
+    assert torch.equal(cached, uncached)
+    assert cached.shape[1] == batch["input_ids"].shape[1] - (N - 10) + 12
+
+
+def test_batched_generation_equals_per_sample(small_llava, images):
+    model, processor = small_llava()
+    apply_pruning(model, {"vision": {"keep": 16}})
+    imgs = images(2) + [None]
+    questions = ["What is it?", "Which shape is at the top left of the image?", "Say hello"]
+    with torch.no_grad():
+        batch = inputs_for(processor, imgs, questions)
+        together = model.generate(**batch, max_new_tokens=8, do_sample=False)[:, -8:]
+        batch_logits = model(**batch).logits[:, -1]
+        for i in range(3):
+            single = inputs_for(processor, [imgs[i]], [questions[i]])
+            alone = model.generate(**single, max_new_tokens=8, do_sample=False)[:, -8:]
+            assert torch.equal(together[i], alone[0]), f"sample {i}"
+            torch.testing.assert_close(model(**single).logits[0, -1], batch_logits[i], rtol=1e-4, atol=1e-4)
+
+
+def test_text_only_batches_pass_through(small_llava):
+    stock, processor = small_llava()
+    pruned, _ = small_llava()
+    apply_pruning(pruned, {"vision": {"keep": 4}})
+    batch = inputs_for(processor, [None, None], ["Hello there", "What is a circle?"])
+    with torch.no_grad():
+        torch.testing.assert_close(pruned(**batch).logits, stock(**batch).logits, rtol=0, atol=0)
+
+
+def test_apply_refuses_twice_and_keeps_weights(small_llava):
+    model, _ = small_llava()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    apply_pruning(model, PruneConfig())
+    with pytest.raises(RuntimeError, match="already applied"):
+        apply_pruning(model, PruneConfig())
+    after = model.state_dict()
+    assert list(before) == list(after)
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    with pytest.raises(TypeError):
+        apply_pruning(torch.nn.Linear(2, 2), PruneConfig())
+
+
+class CountCalls:
+    def __init__(self, module):
+        self.calls = 0
+        module.register_forward_hook(lambda *_: setattr(self, "calls", self.calls + 1))
+
+
+def test_bad_input_fails_before_any_compute(small_llava, images):
+    model, processor = small_llava()
+    apply_pruning(model, {"vision": {"keep": 8}})
+    calls = CountCalls(model.model.vision_tower.embeddings)
+    good = inputs_for(processor, images(1), ["What is it?"])
+    text_only = inputs_for(processor, [None], ["What is it?"])
+    # An image without an <image> placeholder.
+    with pytest.raises(PlaceholderError, match="1 image"):
+        model(input_ids=text_only["input_ids"], pixel_values=good["pixel_values"])
+    with pytest.raises(PlaceholderError):
+        model.generate(input_ids=text_only["input_ids"], pixel_values=good["pixel_values"], max_new_tokens=2)
+    # A placeholder without an image.
+    with pytest.raises(PlaceholderError, match="no pixel_values"):
+        model(input_ids=good["input_ids"])
+    with pytest.raises(PlaceholderError, match="no pixel_values"):
+        model.generate(input_ids=good["input_ids"], max_new_tokens=2)
+    # Two images for one placeholder run.
+    with pytest.raises(PlaceholderError):
+        model(input_ids=good["input_ids"], pixel_values=good["pixel_values"].repeat(2, 1, 1, 1))
+    assert calls.calls == 0
+
+
+def test_impossible_configs_fail_at_apply_or_load(small_llava):
+    model, _ = small_llava()
+    with pytest.raises(ConfigError, match="vision.keep.*larger than the 64"):
+        apply_pruning(model, {"vision": {"keep": 65}})
+    with pytest.raises(ConfigError, match="group_size"):
+        apply_pruning(model, {"vision": {"group_size": 0}})
+    with pytest.raises(ConfigError, match="unknown method"):
+        apply_pruning(model, {"method": "magic"})
+    assert not hasattr(model, "ivtp_state")  # nothing was half-applied
+
+
+def test_vision_stage_off_is_the_stock_model(small_llava, images):
+    stock, processor = small_llava()
+    model, _ = small_llava()
+    apply_pruning(model, {"vision": {"enabled": False}})
+    batch = inputs_for(processor, images(1), ["What is it?"])
+    with torch.no_grad():
+        torch.testing.assert_close(model(**batch).logits, stock(**batch).logits, rtol=0, atol=0)
+    assert model.ivtp_state.last_trace.counts == [N]
+
+
+def test_save_and_load_pruned_round_trip(small_llava, images, tmp_path):
+    model, processor = small_llava()
+    apply_pruning(model, {"vision": {"keep": 12, "group_size": 2}})
+    model.save_pretrained(tmp_path)
+    assert (tmp_path / "ivtp_config.json").exists()
+    assert "LlavaForConditionalGeneration" in (tmp_path / "config.json").read_text()
+    loaded = load_pruned(str(tmp_path)).eval()
+    assert loaded.ivtp_state.config == model.ivtp_state.config
+    batch = inputs_for(processor, images(1), ["What is it?"])
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(**batch).logits, model(**batch).logits, rtol=0, atol=1e-6)

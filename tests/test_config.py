@@ -1,0 +1,97 @@
+import glob
+import json
+import os
+
+import pytest
+
+from ivtp import ConfigError, PruneConfig
+from ivtp.config import resolve_budget
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CONFIGS = sorted(glob.glob(os.path.join(ROOT, "configs", "**", "*.yaml"), recursive=True))
+
+
+def test_defaults_are_the_paper_setting_spelled_out_by_ivtp_64():
+    cfg = PruneConfig()
+    assert cfg.method == "ivtp"
+    assert (cfg.vision.group_size, cfg.vision.keep, cfg.vision.schedule) == (3, 64, "linear")
+    assert (cfg.llm.layers, cfg.llm.group_size, cfg.llm.tau) == (12, 3, 0.2)
+    assert PruneConfig.from_yaml(os.path.join(ROOT, "configs", "ivtp_64.yaml")).to_dict() == cfg.to_dict()
+
+
+def test_dict_round_trip_and_saved_file(tmp_path):
+    cfg = PruneConfig.from_dict({"vision": {"group_size": 2, "keep": 0.25, "schedule": [0.75, 0.5, 0.25]}})
+    assert PruneConfig.from_dict(cfg.to_dict()) == cfg
+    path = cfg.save_pretrained(tmp_path)
+    assert os.path.basename(path) == "ivtp_config.json"
+    assert json.load(open(path))["vision"]["schedule"] == [0.75, 0.5, 0.25]
+    assert PruneConfig.from_pretrained(tmp_path) == cfg
+    assert PruneConfig.load(str(tmp_path)) == cfg
+
+
+@pytest.mark.parametrize(
+    "data, key",
+    [
+        ({"metod": "ivtp"}, "metod"),
+        ({"vision": {"kep": 64}}, "vision.kep"),
+        ({"llm": {"threshold": 0.2}}, "llm.threshold"),
+        ({"method": "fastvv"}, "method"),
+        ({"vision": {"group_size": 0}}, "vision.group_size"),
+        ({"vision": {"group_size": 2.0}}, "vision.group_size"),
+        ({"vision": {"keep": 0}}, "vision.keep"),
+        ({"vision": {"keep": 1.5}}, "vision.keep"),
+        ({"vision": {"keep": 0.0}}, "vision.keep"),
+        ({"vision": {"keep": True}}, "vision.keep"),
+        ({"vision": {"keep": "64"}}, "vision.keep"),
+        ({"vision": {"enabled": "yes"}}, "vision.enabled"),
+        ({"vision": {"schedule": "cosine"}}, "vision.schedule"),
+        ({"vision": {"schedule": []}}, "vision.schedule"),
+        ({"vision": {"keep": 20, "schedule": [10, 20]}}, "vision.schedule[1]"),
+        ({"vision": {"keep": 64, "schedule": [128, 96]}}, "vision.schedule"),
+        ({"vision": {"schedule": [128, -3]}}, "vision.schedule[1]"),
+        ({"llm": {"tau": 1.5}}, "llm.tau"),
+        ({"llm": {"layers": 0}}, "llm.layers"),
+        ({"llm": {"enabled": True}}, "llm.enabled"),
+        ({"vision": [1, 2]}, "vision"),
+    ],
+)
+def test_bad_values_name_the_key(data, key):
+    with pytest.raises(ConfigError) as err:
+        PruneConfig.from_dict(data)
+    assert key in str(err.value)
+
+
+def test_yaml_errors_name_the_file(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text("vision:\n  keep: 64\n  group_sise: 3\n")
+    with pytest.raises(ConfigError, match=r"bad.yaml.*vision.group_sise"):
+        PruneConfig.from_yaml(path)
+    with pytest.raises(FileNotFoundError):
+        PruneConfig.from_yaml(tmp_path / "missing.yaml")
+
+
+def test_resolve_budget():
+    assert resolve_budget(64, 576, "k") == 64
+    assert resolve_budget(1.0, 576, "k") == 576
+    assert resolve_budget(1 / 9, 576, "k") == 64
+    assert resolve_budget(0.001, 576, "k") == 1  # a ratio never rounds to zero tokens
+    with pytest.raises(ConfigError, match="larger than the 576"):
+        resolve_budget(577, 576, "vision.keep")
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=[os.path.relpath(p, ROOT) for p in CONFIGS])
+def test_every_shipped_config_loads_and_applies_to_llava15_geometry(path):
+    """Every YAML validates, and applies to a tower with LLaVA-1.5's depth and token geometry
+    (24 layers, feature layer -2, 336 px / 14 = 576 patches), resolving to a schedule that ends at its keep."""
+    from ivtp import apply_pruning
+    from ivtp.models import tiny_random
+
+    cfg = PruneConfig.from_yaml(path)
+    model, _ = tiny_random(num_hidden_layers=24)
+    apply_pruning(model, cfg)
+    plan = model.ivtp_state.vision_plan
+    if cfg.vision.enabled:
+        assert plan.layers_used == 23
+        assert plan.counts[-1] == resolve_budget(cfg.vision.keep, 576, "keep")
+        assert len(plan.groups) == -(-23 // cfg.vision.group_size)
+        assert all(a >= b for a, b in zip([576] + plan.counts, plan.counts))
