@@ -117,7 +117,10 @@ def cmd_demo(args) -> None:
     question = f"Where is the {target.colour} {target.shape}?"
     results = generate(model, processor, [Sample(question, image)], max_new_tokens=args.max_new_tokens)
     paths = _write_overlays(results, model, args.out, "demo_")
-    _report(args, model, config, results, {"overlays": paths, "seconds": round(time.time() - t0, 2)})
+    extra = {"overlays": paths, "seconds": round(time.time() - t0, 2)}
+    if args.model == "tiny-random":
+        extra["note"] = "tiny-random has random weights: the answer is noise; the pruning and counts are real"
+    _report(args, model, config, results, extra)
 
 
 def cmd_generate(args) -> None:

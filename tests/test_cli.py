@@ -1,0 +1,77 @@
+"""The `ivtp` command end to end on the tiny-random preset."""
+
+import json
+import os
+
+import pytest
+from PIL import Image
+
+from ivtp.cli import main
+from ivtp.data.shapes import draw_scene
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture
+def image_files(tmp_path):
+    paths = []
+    for seed in (1, 2):
+        path = tmp_path / f"scene{seed}.png"
+        draw_scene(seed=seed)[0].save(path)
+        paths.append(str(path))
+    return paths
+
+
+def run_json(capsys, argv):
+    assert main(argv) == 0
+    return json.loads(capsys.readouterr().out)
+
+
+def test_generate_json_reports_per_step_counts(capsys, image_files):
+    argv = ["generate", "--model", "tiny-random", "--prune-config", os.path.join(ROOT, "configs", "ivtp_64.yaml"),
+            "--image", image_files[0], "--prompt", "Where is the circle?",
+            "--image", image_files[1], "--prompt", "What colour is the square?",
+            "--image", "none", "--prompt", "Say hello", "--max-new-tokens", "6", "--json"]
+    out = run_json(capsys, argv)
+    assert out["steps"] == ["input", "vit.layers0-2", "vit.layers3-5", "vit.layer6"]
+    assert out["visual_tokens"] == [[576, 405, 235, 64], [576, 405, 235, 64], []]
+    assert len(out["answers"]) == 3 and all(isinstance(a, str) for a in out["answers"])
+    kept = out["samples"][0]["kept_patches"]
+    assert len(kept) == 64 and kept == sorted(kept) and 0 <= kept[0] and kept[-1] < 576
+    # --no-cache decodes by recomputation and must give the same greedy answers.
+    uncached = run_json(capsys, argv + ["--no-cache"])
+    assert uncached["answers"] == out["answers"]
+
+
+def test_generate_unpruned_reference(capsys, image_files):
+    out = run_json(capsys, ["generate", "--prune-config", "none", "--image", image_files[0], "--prompt", "Hi",
+                            "--max-new-tokens", "3", "--json"])
+    assert out["visual_tokens"] == [[576]] and out["prune_config"] is None
+
+
+def test_demo_writes_an_overlay(capsys, tmp_path):
+    out = run_json(capsys, ["demo", "--out", str(tmp_path), "--max-new-tokens", "4", "--json"])
+    assert out["visual_tokens"] == [[576, 405, 235, 64]]
+    (path,) = out["overlays"]
+    with Image.open(path) as im:
+        assert im.size[0] == 2 * 336 + 10
+
+
+def test_visualize_writes_one_png_per_image(capsys, tmp_path, image_files):
+    out = run_json(capsys, ["visualize", "--image", image_files[0], "--prompt", "Where?", "--image", "none",
+                            "--prompt", "No image here", "--out", str(tmp_path / "viz"), "--max-new-tokens", "2",
+                            "--json"])
+    assert len(out["overlays"]) == 1 and os.path.isfile(out["overlays"][0])
+
+
+def test_bad_input_is_reported_before_loading(capsys, tmp_path, image_files):
+    with pytest.raises(SystemExit, match="image not found"):
+        main(["generate", "--image", str(tmp_path / "missing.png"), "--prompt", "Where?"])
+    with pytest.raises(SystemExit, match="in pairs"):
+        main(["generate", "--image", image_files[0], "--prompt", "a", "--prompt", "b"])
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("vision:\n  keeep: 64\n")
+    assert main(["generate", "--prune-config", str(bad), "--image", image_files[0], "--prompt", "a"]) == 2
+    assert "vision.keeep" in capsys.readouterr().err
+    assert main(["generate", "--prune-config", str(tmp_path / "nope.yaml"), "--image", image_files[0],
+                 "--prompt", "a"]) == 2

@@ -1,0 +1,122 @@
+"""Presets, loading from folders, and the original-LLaVA converter."""
+
+import json
+
+import pytest
+import torch
+from tokenizers import Tokenizer, models, pre_tokenizers, processors
+from transformers import (
+    CLIPVisionConfig,
+    CLIPVisionModel,
+    LlamaConfig,
+    LlamaForCausalLM,
+    LlavaConfig,
+    LlavaForConditionalGeneration,
+    PreTrainedTokenizerFast,
+)
+
+from ivtp.convert import convert_original_llava
+from ivtp.models import PRESETS, llava_config, load_model, tiny_random
+
+
+def n_params(config) -> int:
+    with torch.device("meta"):
+        return sum(p.numel() for p in LlavaForConditionalGeneration(config).parameters())
+
+
+@pytest.mark.parametrize("name, billions", [("llava-1.5-7b", 7.06), ("llava-1.5-13b", 13.35)])
+def test_random_weight_presets_have_the_llava15_architecture(name, billions):
+    preset = PRESETS[name]
+    config = llava_config(preset.vision, preset.text)
+    assert config.text_config.vocab_size == 32064 and config.vision_config.num_hidden_layers == 24
+    assert config.vision_config.image_size // config.vision_config.patch_size == 24
+    assert n_params(config) / 1e9 == pytest.approx(billions, abs=0.02)
+
+
+def test_tiny_random_is_deterministic_and_has_llava15_token_geometry():
+    a, processor = tiny_random()
+    b, _ = tiny_random()
+    assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
+    enc = processor(images=[torch.zeros(3, 40, 60, dtype=torch.uint8)], text=["<image>\nHi"], return_tensors="pt")
+    assert int((enc["input_ids"] == a.config.image_token_id).sum()) == 576
+
+
+def test_load_model_from_a_llava_hf_folder(tmp_path):
+    model, processor = tiny_random(image_size=112)
+    model.save_pretrained(tmp_path)
+    processor.save_pretrained(tmp_path)
+    loaded, loaded_proc = load_model(str(tmp_path))
+    assert all(torch.equal(x, y) for x, y in zip(model.state_dict().values(), loaded.state_dict().values()))
+    assert loaded_proc.tokenizer.image_token_id == processor.tokenizer.image_token_id
+
+
+def test_load_model_rejects_folders_that_are_not_llava_hf(tmp_path):
+    with pytest.raises(FileNotFoundError, match="config.json"):
+        load_model(str(tmp_path))
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "llava", "mm_projector_type": "mlp2x_gelu"}))
+    with pytest.raises(ValueError, match="ivtp convert"):
+        load_model(str(tmp_path))
+
+
+def _original_tokenizer(path):
+    """A Llama-style tokenizer without <image> or <pad>, as the original checkpoints ship."""
+    words = ["<unk>", "<s>", "</s>"] + [f"w{i}" for i in range(97)]
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
+    PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>"
+                            ).save_pretrained(path)
+
+
+def test_converter_from_the_original_layout(tmp_path):
+    """Write a tiny checkpoint in liuhaotian's layout, convert it, and compare against its parts."""
+    torch.manual_seed(0)
+    clip_dir, src, out = tmp_path / "clip", tmp_path / "orig", tmp_path / "hf"
+    clip = CLIPVisionModel(CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=4,
+                                            num_attention_heads=4, image_size=56, patch_size=14)).eval()
+    clip.save_pretrained(clip_dir)
+    llama = LlamaForCausalLM(LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                         num_attention_heads=4, vocab_size=100)).eval()
+    proj = {"model.mm_projector.0.weight": torch.randn(64, 32), "model.mm_projector.0.bias": torch.randn(64),
+            "model.mm_projector.2.weight": torch.randn(64, 64), "model.mm_projector.2.bias": torch.randn(64)}
+    src.mkdir()
+    torch.save({**llama.state_dict(), **proj}, src / "pytorch_model.bin")
+    (src / "config.json").write_text(json.dumps({
+        "architectures": ["LlavaLlamaForCausalLM"], "model_type": "llava", "hidden_size": 64,
+        "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4, "vocab_size": 100,
+        "max_position_embeddings": 2048, "rms_norm_eps": 1e-6, "mm_hidden_size": 32,
+        "mm_projector_type": "mlp2x_gelu", "mm_vision_select_layer": -2, "mm_vision_select_feature": "patch",
+        "mm_vision_tower": str(clip_dir)}))
+    _original_tokenizer(src)
+
+    convert_original_llava(str(src), str(out))
+    model, processor = load_model(str(out), dtype=torch.float32)
+    assert model.config.text_config.vocab_size == 128  # 100 + <image> + <pad>, padded to a multiple of 64
+    assert processor.tokenizer.convert_tokens_to_ids("<image>") == model.config.image_token_id == 100
+
+    ids = torch.tensor([[1, 5, 17, 42, 99]])
+    pixels = torch.randn(1, 3, 56, 56)
+    with torch.no_grad():
+        # Text: the converted LLM is the original Llama (on the original vocabulary).
+        torch.testing.assert_close(model(input_ids=ids).logits[..., :100], llama(input_ids=ids).logits)
+        # Image: layer -2 patch features through mm_projector.0 -> GELU -> mm_projector.2.
+        feats = clip(pixels, output_hidden_states=True).hidden_states[-2][:, 1:]
+        ref = torch.nn.functional.gelu(feats @ proj["model.mm_projector.0.weight"].T + proj["model.mm_projector.0.bias"])
+        ref = ref @ proj["model.mm_projector.2.weight"].T + proj["model.mm_projector.2.bias"]
+        got = model.model.get_image_features(pixel_values=pixels).pooler_output[0]
+    torch.testing.assert_close(got, ref[0], rtol=1e-5, atol=1e-5)
+    # New vocabulary rows start at the mean embedding.
+    emb = model.get_input_embeddings().weight
+    torch.testing.assert_close(emb[100:], emb[:100].mean(0, keepdim=True).expand(28, -1))
+
+
+def test_converter_rejects_a_checkpoint_without_projector(tmp_path):
+    src = tmp_path / "orig"
+    src.mkdir()
+    llama = LlamaForCausalLM(LlamaConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                         num_attention_heads=2, vocab_size=100))
+    torch.save(llama.state_dict(), src / "pytorch_model.bin")
+    (src / "config.json").write_text(json.dumps({"mm_projector_type": "mlp2x_gelu", "mm_hidden_size": 32,
+                                                 "num_attention_heads": 2}))
+    with pytest.raises(ValueError, match="aligner is missing"):
+        convert_original_llava(str(src), str(tmp_path / "out"))
