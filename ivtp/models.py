@@ -139,8 +139,10 @@ def load_model(
     dtype: torch.dtype | None = None,
     device: str | torch.device = "cpu",
     attn_implementation: str | None = None,
+    cache_dir: str | None = None,
 ) -> tuple[LlavaForConditionalGeneration, LlavaProcessor]:
-    """Load (model, processor) from a preset name, a local llava-hf folder, or a hub id in the user's cache."""
+    """Load (model, processor) from a preset name, a local llava-hf folder, or a hub id in the user's cache
+    (`cache_dir`, default the HF cache)."""
     if name_or_path == "tiny-random":
         model, processor = tiny_random()
         return model.to(device=device, dtype=dtype or torch.float32), processor
@@ -153,8 +155,8 @@ def load_model(
     kwargs = dict(dtype=dtype or "auto")
     if attn_implementation:
         kwargs["attn_implementation"] = attn_implementation
-    model = _from_local_or_cache(LlavaForConditionalGeneration, source, **kwargs).to(device).eval()
-    processor = _from_local_or_cache(AutoProcessor, source)
+    model = _from_local_or_cache(LlavaForConditionalGeneration, source, cache_dir, **kwargs).to(device).eval()
+    processor = _from_local_or_cache(AutoProcessor, source, cache_dir)
     return model, processor
 
 
@@ -172,8 +174,9 @@ def _check_llava_folder(path: str) -> None:
         )
 
 
-def _from_local_or_cache(cls, source: str, **kwargs):
+def _from_local_or_cache(cls, source: str, cache_dir: str | None, **kwargs):
     """Prefer what is on disk (local folder or HF cache); only then ask the hub, with an error that says so."""
+    kwargs["cache_dir"] = cache_dir
     try:
         return cls.from_pretrained(source, local_files_only=True, **kwargs)
     except OSError as local_error:

@@ -120,3 +120,18 @@ def test_converter_rejects_a_checkpoint_without_projector(tmp_path):
                                                  "num_attention_heads": 2}))
     with pytest.raises(ValueError, match="aligner is missing"):
         convert_original_llava(str(src), str(tmp_path / "out"))
+
+
+def test_load_model_by_hub_id_from_the_hf_cache(tmp_path, monkeypatch):
+    """A hub id resolves from the cache layout (models--org--name/snapshots/<rev>) with no network."""
+    model, processor = tiny_random(image_size=112)
+    snapshot = tmp_path / "models--someone--tiny-llava" / "snapshots" / ("0" * 40)
+    model.save_pretrained(snapshot)
+    processor.save_pretrained(snapshot)
+    (tmp_path / "models--someone--tiny-llava" / "refs").mkdir()
+    (tmp_path / "models--someone--tiny-llava" / "refs" / "main").write_text("0" * 40)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    loaded, _ = load_model("someone/tiny-llava", cache_dir=str(tmp_path))
+    assert all(torch.equal(x, y) for x, y in zip(model.state_dict().values(), loaded.state_dict().values()))
+    with pytest.raises(OSError):
+        load_model("someone/not-cached", cache_dir=str(tmp_path))
