@@ -29,7 +29,7 @@ def _model_args(p: argparse.ArgumentParser, default_model: str = "tiny-random") 
 
 def _load(args):
     from ivtp import PruneConfig, apply_pruning
-    from ivtp.models import load_model
+    from ivtp.models import load_model, preset_aligner
 
     # Parse the config before the model loads, so a bad key costs no loading time.
     config = None if args.prune_config == "none" else PruneConfig.load(args.prune_config)
@@ -37,7 +37,7 @@ def _load(args):
                                   dtype=DTYPES[args.dtype] if args.dtype else None, device=args.device,
                                   attn_implementation=args.attn_implementation)
     if config is not None:
-        apply_pruning(model, config)
+        apply_pruning(model, config, aligner=preset_aligner(args.model), tokenizer=processor.tokenizer)
     return model, processor, config
 
 
@@ -49,9 +49,11 @@ def _step_names(model) -> list[str]:
 def _report(args, model, config, results, extra: dict | None = None) -> None:
     steps = _step_names(model)
     if args.json:
+        aligner = getattr(getattr(model, "ivtp_state", None), "aligner", None)
         payload = {
             "model": args.model,
             "prune_config": None if config is None else config.to_dict(),
+            "aligner": None if aligner is None else aligner.name,
             "steps": steps,
             "answers": [r.answer for r in results],
             "visual_tokens": [r.visual_tokens for r in results],

@@ -27,10 +27,11 @@ class Result:
     visual_tokens: list[int]  # tokens per image after the input and after each pruning step ([] if text-only)
     kept_patches: list[int] = field(default_factory=list)  # original patch indices that reached the LLM
     pixel_values: torch.Tensor | None = field(default=None, repr=False)  # what the tower saw, for overlays
+    guidance: dict = field(default_factory=dict)  # stage 2: pseudo_cls_source, selected and rated tokens
 
     def to_json(self) -> dict:
         return {"prompt": self.prompt, "image": self.image, "answer": self.answer,
-                "visual_tokens": self.visual_tokens, "kept_patches": self.kept_patches}
+                "visual_tokens": self.visual_tokens, "kept_patches": self.kept_patches, **self.guidance}
 
 
 def load_image(image: "str | Image.Image") -> Image.Image:
@@ -80,19 +81,19 @@ def _generate_batch(model, processor, batch, batch_images, max_new_tokens, use_c
                          do_sample=False, use_cache=use_cache, pad_token_id=processor.tokenizer.pad_token_id,
                          **extra)
     answers = processor.tokenizer.batch_decode(out[:, input_ids.shape[1] :], skip_special_tokens=True)
-    trace = state.last_trace if state is not None and present else None
     results, image_idx = [], 0
-    for sample, img, answer in zip(batch, batch_images, answers):
+    for row, (sample, img, answer) in enumerate(zip(batch, batch_images, answers)):
         image_name = sample.image if isinstance(sample.image, str) else (None if img is None else "<image>")
         if img is None:
             results.append(Result(sample.prompt, image_name, answer.strip(), []))
             continue
-        if trace is not None:
-            counts, kept = list(trace.counts), trace.kept[image_idx].tolist()
+        if state is not None:
+            report = state.row_report(row, image_idx, 1)
+            counts, kept = report.pop("visual_tokens"), report.pop("kept_patches")[0]
         else:  # an unpruned model: every patch reaches the LLM
             n = num_patches(model.config)
-            counts, kept = [n], list(range(n))
+            counts, kept, report = [n], list(range(n)), {}
         results.append(Result(sample.prompt, image_name, answer.strip(), counts, kept,
-                              inputs["pixel_values"][image_idx].float().cpu()))
+                              inputs["pixel_values"][image_idx].float().cpu(), guidance=report))
         image_idx += 1
     return results

@@ -108,6 +108,25 @@ def tiny_random(seed: int = 0, **vision_overrides) -> tuple[LlavaForConditionalG
     return model, build_processor(tok, vision["image_size"], vision["patch_size"])
 
 
+def tiny_aligner(seed: int = 0):
+    """The aligner that matches tiny-random's tower (width 32): open_clip's text tower in a small shipped config,
+    with seeded random weights."""
+    import warnings
+
+    from ivtp.aligner import TINY_MODEL, Aligner
+    from ivtp.config import AlignerConfig
+
+    torch.manual_seed(seed)
+    with warnings.catch_warnings():  # random on purpose here; from_config warns for user configs
+        warnings.simplefilter("ignore")
+        return Aligner.from_config(AlignerConfig(model=TINY_MODEL, pretrained=None)).eval()
+
+
+def preset_aligner(name: str):
+    """The aligner a preset brings along, or None when the prune config's own `llm.aligner` applies."""
+    return tiny_aligner() if name == "tiny-random" else None
+
+
 def random_model(name: str, dtype: torch.dtype = torch.bfloat16, device: str | torch.device = "cpu",
                  attn_implementation: str = "sdpa", seed: int = 0):
     """A preset's architecture with random weights, built on `device`. The processor uses the tiny tokenizer

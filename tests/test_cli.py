@@ -33,8 +33,9 @@ def test_generate_json_reports_per_step_counts(capsys, image_files):
             "--image", image_files[1], "--prompt", "What colour is the square?",
             "--image", "none", "--prompt", "Say hello", "--max-new-tokens", "6", "--json"]
     out = run_json(capsys, argv)
-    assert out["steps"] == ["input", "vit.layers0-2", "vit.layers3-5", "vit.layer6"]
-    assert out["visual_tokens"] == [[576, 405, 235, 64], [576, 405, 235, 64], []]
+    assert out["steps"] == ["input", "vit.layers0-2", "vit.layers3-5", "vit.layer6",
+                            "llm.layers0-2", "llm.layers3-5", "llm.layers6-8", "llm.layers9-11"]
+    assert out["visual_tokens"] == [[576, 427, 277, 128, 112, 96, 80, 64]] * 2 + [[]]
     assert len(out["answers"]) == 3 and all(isinstance(a, str) for a in out["answers"])
     kept = out["samples"][0]["kept_patches"]
     assert len(kept) == 64 and kept == sorted(kept) and 0 <= kept[0] and kept[-1] < 576
@@ -51,7 +52,7 @@ def test_generate_unpruned_reference(capsys, image_files):
 
 def test_demo_writes_an_overlay(capsys, tmp_path):
     out = run_json(capsys, ["demo", "--out", str(tmp_path), "--max-new-tokens", "4", "--json"])
-    assert out["visual_tokens"] == [[576, 405, 235, 64]]
+    assert out["visual_tokens"] == [[576, 427, 277, 128, 112, 96, 80, 64]]
     (path,) = out["overlays"]
     with Image.open(path) as im:
         assert im.size[0] == 2 * 336 + 10

@@ -14,8 +14,10 @@ CONFIGS = sorted(glob.glob(os.path.join(ROOT, "configs", "**", "*.yaml"), recurs
 def test_defaults_are_the_paper_setting_spelled_out_by_ivtp_64():
     cfg = PruneConfig()
     assert cfg.method == "ivtp"
-    assert (cfg.vision.group_size, cfg.vision.keep, cfg.vision.schedule) == (3, 64, "linear")
-    assert (cfg.llm.layers, cfg.llm.group_size, cfg.llm.tau) == (12, 3, 0.2)
+    assert (cfg.vision.group_size, cfg.vision.keep, cfg.vision.schedule) == (3, 128, "linear")
+    assert (cfg.llm.enabled, cfg.llm.layers, cfg.llm.group_size, cfg.llm.keep, cfg.llm.tau) == (True, 12, 3, 64, 0.2)
+    assert (cfg.llm.guidance, cfg.llm.aggregation, cfg.vision.aggregation) == ("clip", "rollout", "rollout")
+    assert (cfg.llm.aligner.model, cfg.llm.aligner.pretrained) == ("ViT-L-14-336", "openai")
     assert PruneConfig.from_yaml(os.path.join(ROOT, "configs", "ivtp_64.yaml")).to_dict() == cfg.to_dict()
 
 
@@ -51,7 +53,14 @@ def test_dict_round_trip_and_saved_file(tmp_path):
         ({"vision": {"schedule": [128, -3]}}, "vision.schedule[1]"),
         ({"llm": {"tau": 1.5}}, "llm.tau"),
         ({"llm": {"layers": 0}}, "llm.layers"),
-        ({"llm": {"enabled": True}}, "llm.enabled"),
+        ({"llm": {"enabled": 1}}, "llm.enabled"),
+        ({"llm": {"tau": -1.01}}, "llm.tau"),
+        ({"llm": {"guidance": "text"}}, "llm.guidance"),
+        ({"llm": {"aggregation": "sum"}}, "llm.aggregation"),
+        ({"vision": {"aggregation": "rollouts"}}, "vision.aggregation"),
+        ({"llm": {"aligner": {"name": "x"}}}, "llm.aligner.name"),
+        ({"llm": {"aligner": {"pretrained": 3}}}, "llm.aligner.pretrained"),
+        ({"llm": {"keep": 64, "schedule": [96, 80]}}, "llm.schedule"),
         ({"vision": [1, 2]}, "vision"),
     ],
 )
@@ -81,17 +90,26 @@ def test_resolve_budget():
 
 @pytest.mark.parametrize("path", CONFIGS, ids=[os.path.relpath(p, ROOT) for p in CONFIGS])
 def test_every_shipped_config_loads_and_applies_to_llava15_geometry(path):
-    """Every YAML validates, and applies to a tower with LLaVA-1.5's depth and token geometry
-    (24 layers, feature layer -2, 336 px / 14 = 576 patches), resolving to a schedule that ends at its keep."""
+    """Every YAML validates, and applies to a model with LLaVA-1.5's depth and token geometry (24 ViT layers,
+    feature layer -2, 336 px / 14 = 576 patches; 16 LLM layers), resolving to schedules that end at its keeps."""
     from ivtp import apply_pruning
-    from ivtp.models import tiny_random
+    from ivtp.models import tiny_aligner, tiny_random
 
     cfg = PruneConfig.from_yaml(path)
-    model, _ = tiny_random(num_hidden_layers=24)
-    apply_pruning(model, cfg)
-    plan = model.ivtp_state.vision_plan
+    model, processor = tiny_random(num_hidden_layers=24)
+    apply_pruning(model, cfg, aligner=tiny_aligner(), tokenizer=processor.tokenizer)
+    state = model.ivtp_state
+    plan = state.vision_plan
+    assert plan.layers_used == 23
+    vision_keep = resolve_budget(cfg.vision.keep, 576, "keep") if cfg.vision.enabled else 576
+    assert plan.keep == vision_keep
     if cfg.vision.enabled:
-        assert plan.layers_used == 23
-        assert plan.counts[-1] == resolve_budget(cfg.vision.keep, 576, "keep")
-        assert len(plan.groups) == -(-23 // cfg.vision.group_size)
+        assert len(plan.groups) == -(-23 // cfg.vision.effective_group_size)
         assert all(a >= b for a, b in zip([576] + plan.counts, plan.counts))
+    if cfg.llm.enabled:
+        llm = state.llm_plan
+        assert llm.counts[-1] == resolve_budget(cfg.llm.keep, vision_keep, "keep")
+        assert len(llm.groups) == -(-cfg.llm.layers // cfg.llm.effective_group_size)
+        assert llm.groups[-1][1] == cfg.llm.layers - 1
+    else:
+        assert state.llm_plan is None

@@ -71,3 +71,36 @@ def gtp_scores(query_row: torch.Tensor, vnorms: torch.Tensor, query_index: int =
     keep = [i for i in range(query_row.shape[-1]) if i != query_index % query_row.shape[-1]]
     weighted = query_row[:, keep].float() * vnorms[:, keep].float()  # (B, N-1)
     return weighted / weighted.sum(dim=-1, keepdim=True).clamp_min(torch.finfo(torch.float32).tiny)
+
+
+def probe_modes(aggregation: str, group_len: int) -> list[str | None]:
+    """What each layer of a group must record, bottom first: 'full' (the head-mean matrix), 'row' (the query
+    row) or None (nothing)."""
+    if aggregation == "rollout":
+        return ["full"] * (group_len - 1) + ["row"]
+    if aggregation in ("mean", "max", "multiply"):
+        return ["row"] * group_len
+    return [None] * (group_len - 1) + ["row"]  # single_layer, layer_wise: the top layer's own row
+
+
+def aggregate_group(aggregation: str, lower: list[torch.Tensor], rows: list[torch.Tensor],
+                    query_index: int = 0) -> torch.Tensor:
+    """One importance row for a group (IVTP Tables 4-5).
+
+    lower: head-mean matrices of the layers below the top (rollout only), each (B, N, N).
+    rows:  the query rows the group recorded, bottom first, each (B, N). Returns (B, N), summing to 1.
+    """
+    if aggregation == "rollout":
+        return rollout_query_row(lower, rows[-1], query_index)
+    if aggregation in ("single_layer", "layer_wise"):
+        return rows[-1].float()
+    stacked = torch.stack([r.float() for r in rows])  # (G, B, N)
+    if aggregation == "mean":
+        out = stacked.mean(0)
+    elif aggregation == "max":
+        out = stacked.max(0).values
+    elif aggregation == "multiply":
+        out = stacked.prod(0)
+    else:
+        raise ValueError(f"unknown aggregation {aggregation!r}")
+    return out / out.sum(dim=-1, keepdim=True).clamp_min(torch.finfo(torch.float32).tiny)

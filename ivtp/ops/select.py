@@ -40,3 +40,19 @@ def compose_indices(outer: torch.Tensor, inner: torch.Tensor) -> torch.Tensor:
     outer: (B, N1) original indices of the current tokens; inner: (B, K) positions among them. Returns (B, K).
     """
     return torch.gather(outer, 1, inner)
+
+
+def keep_topk_per_row(scores: torch.Tensor, k: torch.Tensor, valid: torch.Tensor | None = None) -> torch.Tensor:
+    """Boolean mask of the k[b] highest scores of each row b, among its valid entries.
+
+    scores: (B, N), k: (B,) int64, valid: (B, N) bool or None. Returns (B, N) bool. Ties break towards the lower
+    index; invalid entries are never kept, so k[b] must not exceed the row's valid count.
+    """
+    s = scores.float()
+    if valid is not None:
+        if bool((valid.sum(-1) < k).any()):
+            raise ValueError(f"cannot keep {k.tolist()} of {valid.sum(-1).tolist()} valid tokens")
+        s = s.masked_fill(~valid, float("-inf"))
+    order = torch.sort(-s, dim=-1, stable=True).indices  # (B, N) best first
+    rank = torch.empty_like(order).scatter_(1, order, torch.arange(s.shape[-1], device=s.device).expand_as(order))
+    return rank < k.unsqueeze(-1)

@@ -21,13 +21,14 @@ from transformers.models.clip.modeling_clip import eager_attention_forward
 
 from ivtp.config import ConfigError, VisionStage, check_schedule_counts, resolve_budget
 from ivtp.ops import (
+    aggregate_group,
     compose_indices,
     gather_tokens,
     gtp_scores,
     head_mean_attention,
     keep_topk_sorted,
     linear_schedule,
-    rollout_query_row,
+    probe_modes,
     value_norms,
 )
 
@@ -57,11 +58,10 @@ class GTPAttention(nn.Module):
 
         # The scores are a decision, not a differentiable path: no graph is kept for them.
         with torch.no_grad():
-            if ivtp_probe["mode"] == "full":
+            if ivtp_probe["mode"] == "full":  # a lower layer of a rollout group
                 ivtp_probe["attn"] = head_mean_attention(query, key, self.scale)  # (B, N, N)
-            else:  # the group's top layer: only the query row, plus ||V_i||
-                q = ivtp_probe.get("query_index", CLS_INDEX) % query.shape[2]
-                row = head_mean_attention(query[:, :, q : q + 1], key, self.scale)  # (B, 1, N)
+            else:  # only the [CLS] query row, plus ||V_i|| for the top layer's scores
+                row = head_mean_attention(query[:, :, CLS_INDEX : CLS_INDEX + 1], key, self.scale)  # (B, 1, N)
                 ivtp_probe["row"] = row[:, 0]  # (B, N)
                 ivtp_probe["vnorm"] = value_norms(value)  # (B, N)
         return out, None
@@ -82,40 +82,65 @@ class VisionPlan:
     layers_used: int  # layers that produce the features LLaVA reads (23 of 24 for layer -2)
     groups: list[tuple[int, int]]  # inclusive layer ranges, bottom first
     counts: list[int]  # patches left after each group
+    aggregation: str = "rollout"
+    score: bool = True  # False: stage 1 is off, the layers just run
 
     @property
     def keep(self) -> int:
         return self.counts[-1] if self.counts else self.num_patches
 
     def step_names(self) -> list[str]:
+        if not self.score:
+            return []
         return [f"vit.layers{lo}-{hi}" if lo != hi else f"vit.layer{lo}" for lo, hi in self.groups]
+
+
+def _layers_used(num_layers: int, feature_layer: int) -> int:
+    used = feature_layer if feature_layer >= 0 else num_layers + 1 + feature_layer
+    if not 0 <= used <= num_layers:
+        raise ConfigError(f"vision_feature_layer {feature_layer} does not exist in a {num_layers}-layer tower")
+    return used
+
+
+def passthrough_plan(num_layers: int, feature_layer: int, num_patches: int) -> VisionPlan:
+    """Stage 1 off: the feature layers run unpruned (the [CLS] the aligner needs still comes out)."""
+    used = _layers_used(num_layers, feature_layer)
+    return VisionPlan(num_patches, used, [(0, used - 1)] if used else [], [num_patches] if used else [],
+                      score=False)
+
+
+def group_layers(first: int, count: int, group_size: int) -> list[tuple[int, int]]:
+    """Consecutive groups of `group_size` over layers first..first+count-1; the last may be shorter."""
+    end = first + count
+    return [(lo, min(lo + group_size, end) - 1) for lo in range(first, end, group_size)]
+
+
+def resolve_schedule(schedule, keep: int, available: int, steps: int, key: str, what: str) -> list[int]:
+    """Token counts after each of `steps` pruning steps, from 'linear' or an explicit list of budgets."""
+    if schedule == "linear":
+        return linear_schedule(available, keep, steps)
+    if len(schedule) != steps:
+        raise ConfigError(f"{key}.schedule: {len(schedule)} entries given, but {what} make {steps} pruning steps")
+    counts = [resolve_budget(b, available, f"{key}.schedule[{i}]") for i, b in enumerate(schedule)]
+    check_schedule_counts(counts, available, f"{key}.schedule")
+    if counts[-1] != keep:
+        raise ConfigError(f"{key}.schedule: the last step keeps {counts[-1]}, but {key}.keep is {keep}")
+    return counts
 
 
 def make_vision_plan(stage: VisionStage, num_layers: int, feature_layer: int, num_patches: int) -> VisionPlan:
     """Resolve groups and the per-group budgets. Raises ConfigError for budgets the tower cannot meet."""
-    layers_used = feature_layer if feature_layer >= 0 else num_layers + 1 + feature_layer
-    if not 0 <= layers_used <= num_layers:
-        raise ConfigError(f"vision_feature_layer {feature_layer} does not exist in a {num_layers}-layer tower")
+    layers_used = _layers_used(num_layers, feature_layer)
     keep = resolve_budget(stage.keep, num_patches, "vision.keep")
     if layers_used == 0:
         if keep != num_patches:
             raise ConfigError("vision.keep: the features come from the embeddings; no layer is left to prune in")
-        return VisionPlan(num_patches, 0, [], [])
-    g = stage.group_size
-    groups = [(lo, min(lo + g, layers_used) - 1) for lo in range(0, layers_used, g)]
-    if stage.schedule == "linear":
-        counts = linear_schedule(num_patches, keep, len(groups))
-    else:
-        if len(stage.schedule) != len(groups):
-            raise ConfigError(
-                f"vision.schedule: {len(stage.schedule)} entries given, but {layers_used} layers in groups of "
-                f"{g} make {len(groups)} pruning steps"
-            )
-        counts = [resolve_budget(b, num_patches, f"vision.schedule[{i}]") for i, b in enumerate(stage.schedule)]
-        check_schedule_counts(counts, num_patches, "vision.schedule")
-        if counts[-1] != keep:
-            raise ConfigError(f"vision.schedule: the last step keeps {counts[-1]}, but vision.keep is {keep}")
-    return VisionPlan(num_patches, layers_used, groups, counts)
+        return VisionPlan(num_patches, 0, [], [], stage.aggregation)
+    g = stage.effective_group_size
+    groups = group_layers(0, layers_used, g)
+    counts = resolve_schedule(stage.schedule, keep, num_patches, len(groups), "vision",
+                              f"{layers_used} layers in groups of {g}")
+    return VisionPlan(num_patches, layers_used, groups, counts, stage.aggregation)
 
 
 @dataclass
@@ -127,11 +152,20 @@ class VisionTrace:
     scores: list[torch.Tensor] = field(default_factory=list)  # per group, (n_images, n_before) eq.-4 scores
 
 
-def prune_vision_tower(vision_tower: nn.Module, pixel_values: torch.Tensor, plan: VisionPlan):
+@dataclass
+class VisionOutput:
+    features: torch.Tensor  # (B, K, D) pruned patch features of the feature layer, [CLS] dropped
+    cls_feature: torch.Tensor  # (B, D) [CLS] at the feature layer (what the projector would see)
+    cls_final: torch.Tensor | None  # (B, D) post-layernormed [CLS] of the last layer (the aligner's input)
+    trace: VisionTrace
+
+
+def prune_vision_tower(vision_tower: nn.Module, pixel_values: torch.Tensor, plan: VisionPlan,
+                       final_cls: bool = False) -> VisionOutput:
     """Run the CLIP tower with GTP and return the pruned patch features of the feature layer.
 
-    pixel_values: (B, 3, S, S). Returns (features (B, K, D) without [CLS], VisionTrace).
-    The layers above the feature layer are not run: LLaVA never reads them.
+    pixel_values: (B, 3, S, S). The layers above the feature layer run only if `final_cls` asks for the last
+    layer's [CLS], and then the last one for the [CLS] query alone.
     """
     hidden = vision_tower.embeddings(pixel_values)  # (B, 1 + N, D)
     hidden = vision_tower.pre_layrnorm(hidden)
@@ -141,14 +175,21 @@ def prune_vision_tower(vision_tower: nn.Module, pixel_values: torch.Tensor, plan
     trace = VisionTrace(counts=[plan.num_patches], kept=origin)
 
     for (lo, hi), count in zip(plan.groups, plan.counts):
+        if not plan.score:
+            for layer_idx in range(lo, hi + 1):
+                hidden = layers[layer_idx](hidden, None)
+            continue
         lower: list[torch.Tensor] = []
-        probe: dict = {}
-        for layer_idx in range(lo, hi + 1):
-            probe = {"mode": "full" if layer_idx < hi else "row", "query_index": CLS_INDEX}
+        rows: list[torch.Tensor] = []
+        probe: dict | None = None
+        for layer_idx, mode in zip(range(lo, hi + 1), probe_modes(plan.aggregation, hi - lo + 1)):
+            probe = None if mode is None else {"mode": mode}
             hidden = layers[layer_idx](hidden, None, ivtp_probe=probe)  # (B, 1 + n, D)
-            if layer_idx < hi:
+            if mode == "full":
                 lower.append(probe["attn"])
-        row = rollout_query_row(lower, probe["row"], CLS_INDEX)  # (B, 1 + n)
+            elif mode == "row":
+                rows.append(probe["row"])
+        row = aggregate_group(plan.aggregation, lower, rows, CLS_INDEX)  # (B, 1 + n)
         scores = gtp_scores(row, probe["vnorm"], CLS_INDEX)  # (B, n)
         keep = keep_topk_sorted(scores, count)  # (B, count), spatial order
         hidden = torch.cat([hidden[:, :1], gather_tokens(hidden[:, 1:], keep)], dim=1)  # (B, 1 + count, D)
@@ -156,4 +197,29 @@ def prune_vision_tower(vision_tower: nn.Module, pixel_values: torch.Tensor, plan
         trace.counts.append(count)
         trace.scores.append(scores)
     trace.kept = origin
-    return hidden[:, 1:], trace
+    cls_feature = hidden[:, 0]
+    cls_final = _final_cls(vision_tower, hidden, plan.layers_used) if final_cls else None
+    return VisionOutput(hidden[:, 1:], cls_feature, cls_final, trace)
+
+
+def _final_cls(vision_tower: nn.Module, hidden: torch.Tensor, start: int) -> torch.Tensor:
+    """The post-layernormed [CLS] of the last layer, from the (pruned) tokens at layer `start`.
+
+    Layers below the last run in full (their outputs feed the next layer's keys); the last runs for the [CLS]
+    query alone: its keys and values need every token, its MLP only the [CLS]. hidden: (B, 1 + n, D) -> (B, D).
+    """
+    layers = vision_tower.encoder.layers
+    for layer in layers[start:-1]:
+        hidden = layer(hidden, None)
+    if start < len(layers):
+        layer = layers[-1]
+        attn = layer.self_attn
+        b, n, d = hidden.shape
+        x = layer.layer_norm1(hidden)  # (B, 1 + n, D)
+        q = attn.q_proj(x[:, :1]).view(b, 1, -1, attn.head_dim).transpose(1, 2)  # (B, H, 1, Dh)
+        k = attn.k_proj(x).view(b, n, -1, attn.head_dim).transpose(1, 2)  # (B, H, 1 + n, Dh)
+        v = attn.v_proj(x).view(b, n, -1, attn.head_dim).transpose(1, 2)  # (B, H, 1 + n, Dh)
+        o = torch.nn.functional.scaled_dot_product_attention(q, k, v, scale=attn.scale)  # (B, H, 1, Dh)
+        cls = hidden[:, :1] + attn.out_proj(o.transpose(1, 2).reshape(b, 1, d))  # (B, 1, D)
+        hidden = cls + layer.mlp(layer.layer_norm2(cls))
+    return vision_tower.post_layernorm(hidden[:, 0])  # (B, D)

@@ -3,21 +3,26 @@
 What changes (class swaps that override methods only; no weight, buffer or state_dict key changes):
 - every CLIPAttention of the vision tower gains the GTP probe (ivtp/patch/clip.py);
 - `LlavaModel.get_image_features` runs the tower with stage-1 pruning and projects the kept patches;
+- with stage 2 on, every LlamaAttention gains its probe and the LlamaModel its pruning decoder loop
+  (ivtp/patch/llama.py);
 - `LlavaForConditionalGeneration.forward` and `.generate` shrink each image's `<image>` run in input_ids (and the
   attention mask and labels) to the number of tokens stage 1 hands on, before the stock code checks that
-  placeholders and features match. Everything after that is the stock model.
+  placeholders and features match; with stage 2 on, forward also rates the instruction tokens and hands the
+  decoder its guidance. Everything else is the stock model.
 """
 
 from __future__ import annotations
 
 import logging
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from transformers import LlavaForConditionalGeneration
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
+from ivtp import guidance as gd
+from ivtp.aligner import Aligner
 from ivtp.config import ConfigError, PruneConfig
 from ivtp.ops.sequence import (
     PlaceholderError,
@@ -27,7 +32,23 @@ from ivtp.ops.sequence import (
     placeholder_counts,
     shrink_placeholders,
 )
-from ivtp.patch.clip import VisionPlan, VisionTrace, make_vision_plan, patch_attention, prune_vision_tower
+from ivtp.patch.clip import (
+    VisionOutput,
+    VisionPlan,
+    make_vision_plan,
+    passthrough_plan,
+    patch_attention,
+    prune_vision_tower,
+)
+from ivtp.patch.llama import (
+    SUPPORTED_ATTENTION,
+    LLMGuidance,
+    LLMPlan,
+    LLMTrace,
+    PrunedLlamaModel,
+    make_llm_plan,
+    patch_llama_attention,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -39,6 +60,10 @@ def vision_tower(model: LlavaForConditionalGeneration):
 
 def vision_layers(model: LlavaForConditionalGeneration):
     return model.model.vision_tower.encoder.layers
+
+
+def language_model(model: LlavaForConditionalGeneration):
+    return model.model.language_model
 
 
 def num_patches(config) -> int:
@@ -61,16 +86,45 @@ class PruningState:
     num_patches: int
     image_token_id: int
     pad_token_id: int
-    vision_plan: VisionPlan | None
-    last_trace: VisionTrace | None = None
+    vision_plan: VisionPlan  # a pass-through plan when stage 1 is off
+    llm_plan: LLMPlan | None = None
+    aligner: Aligner | None = None
+    tokenizer: object = None  # the LLM tokenizer, to read instruction tokens as text (guidance 'clip')
+    last_vision: VisionOutput | None = None
+    last_llm_trace: LLMTrace | None = None
+    last_guidance: list = field(default_factory=list)  # per row: guidance.RowGuidance
+
+    @property
+    def last_trace(self):
+        return None if self.last_vision is None else self.last_vision.trace
 
     @property
     def tokens_per_image(self) -> int:
         """Tokens each image contributes to the LLM input."""
-        return self.vision_plan.keep if self.vision_plan is not None else self.num_patches
+        return self.vision_plan.keep
 
     def step_names(self) -> list[str]:
-        return ["input"] + (self.vision_plan.step_names() if self.vision_plan is not None else [])
+        llm = self.llm_plan.step_names() if self.llm_plan is not None else []
+        return ["input"] + self.vision_plan.step_names() + llm
+
+    def row_report(self, row: int, first_image: int, n_images: int) -> dict:
+        """What the last prefill did to one row holding images first_image..first_image+n_images-1:
+        visual tokens per image after every step of both stages, the original patches of each image that
+        survived both, and the pseudo-CLS guidance."""
+        vision = self.last_vision.trace
+        counts = list(vision.counts)
+        kept = [vision.kept[first_image + j].tolist() for j in range(n_images)]
+        report = {}
+        llm = self.last_llm_trace
+        if self.llm_plan is not None and llm is not None:
+            counts += [c // n_images for c in llm.counts[row][1:]]
+            ordinal = torch.searchsorted(llm.visual_positions[row], llm.kept_positions[row])  # among the row's
+            per_image = vision.kept.shape[1]
+            kept = [[kept[j][i] for i in (ordinal[ordinal // per_image == j] % per_image).tolist()]
+                    for j in range(n_images)]
+            if row < len(self.last_guidance):
+                report.update(self.last_guidance[row].to_json())
+        return {"visual_tokens": counts, "kept_patches": kept, **report}
 
     def shrink(
         self,
@@ -111,17 +165,11 @@ class PrunedLlavaModel:
     ):
         _check_feature_args(self.config, vision_feature_layer, vision_feature_select_strategy, image_sizes)
         state = self.ivtp_state
-        if state.vision_plan is None:  # stage 1 off: the stock path, traced as "nothing pruned"
-            out = super().get_image_features(pixel_values=pixel_values, vision_feature_layer=vision_feature_layer,
-                                             vision_feature_select_strategy=vision_feature_select_strategy, **kwargs)
-            n_img = pixel_values.shape[0]
-            kept = torch.arange(state.num_patches, device=pixel_values.device).expand(n_img, -1)
-            state.last_trace = VisionTrace(counts=[state.num_patches], kept=kept)
-            return out
-        features, trace = prune_vision_tower(self.vision_tower, pixel_values, state.vision_plan)  # (B, K, Dv)
-        image_features = self.multi_modal_projector(features)  # (B, K, D)
-        state.last_trace = trace
-        return BaseModelOutputWithPooling(last_hidden_state=features, pooler_output=list(image_features))
+        out = prune_vision_tower(self.vision_tower, pixel_values, state.vision_plan,
+                                 final_cls=state.aligner is not None)
+        state.last_vision = out
+        image_features = self.multi_modal_projector(out.features)  # (B, K, D)
+        return BaseModelOutputWithPooling(last_hidden_state=out.features, pooler_output=list(image_features))
 
 
 class PrunedLlavaForConditionalGeneration:
@@ -130,32 +178,71 @@ class PrunedLlavaForConditionalGeneration:
     ivtp_state: PruningState
 
     def forward(self, input_ids=None, pixel_values=None, attention_mask=None, position_ids=None,
-                past_key_values=None, inputs_embeds=None, ivtp_shrunk: bool = False, **kwargs):
+                past_key_values=None, inputs_embeds=None, ivtp_shrunk: bool = False, ivtp_prompt_len=None,
+                **kwargs):
         """The stock forward, on input_ids whose <image> runs hold one placeholder per patch (as the processor
-        writes them); they are shrunk to the tokens stage 1 keeps. `ivtp_shrunk=True` says they already are."""
+        writes them); they are shrunk to the tokens stage 1 keeps. `ivtp_shrunk=True` says they already are;
+        `ivtp_prompt_len` (set by generate) bounds the instruction that guides stage 2."""
         state = self.ivtp_state
-        if pixel_values is not None:
-            if input_ids is None:
-                raise ValueError(
-                    "a pruned LLaVA needs input_ids with pixel_values: the <image> runs are shrunk in input_ids"
-                )
-            if ivtp_shrunk:
-                state.check_shrunk(input_ids, pixel_values.shape[0])
-            else:
-                shrunk = state.shrink(input_ids, pixel_values.shape[0], attention_mask, kwargs.get("labels"),
-                                      padding_side=infer_padding_side(attention_mask, default="right"))
-                if shrunk.keep is not None:
-                    input_ids, attention_mask = shrunk.input_ids, shrunk.attention_mask
-                    if kwargs.get("labels") is not None:
-                        kwargs["labels"] = shrunk.labels
-                    if position_ids is not None:  # given for the full-length sequence: rebuild for the shrunk one
-                        position_ids = None if attention_mask is None else _positions_from_mask(attention_mask)
-        elif input_ids is not None and _is_prefill(past_key_values):
-            state.check_no_placeholders(input_ids)
-        return super().forward(
-            input_ids=input_ids, pixel_values=pixel_values, attention_mask=attention_mask,
-            position_ids=position_ids, past_key_values=past_key_values, inputs_embeds=inputs_embeds, **kwargs,
-        )
+        if pixel_values is None:
+            if input_ids is not None and _is_prefill(past_key_values):
+                state.check_no_placeholders(input_ids)
+            return super().forward(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                                   past_key_values=past_key_values, inputs_embeds=inputs_embeds, **kwargs)
+        if input_ids is None:
+            raise ValueError("a pruned LLaVA needs input_ids with pixel_values: the <image> runs are shrunk in input_ids")
+        if ivtp_shrunk:
+            state.check_shrunk(input_ids, pixel_values.shape[0])
+        else:
+            shrunk = state.shrink(input_ids, pixel_values.shape[0], attention_mask, kwargs.get("labels"),
+                                  padding_side=infer_padding_side(attention_mask, default="right"))
+            if shrunk.keep is not None:
+                input_ids, attention_mask = shrunk.input_ids, shrunk.attention_mask
+                if kwargs.get("labels") is not None:
+                    kwargs["labels"] = shrunk.labels
+                if position_ids is not None:  # given for the full-length sequence: rebuild for the shrunk one
+                    position_ids = None if attention_mask is None else _positions_from_mask(attention_mask)
+        if state.llm_plan is None or not _is_prefill(past_key_values):
+            return super().forward(input_ids=input_ids, pixel_values=pixel_values, attention_mask=attention_mask,
+                                   position_ids=position_ids, past_key_values=past_key_values,
+                                   inputs_embeds=inputs_embeds, **kwargs)
+        # Stage 2: the image features first, then the guidance built from them, then the stock forward with
+        # the features handed in (mm_encoder_outputs) so the tower runs once.
+        image_outputs = self.model.get_image_features(pixel_values=pixel_values)
+        guidance = self._guidance(input_ids, attention_mask, kwargs.get("labels"), ivtp_prompt_len)
+        return super().forward(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                               past_key_values=past_key_values, inputs_embeds=inputs_embeds,
+                               mm_encoder_outputs={"image": image_outputs}, ivtp_guidance=guidance, **kwargs)
+
+    def _guidance(self, input_ids, attention_mask, labels, prompt_len) -> LLMGuidance:
+        """Eq. 8's ingredients for each row: visual positions, selected instruction tokens, the fallback."""
+        state = self.ivtp_state
+        stage = state.config.llm
+        vision = state.last_vision
+        visual = input_ids == state.image_token_id  # (B, L)
+        images = visual.sum(1) // state.tokens_per_image  # (B,)
+        row_of_image = torch.repeat_interleave(torch.arange(len(images), device=images.device), images)  # (n_img,)
+
+        def per_row(x):  # (n_img, D) -> (B, D): the mean over each row's images (zeros for text-only rows)
+            out = x.new_zeros(len(images), x.shape[-1]).index_add_(0, row_of_image, x)
+            return out / images.clamp_min(1)[:, None].to(x.dtype)
+
+        fallback = per_row(self.model.multi_modal_projector(vision.cls_feature))  # (B, D)
+        instr = gd.instruction_mask(visual, attention_mask, labels, prompt_len)
+        if stage.guidance == "none":
+            rated = [[] for _ in range(len(images))]
+        elif stage.guidance == "all_text":
+            rated = gd.rate_by_embedding(self.get_input_embeddings()(input_ids), instr, fallback)
+            rated = [[gd.TokenRelevance(t.position, t.text, 1.0) for t in row] for row in rated]
+        elif stage.guidance == "llm_threshold":
+            rated = gd.rate_by_embedding(self.get_input_embeddings()(input_ids), instr, fallback)
+        else:
+            state.aligner.to(input_ids.device)  # no-op once it is there; model.to() does not reach it
+            rated = gd.rate_by_clip(state.aligner, state.tokenizer, input_ids, instr, per_row(vision.cls_final))
+        tau = -1.0 if stage.guidance == "all_text" else stage.tau
+        select, report = gd.select(rated, tau, tuple(visual.shape), visual.device)
+        state.last_guidance = report
+        return LLMGuidance(visual=visual, images=images, text_select=select, fallback=fallback)
 
     def generate(self, inputs=None, ivtp_shrunk: bool = False, **kwargs):
         """Stock generate, after shrinking the prompt's <image> runs once (unless `ivtp_shrunk`); every forward
@@ -175,6 +262,13 @@ class PrunedLlavaForConditionalGeneration:
                     kwargs["attention_mask"] = shrunk.attention_mask
         elif input_ids is not None:
             state.check_no_placeholders(input_ids)
+        if state.llm_plan is not None:
+            gen_cfg = kwargs.get("generation_config") or self.generation_config
+            if (kwargs.get("num_beams") or gen_cfg.num_beams or 1) > 1:
+                raise ValueError("beam search is not supported with the in-LLM stage: the pruned KV cache is not "
+                                 "reordered between beams; use greedy or sampling")
+            if input_ids is not None:
+                kwargs["ivtp_prompt_len"] = input_ids.shape[1]
         return super().generate(input_ids, ivtp_shrunk=True, **kwargs)
 
     def save_pretrained(self, save_directory, *args, **kwargs):
@@ -208,16 +302,24 @@ def _check_feature_args(config, layer, strategy, image_sizes) -> None:
 
 
 def _swap_class(module: torch.nn.Module, mixin: type) -> None:
+    from transformers.utils.output_capturing import _CAN_RECORD_REGISTRY
+
     base = module.__class__
+    recordable = _CAN_RECORD_REGISTRY.get(module)
     # Keep the stock class name: save_pretrained writes it into config.json "architectures".
     module.__class__ = type(base.__name__, (mixin, base), {"__module__": mixin.__module__})
+    if recordable:  # output_hidden_states / output_attentions hooks are registered per class
+        _CAN_RECORD_REGISTRY[module] = recordable
 
 
-def apply_pruning(model: LlavaForConditionalGeneration, config=None, aligner=None) -> LlavaForConditionalGeneration:
+def apply_pruning(model: LlavaForConditionalGeneration, config=None, aligner: Aligner | None = None,
+                  tokenizer=None) -> LlavaForConditionalGeneration:
     """Apply a prune config to a LLaVA model in place and return it.
 
     `config` is a PruneConfig, a dict, a YAML/JSON path or a checkpoint folder holding ivtp_config.json.
-    Refuses a model that is already pruned. `aligner` is reserved for the in-LLM stage.
+    Stage 2 with CLIP guidance needs the LLM `tokenizer` (to read instruction tokens as text) and an `aligner`,
+    built from `config.llm.aligner` when not given. Refuses a model that is already pruned; every check runs
+    before anything is changed.
     """
     if not isinstance(model, LlavaForConditionalGeneration):
         raise TypeError(f"apply_pruning expects a transformers LlavaForConditionalGeneration, got {type(model).__name__}")
@@ -233,19 +335,53 @@ def apply_pruning(model: LlavaForConditionalGeneration, config=None, aligner=Non
             "drops [CLS] ('default'), and the budgets count patch tokens"
         )
     patches = num_patches(mc)
-    plan = None
-    if cfg.vision.enabled:
-        layers = vision_layers(model)
-        plan = make_vision_plan(cfg.vision, len(layers), mc.vision_feature_layer, patches)
-        for layer in layers:
-            patch_attention(layer.self_attn)
-    state = PruningState(cfg, patches, int(mc.image_token_id), pad_token_id(mc), plan)
+    layers = vision_layers(model)
+    plan = (make_vision_plan(cfg.vision, len(layers), mc.vision_feature_layer, patches) if cfg.vision.enabled
+            else passthrough_plan(len(layers), mc.vision_feature_layer, patches))
+    llm_plan = None
+    if cfg.llm.enabled:
+        lm = language_model(model)
+        llm_plan = make_llm_plan(cfg.llm, len(lm.layers), plan.keep)
+        impl = mc.text_config._attn_implementation
+        if impl not in SUPPORTED_ATTENTION:
+            raise ConfigError(f"llm.enabled: the in-LLM stage runs with {' or '.join(SUPPORTED_ATTENTION)} "
+                              f"attention; this model uses {impl!r}")
+        if cfg.llm.needs_aligner:
+            aligner = _checked_aligner(aligner, cfg, mc, tokenizer)
+    for layer in layers:
+        patch_attention(layer.self_attn)
+    state = PruningState(cfg, patches, int(mc.image_token_id), pad_token_id(mc), plan, llm_plan,
+                         aligner if cfg.llm.needs_aligner else None, tokenizer)
+    if llm_plan is not None:
+        lm = language_model(model)
+        for layer in lm.layers:
+            patch_llama_attention(layer.self_attn)
+        _swap_class(lm, PrunedLlamaModel)
+        lm.ivtp_llm_plan = llm_plan
+        lm.ivtp_state = state
     _swap_class(model.model, PrunedLlavaModel)
     _swap_class(model, PrunedLlavaForConditionalGeneration)
     model.ivtp_state = state
     model.model.ivtp_state = state
     logger.info("IVTP pruning applied: %s", cfg.to_dict())
     return model
+
+
+def _checked_aligner(aligner, cfg: PruneConfig, mc, tokenizer) -> Aligner:
+    if tokenizer is None:
+        raise ValueError("llm.guidance 'clip' reads the instruction as text: pass the LLM tokenizer, "
+                         "apply_pruning(model, config, tokenizer=processor.tokenizer)")
+    image_id = tokenizer.convert_tokens_to_ids("<image>")
+    if image_id != mc.image_token_id or len(tokenizer) > mc.text_config.vocab_size:
+        raise ValueError(f"tokenizer mismatch: its <image> id is {image_id} and it has {len(tokenizer)} tokens; "
+                         f"the model's image_token_id is {mc.image_token_id} and its vocabulary "
+                         f"{mc.text_config.vocab_size}")
+    if aligner is None:
+        aligner = Aligner.from_config(cfg.llm.aligner)
+    if aligner.vision_width != mc.vision_config.hidden_size:
+        raise ConfigError(f"llm.aligner: its visual projection takes width {aligner.vision_width}, but the vision "
+                          f"tower is {mc.vision_config.hidden_size} wide: the aligner must match the tower")
+    return aligner
 
 
 def load_pruned(path: str | os.PathLike, config=None, **load_kwargs) -> LlavaForConditionalGeneration:

@@ -40,9 +40,12 @@ def test_keep_all_features_equal_stock_hidden_state_minus_two():
         for layer in model.encoder.layers:
             patch_attention(layer.self_attn)
         plan = make_vision_plan(VisionStage(keep=1.0), 7, -2, 49)
-        feats, trace = prune_vision_tower(model, pixels, plan)
-    torch.testing.assert_close(feats, ref, rtol=0, atol=1e-6)
-    assert trace.counts == [49, 49, 49]
+        out = prune_vision_tower(model, pixels, plan, final_cls=True)
+        pooled = model(pixels).pooler_output  # post_layernorm([CLS] of the last layer)
+    torch.testing.assert_close(out.features, ref, rtol=0, atol=1e-6)
+    assert out.trace.counts == [49, 49, 49]
+    # The last layer, run for the [CLS] query alone, gives the stock pooled [CLS] (the aligner's input).
+    torch.testing.assert_close(out.cls_final, pooled, rtol=1e-5, atol=1e-5)
 
 
 def test_first_group_scores_match_eager_attentions_of_the_stock_tower():
@@ -61,7 +64,8 @@ def test_first_group_scores_match_eager_attentions_of_the_stock_tower():
         for layer in sdpa.encoder.layers:
             patch_attention(layer.self_attn)
         plan = make_vision_plan(VisionStage(group_size=3, keep=10), 7, -2, 49)
-        feats, trace = prune_vision_tower(sdpa, pixels, plan)
+        out = prune_vision_tower(sdpa, pixels, plan)
+        feats, trace = out.features, out.trace
     torch.testing.assert_close(trace.scores[0], ref_scores, rtol=1e-4, atol=1e-6)
     assert trace.counts == [49, 30, 10]  # 6 layers feed layer -2: groups 0-2 and 3-5
     assert feats.shape == (2, 10, 32)
@@ -79,9 +83,35 @@ def test_pruned_features_are_the_kept_tokens_run_through_the_remaining_layers():
         patch_attention(layer.self_attn)
     plan = make_vision_plan(VisionStage(group_size=7, keep=12), 7, -2, 49)  # one group: prune after layer 6
     with torch.no_grad():
-        feats, trace = prune_vision_tower(model, pixels, plan)
+        out = prune_vision_tower(model, pixels, plan)
         ref = model(pixels, output_hidden_states=True).hidden_states[-2][:, 1:]
-    torch.testing.assert_close(feats, ref[:, trace.kept[0]], rtol=0, atol=1e-6)
+    torch.testing.assert_close(out.features, ref[:, out.trace.kept[0]], rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("aggregation", ["mean", "max", "multiply", "single_layer"])
+def test_aggregation_variants_match_the_eager_rows(aggregation):
+    """Tables 4-5 variants: the group's per-layer [CLS] rows combined elementwise (or the top row alone)."""
+    pixels = torch.randn(2, 3, 56, 56)
+    eager = tower(attn="eager")
+    with torch.no_grad():
+        out = eager(pixels, output_attentions=True, output_hidden_states=True)
+        rows = [a.mean(1)[:, 0] for a in out.attentions[:3]]  # [CLS] rows of layers 0-2, (B, 50)
+        top = eager.encoder.layers[2]
+        vnorm = top.self_attn.v_proj(top.layer_norm1(out.hidden_states[2])).norm(dim=-1)
+        combined = {"mean": torch.stack(rows).mean(0), "max": torch.stack(rows).max(0).values,
+                    "multiply": torch.stack(rows).prod(0), "single_layer": rows[-1]}[aggregation]
+        ref = gtp_scores(combined / combined.sum(-1, keepdim=True), vnorm, 0)
+        sdpa = tower(attn="sdpa")
+        for layer in sdpa.encoder.layers:
+            patch_attention(layer.self_attn)
+        plan = make_vision_plan(VisionStage(group_size=3, keep=10, aggregation=aggregation), 7, -2, 49)
+        got = prune_vision_tower(sdpa, pixels, plan).trace.scores[0]
+    torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-6)
+
+
+def test_layer_wise_prunes_at_every_layer():
+    plan = make_vision_plan(VisionStage(group_size=3, keep=13, aggregation="layer_wise"), 7, -2, 49)
+    assert plan.groups == [(i, i) for i in range(6)] and plan.counts == [43, 37, 31, 25, 19, 13]
 
 
 def test_patch_keeps_weights_and_refuses_nothing_twice():

@@ -5,9 +5,15 @@ import torch
 
 from conftest import prompt
 from ivtp import ConfigError, PruneConfig, apply_pruning, load_pruned
+from ivtp.models import tiny_aligner
 from ivtp.ops.sequence import PlaceholderError
 
 N = 64  # patches of the 112 px test model
+
+
+def vision_only(**vision):
+    """Stage 1 alone (IVTP-V); stage 2 has tests of its own in test_llama.py."""
+    return {"vision": vision, "llm": {"enabled": False}}
 
 
 def inputs_for(processor, images, questions, padding_side="left"):
@@ -20,7 +26,7 @@ def inputs_for(processor, images, questions, padding_side="left"):
 def test_keep_all_logits_and_loss_equal_the_stock_model(small_llava, images):
     stock, processor = small_llava()
     pruned, _ = small_llava()
-    apply_pruning(pruned, "configs/keep_all.yaml")
+    apply_pruning(pruned, "configs/keep_all.yaml", aligner=tiny_aligner(), tokenizer=processor.tokenizer)
     batch = inputs_for(processor, images(2) + [None], ["What is it?", "Count the red shapes please", "Hello"],
                        padding_side="right")
     labels = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
@@ -30,11 +36,12 @@ def test_keep_all_logits_and_loss_equal_the_stock_model(small_llava, images):
     torch.testing.assert_close(out.logits, ref.logits, rtol=0, atol=1e-5)
     torch.testing.assert_close(out.loss, ref.loss, rtol=0, atol=1e-6)
     assert pruned.ivtp_state.last_trace.counts == [N, N, N, N]  # scoring ran in every group
+    assert pruned.ivtp_state.last_llm_trace.counts[0] == [N] * 5  # and in the LLM's four groups
 
 
 def test_pruned_forward_shrinks_ids_mask_and_labels(small_llava, images):
     model, processor = small_llava()
-    apply_pruning(model, {"vision": {"keep": 8}})
+    apply_pruning(model, vision_only(keep=8))
     batch = inputs_for(processor, images(2) + [None], ["What is it?", "Where is the circle?", "Hi"],
                        padding_side="right")
     labels = batch["input_ids"].masked_fill(batch["input_ids"] == model.config.image_token_id, -100)
@@ -58,7 +65,7 @@ def test_pruned_forward_shrinks_ids_mask_and_labels(small_llava, images):
 
 def test_greedy_generation_with_cache_equals_without(small_llava, images):
     model, processor = small_llava()
-    apply_pruning(model, {"vision": {"keep": 10, "group_size": 2}})
+    apply_pruning(model, vision_only(keep=10, group_size=2))
     batch = inputs_for(processor, images(2), ["What colour?", "Is there a square in the picture?"])
     with torch.no_grad():
         cached = model.generate(**batch, max_new_tokens=12, do_sample=False)
@@ -69,7 +76,7 @@ def test_greedy_generation_with_cache_equals_without(small_llava, images):
 
 def test_batched_generation_equals_per_sample(small_llava, images):
     model, processor = small_llava()
-    apply_pruning(model, {"vision": {"keep": 16}})
+    apply_pruning(model, vision_only(keep=16))
     imgs = images(2) + [None]
     questions = ["What is it?", "Which shape is at the top left of the image?", "Say hello"]
     with torch.no_grad():
@@ -86,7 +93,7 @@ def test_batched_generation_equals_per_sample(small_llava, images):
 def test_text_only_batches_pass_through(small_llava):
     stock, processor = small_llava()
     pruned, _ = small_llava()
-    apply_pruning(pruned, {"vision": {"keep": 4}})
+    apply_pruning(pruned, vision_only(keep=4))
     batch = inputs_for(processor, [None, None], ["Hello there", "What is a circle?"])
     with torch.no_grad():
         torch.testing.assert_close(pruned(**batch).logits, stock(**batch).logits, rtol=0, atol=0)
@@ -95,9 +102,9 @@ def test_text_only_batches_pass_through(small_llava):
 def test_apply_refuses_twice_and_keeps_weights(small_llava):
     model, _ = small_llava()
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    apply_pruning(model, PruneConfig())
+    apply_pruning(model, PruneConfig.from_dict(vision_only(keep=0.25)))
     with pytest.raises(RuntimeError, match="already applied"):
-        apply_pruning(model, PruneConfig())
+        apply_pruning(model, PruneConfig.from_dict(vision_only(keep=0.25)))
     after = model.state_dict()
     assert list(before) == list(after)
     assert all(torch.equal(before[k], after[k]) for k in before)
@@ -113,7 +120,7 @@ class CountCalls:
 
 def test_bad_input_fails_before_any_compute(small_llava, images):
     model, processor = small_llava()
-    apply_pruning(model, {"vision": {"keep": 8}})
+    apply_pruning(model, vision_only(keep=8))
     calls = CountCalls(model.model.vision_tower.embeddings)
     good = inputs_for(processor, images(1), ["What is it?"])
     text_only = inputs_for(processor, [None], ["What is it?"])
@@ -136,18 +143,22 @@ def test_bad_input_fails_before_any_compute(small_llava, images):
 def test_impossible_configs_fail_at_apply_or_load(small_llava):
     model, _ = small_llava()
     with pytest.raises(ConfigError, match="vision.keep.*larger than the 64"):
-        apply_pruning(model, {"vision": {"keep": 65}})
+        apply_pruning(model, vision_only(keep=65))
     with pytest.raises(ConfigError, match="group_size"):
-        apply_pruning(model, {"vision": {"group_size": 0}})
+        apply_pruning(model, vision_only(group_size=0))
     with pytest.raises(ConfigError, match="unknown method"):
         apply_pruning(model, {"method": "magic"})
+    with pytest.raises(ConfigError, match="llm.keep.*larger than the 16"):
+        apply_pruning(model, {"vision": {"keep": 16}, "llm": {"keep": 17, "layers": 4}})
+    with pytest.raises(ConfigError, match="llm.layers: 20 is deeper than the model's 16"):
+        apply_pruning(model, {"vision": {"keep": 16}, "llm": {"keep": 8, "layers": 20}})
     assert not hasattr(model, "ivtp_state")  # nothing was half-applied
 
 
 def test_vision_stage_off_is_the_stock_model(small_llava, images):
     stock, processor = small_llava()
     model, _ = small_llava()
-    apply_pruning(model, {"vision": {"enabled": False}})
+    apply_pruning(model, vision_only(enabled=False))
     batch = inputs_for(processor, images(1), ["What is it?"])
     with torch.no_grad():
         torch.testing.assert_close(model(**batch).logits, stock(**batch).logits, rtol=0, atol=0)
@@ -156,7 +167,7 @@ def test_vision_stage_off_is_the_stock_model(small_llava, images):
 
 def test_save_and_load_pruned_round_trip(small_llava, images, tmp_path):
     model, processor = small_llava()
-    apply_pruning(model, {"vision": {"keep": 12, "group_size": 2}})
+    apply_pruning(model, vision_only(keep=12, group_size=2))
     model.save_pretrained(tmp_path)
     assert (tmp_path / "ivtp_config.json").exists()
     assert "LlavaForConditionalGeneration" in (tmp_path / "config.json").read_text()

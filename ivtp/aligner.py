@@ -1,0 +1,170 @@
+"""The CLIP-text aligner behind IVTP's pseudo-CLS (paper eqs. 5-7, DESIGN.md section 5).
+
+- eq. 5-6: the CLIP text encoder runs on the instruction; every token (not just the pooled end-of-text token that
+  open_clip's `encode_text` returns) is projected into the joint space (`ln_final`, then `text_projection`) and
+  compared by cosine with the image's [CLS] in the same space (the tower's `post_layernorm`, then `visual.proj`).
+- eq. 7: CLIP's BPE tokens are mapped to the LLM's tokens by character offsets; an LLM token takes the mean
+  relevance of the CLIP tokens it overlaps (one, when it lies inside a CLIP token).
+
+Only the text tower and the visual projection are kept in memory: the image side comes from LLaVA's own tower.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import warnings
+from dataclasses import dataclass
+
+import regex
+import torch
+from torch import nn
+
+from ivtp.config import AlignerConfig, ConfigError
+
+logger = logging.getLogger(__name__)
+
+TINY_MODEL = "ivtp-tiny-clip"  # a small text tower shipped for tests (vision width 32, like tiny-random)
+_ASSETS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets", "open_clip")
+
+Span = tuple[int, int]
+
+
+@dataclass
+class TokenRelevance:
+    """Relevance of one LLM instruction token (eq. 7)."""
+
+    position: int  # index in the LLM input sequence
+    text: str  # the characters it covers
+    relevance: float  # mean cosine of the CLIP tokens it overlaps; nan if it overlaps none (whitespace)
+
+
+class Aligner(nn.Module):
+    """CLIP text tower + visual projection, with the tokenizer needed for character offsets."""
+
+    def __init__(self, clip_model: nn.Module, visual_proj: torch.Tensor, clip_tokenizer, name: str = "custom"):
+        super().__init__()
+        self.name = name  # what it was built from, for reports
+        self.text = clip_model
+        self.visual_proj = nn.Parameter(visual_proj.detach().clone(), requires_grad=False)  # (Dv, E)
+        self.tokenizer = clip_tokenizer
+        self.context_length = int(clip_model.positional_embedding.shape[0])
+        self.requires_grad_(False)
+
+    @property
+    def vision_width(self) -> int:
+        return int(self.visual_proj.shape[0])
+
+    @classmethod
+    def from_config(cls, cfg: AlignerConfig) -> "Aligner":
+        import open_clip
+
+        if cfg.model == TINY_MODEL:
+            open_clip.add_model_config(os.path.join(_ASSETS, f"{TINY_MODEL}.json"))
+        pretrained = cfg.pretrained
+        if pretrained is None:
+            warnings.warn(f"aligner {cfg.model}: pretrained is null, using RANDOM weights (for tests only)")
+        elif os.path.sep in pretrained or pretrained.endswith((".bin", ".pt", ".pth", ".safetensors")):
+            if not os.path.isfile(pretrained):
+                raise FileNotFoundError(f"aligner checkpoint not found: {pretrained}")
+        try:
+            model = open_clip.create_model(cfg.model, pretrained=pretrained)
+        except RuntimeError as e:  # open_clip reports unknown names and unreachable weights this way
+            raise ConfigError(f"llm.aligner: cannot build {cfg.model!r} with pretrained={pretrained!r}: {e}") from e
+        visual_proj = model.visual.proj
+        if visual_proj is None:
+            raise ConfigError(f"llm.aligner: {cfg.model} has no visual projection (visual.proj)")
+        model.visual = None  # LLaVA's tower supplies the image side
+        return cls(model, visual_proj, open_clip.get_tokenizer(cfg.model), f"{cfg.model} (pretrained={pretrained})")
+
+    # ---- eq. 5-6 ------------------------------------------------------------------------------------------
+    def token_features(self, ids: torch.Tensor) -> torch.Tensor:
+        """Joint-space features of every text token. ids: (B, C) -> (B, C, E)."""
+        m = self.text
+        x = m.token_embedding(ids)  # (B, C, W)
+        x = x + m.positional_embedding.to(x.dtype)
+        x = m.transformer(x, attn_mask=m.attn_mask)
+        x = m.ln_final(x)
+        proj = m.text_projection
+        return proj(x) if isinstance(proj, nn.Linear) else x @ proj  # (B, C, E)
+
+    def image_features(self, cls_final: torch.Tensor) -> torch.Tensor:
+        """The image [CLS] in the joint space. cls_final: (B, Dv), already post-layernormed -> (B, E)."""
+        return cls_final.to(self.visual_proj.dtype) @ self.visual_proj
+
+    def clip_relevance(self, texts: list[str], cls_final: torch.Tensor) -> list[tuple[list[Span], torch.Tensor]]:
+        """For each text: the character spans of its CLIP tokens and their cosine to that row's image (eq. 6)."""
+        tokenized = [clip_tokens_with_offsets(self.tokenizer, t, self.context_length - 2) for t in texts]
+        device = self.visual_proj.device
+        ids = torch.zeros(len(texts), self.context_length, dtype=torch.long, device=device)
+        sot, eot = self.tokenizer.sot_token_id, self.tokenizer.eot_token_id
+        for b, (tok_ids, _) in enumerate(tokenized):
+            row = [sot] + tok_ids + [eot]
+            ids[b, : len(row)] = torch.tensor(row, device=device)
+        with torch.no_grad():
+            text = torch.nn.functional.normalize(self.token_features(ids).float(), dim=-1)  # (B, C, E)
+            image = torch.nn.functional.normalize(self.image_features(cls_final.to(device)).float(), dim=-1)
+            cos = torch.einsum("bce,be->bc", text, image)  # (B, C)
+        return [(spans, cos[b, 1 : 1 + len(spans)].cpu()) for b, (_, spans) in enumerate(tokenized)]
+
+
+def clip_tokens_with_offsets(tokenizer, text: str, max_tokens: int) -> tuple[list[int], list[Span]]:
+    """CLIP BPE ids of `text` with the character span of each, in the original string.
+
+    open_clip's tokenizer lower-cases, collapses whitespace and splits words with its regex before BPE; none of
+    that moves characters within a word, so running the same regex over the (length-preserving) lower-cased text
+    gives each word's offsets, and BPE pieces split a word left to right. Tokens past `max_tokens` (the context
+    window) are dropped, as the tokenizer truncates them.
+    """
+    lowered = "".join(c.lower() if len(c.lower()) == 1 else c for c in text)
+    ids: list[int] = []
+    spans: list[Span] = []
+    for match in regex.finditer(tokenizer.pat, lowered):
+        word = match.group()
+        encoded = "".join(tokenizer.byte_encoder[b] for b in word.encode("utf-8"))
+        pieces = tokenizer.bpe(encoded).split(" ")
+        # Byte offsets of the pieces -> character offsets within the word.
+        char_at_byte = []
+        for i, ch in enumerate(word):
+            char_at_byte.extend([i] * len(ch.encode("utf-8")))
+        char_at_byte.append(len(word))
+        byte_pos = 0
+        for piece in pieces:
+            n_bytes = len(piece.replace("</w>", ""))
+            start, end = char_at_byte[byte_pos], char_at_byte[byte_pos + n_bytes]
+            ids.append(tokenizer.encoder[piece])
+            spans.append((match.start() + start, match.start() + end))
+            byte_pos += n_bytes
+    return ids[:max_tokens], spans[:max_tokens]
+
+
+def llm_token_spans(tokenizer, ids: list[int]) -> tuple[str, list[Span]]:
+    """The text that LLM token ids decode to, with each token's character span in it.
+
+    Built incrementally with the tokenizer's own `convert_tokens_to_string`, so it works for SentencePiece
+    ("\u2581word") and byte-level ("\u0120word") vocabularies alike.
+    """
+    tokens = tokenizer.convert_ids_to_tokens(ids)
+    spans: list[Span] = []
+    prev = ""
+    for i in range(len(tokens)):
+        text = tokenizer.convert_tokens_to_string(tokens[: i + 1])
+        if not text.startswith(prev):  # a decoder that rewrites earlier text: fall back to the shorter prefix
+            text = prev + tokenizer.convert_tokens_to_string(tokens[i : i + 1])
+        spans.append((len(prev), len(text)))
+        prev = text
+    return prev, spans
+
+
+def map_relevance(llm_spans: list[Span], clip_spans: list[Span], clip_rel: torch.Tensor) -> list[float]:
+    """Eq. 7: each LLM token's relevance is the mean over the CLIP tokens whose characters it overlaps.
+
+    Leading whitespace of an LLM token does not count as overlap. A token that overlaps no CLIP token (only
+    whitespace, or past CLIP's context window) gets nan, which never passes a threshold.
+    """
+    out = []
+    for a, b in llm_spans:
+        hits = [float(clip_rel[j]) for j, (c, d) in enumerate(clip_spans) if c < b and a < d]
+        out.append(sum(hits) / len(hits) if hits else math.nan)
+    return out

@@ -1,0 +1,98 @@
+"""Which instruction tokens form the pseudo-CLS (IVTP eq. 8 and the Table 6 variants).
+
+The instruction of a row is its text after its last image: LLaVA-1.5 puts the image first in the user turn.
+Tokens the model is trained to produce (labels != -100) and everything after the first of them are not
+instruction, nor is anything past `prompt_len` (what generate appended), nor padding.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+
+from ivtp.aligner import Aligner, TokenRelevance, llm_token_spans, map_relevance
+
+
+@dataclass
+class RowGuidance:
+    """What the report shows for one row."""
+
+    source: str  # "text" (selected instruction tokens) or "visual" (the projected visual [CLS])
+    selected: list[TokenRelevance] = field(default_factory=list)
+    instruction: list[TokenRelevance] = field(default_factory=list)  # every instruction token, rated
+
+    def to_json(self) -> dict:
+        def tok(t):
+            return {"token": t.text, "position": t.position,
+                    "relevance": None if math.isnan(t.relevance) else round(t.relevance, 4)}
+
+        return {"pseudo_cls_source": self.source, "selected_tokens": [tok(t) for t in self.selected],
+                "instruction_tokens": [tok(t) for t in self.instruction]}
+
+
+def instruction_mask(visual: torch.Tensor, attention_mask: torch.Tensor | None, labels: torch.Tensor | None,
+                     prompt_len: int | None) -> torch.Tensor:
+    """(B, L) bool: the instruction tokens of each row (see the module docstring). Rows without images: none."""
+    b, length = visual.shape
+    idx = torch.arange(length, device=visual.device)[None].expand(b, -1)
+    last_visual = torch.where(visual, idx, -1).max(dim=1).values  # (B,) -1 if no image
+    mask = (idx > last_visual[:, None]) & (last_visual[:, None] >= 0)
+    if attention_mask is not None:
+        mask &= attention_mask.bool()
+    if labels is not None:
+        supervised = labels != -100
+        first = torch.where(supervised, idx, length).min(dim=1).values  # (B,)
+        mask &= idx < first[:, None]
+    if prompt_len is not None:
+        mask &= idx < prompt_len
+    return mask
+
+
+def rate_by_clip(aligner: Aligner, tokenizer, input_ids: torch.Tensor, instr: torch.Tensor,
+                 cls_final: torch.Tensor) -> list[list[TokenRelevance]]:
+    """Eqs. 5-7 per row: decode the instruction tokens to text, rate them with CLIP, map back to LLM tokens.
+
+    cls_final: (B, Dv) the post-layernormed final [CLS] of each row's image. Rows without instruction: [].
+    """
+    positions = [torch.nonzero(instr[b]).flatten().tolist() for b in range(instr.shape[0])]
+    texts, spans = [], []
+    for b, pos in enumerate(positions):
+        text, sp = llm_token_spans(tokenizer, input_ids[b, pos].tolist()) if pos else ("", [])
+        texts.append(text)
+        spans.append(sp)
+    rated = aligner.clip_relevance(texts, cls_final)
+    out = []
+    for b, pos in enumerate(positions):
+        clip_spans, clip_rel = rated[b]
+        rel = map_relevance(spans[b], clip_spans, clip_rel)
+        out.append([TokenRelevance(p, texts[b][s:e], r) for p, (s, e), r in zip(pos, spans[b], rel)])
+    return out
+
+
+def rate_by_embedding(embeddings: torch.Tensor, instr: torch.Tensor, reference: torch.Tensor,
+                      tokenizer=None, input_ids: torch.Tensor | None = None) -> list[list[TokenRelevance]]:
+    """Table 6's 'threshold on the original text tokens': cosine between each instruction token's LLM input
+    embedding and the row's projected visual [CLS]. embeddings: (B, L, D), reference: (B, D)."""
+    cos = torch.nn.functional.cosine_similarity(embeddings.float(), reference.float()[:, None], dim=-1)  # (B, L)
+    out = []
+    for b in range(instr.shape[0]):
+        pos = torch.nonzero(instr[b]).flatten().tolist()
+        names = (tokenizer.convert_ids_to_tokens(input_ids[b, pos].tolist())
+                 if tokenizer is not None and input_ids is not None else [""] * len(pos))
+        out.append([TokenRelevance(p, n, float(cos[b, p])) for p, n in zip(pos, names)])
+    return out
+
+
+def select(rated: list[list[TokenRelevance]], tau: float, shape: tuple[int, int], device) -> tuple[
+        torch.Tensor, list[RowGuidance]]:
+    """Eq. 8's indicator: tokens with relevance >= tau. Returns the (B, L) mask and the per-row report."""
+    mask = torch.zeros(shape, dtype=torch.bool, device=device)
+    rows = []
+    for b, toks in enumerate(rated):
+        chosen = [t for t in toks if not math.isnan(t.relevance) and t.relevance >= tau]
+        for t in chosen:
+            mask[b, t.position] = True
+        rows.append(RowGuidance("text" if chosen else "visual", chosen, toks))
+    return mask, rows

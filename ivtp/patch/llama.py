@@ -1,0 +1,386 @@
+"""Stage 2: instruction-guided GTP inside the first LLM layers (IVTP sections 3.3-3.4, DESIGN.md section 5).
+
+- `GTPLlamaAttention` (class swap, forward only): the attention output still comes from the configured
+  implementation; when handed a probe it also scores the visual tokens from the layer's own q/k/v, restricted to
+  {visual tokens, pseudo-CLS}: the full head-mean matrix for a group's lower layers, the pseudo-CLS row for its
+  top. The pseudo-CLS only queries: its key and value are computed for the probe and never enter the KV cache.
+- `PrunedLlamaModel.forward` replaces the decoder loop. At each group's top layer it drops visual tokens;
+  later layers get the kept tokens' hidden states, position ids, RoPE and a mask gathered with the same
+  indices, so kept tokens keep their original positions. Rows that keep different numbers of tokens (text-only
+  rows, rows with more images) carry invalid slots at their end, masked as keys. Dropped tokens leave their
+  hidden state where they left, so the output is as long as the input: logits, labels and generate's
+  bookkeeping stay aligned. The kept slots of each segment are stored on the cache, so decoding attends to
+  exactly the tokens each layer kept.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+from transformers.cache_utils import DynamicCache
+from transformers.masking_utils import create_causal_mask
+from transformers.modeling_outputs import BaseModelOutputWithPast
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+from transformers.models.llama.modeling_llama import apply_rotary_pos_emb, eager_attention_forward, repeat_kv
+from transformers.utils.generic import merge_with_config_defaults
+from transformers.utils.output_capturing import capture_outputs
+
+from ivtp.config import ConfigError, LLMStage, resolve_budget
+from ivtp.ops import aggregate_group, gtp_scores, head_mean_attention, keep_topk_per_row, probe_modes, value_norms
+from ivtp.patch.clip import group_layers, resolve_schedule
+
+SUPPORTED_ATTENTION = ("sdpa", "eager")
+
+
+# ---- plan ----------------------------------------------------------------------------------------------------
+@dataclass
+class LLMPlan:
+    groups: list[tuple[int, int]]  # inclusive decoder-layer ranges within the first `layers`
+    counts: list[int]  # visual tokens per image after each group
+    tokens_in: int  # visual tokens per image stage 1 hands on
+    aggregation: str
+
+    def step_names(self) -> list[str]:
+        return [f"llm.layers{lo}-{hi}" if lo != hi else f"llm.layer{lo}" for lo, hi in self.groups]
+
+    def top_layers(self) -> dict[int, int]:
+        """Top layer of each group -> group index."""
+        return {hi: g for g, (_, hi) in enumerate(self.groups)}
+
+
+def make_llm_plan(stage: LLMStage, num_layers: int, tokens_in: int) -> LLMPlan:
+    if stage.layers > num_layers:
+        raise ConfigError(f"llm.layers: {stage.layers} is deeper than the model's {num_layers} decoder layers")
+    keep = resolve_budget(stage.keep, tokens_in, "llm.keep")
+    g = stage.effective_group_size
+    groups = group_layers(0, stage.layers, g)
+    counts = resolve_schedule(stage.schedule, keep, tokens_in, len(groups), "llm",
+                              f"{stage.layers} layers in groups of {g}")
+    return LLMPlan(groups, counts, tokens_in, stage.aggregation)
+
+
+@dataclass
+class LLMGuidance:
+    """What the LLaVA level hands the decoder for one prefill: where the visual tokens are and what the
+    pseudo-CLS is made of."""
+
+    visual: torch.Tensor  # (B, L) bool: visual token positions
+    images: torch.Tensor  # (B,) int64: images per row
+    text_select: torch.Tensor  # (B, L) bool: instruction tokens that form the pseudo-CLS (may be none)
+    fallback: torch.Tensor  # (B, D): the pseudo-CLS of rows with no selected token (projected visual [CLS])
+
+
+@dataclass
+class LLMTrace:
+    counts: list[list[int]]  # per row: visual tokens in and after each group
+    visual_positions: list[torch.Tensor]  # per row: positions of the visual tokens entering the LLM
+    kept_positions: list[torch.Tensor] = field(default_factory=list)  # per row: those left after the last group
+
+
+# ---- attention probe ---------------------------------------------------------------------------------------------
+class GTPLlamaAttention(nn.Module):
+    """Mixin forward for LlamaAttention; `patch_llama_attention` builds the concrete subclass."""
+
+    def forward(self, hidden_states, position_embeddings=None, attention_mask=None, past_key_values=None,
+                ivtp_probe: dict | None = None, **kwargs):
+        if ivtp_probe is None:
+            return super().forward(hidden_states, position_embeddings, attention_mask, past_key_values, **kwargs)
+        input_shape = hidden_states.shape[:-1]
+        hidden_shape = (*input_shape, -1, self.head_dim)
+        query = self.q_proj(hidden_states).view(hidden_shape).transpose(1, 2)  # (B, H, L, Dh)
+        key = self.k_proj(hidden_states).view(hidden_shape).transpose(1, 2)  # (B, Hkv, L, Dh)
+        value = self.v_proj(hidden_states).view(hidden_shape).transpose(1, 2)  # (B, Hkv, L, Dh)
+        cos, sin = position_embeddings
+        query, key = apply_rotary_pos_emb(query, key, cos, sin)
+        with torch.no_grad():  # a decision, not a differentiable path
+            _probe_scores(self, ivtp_probe, query, key, value)
+        if past_key_values is not None:
+            key, value = past_key_values.update(key, value, self.layer_idx)
+        attention = ALL_ATTENTION_FUNCTIONS.get_interface(self.config._attn_implementation, eager_attention_forward)
+        out, _ = attention(self, query, key, value, attention_mask,
+                           dropout=0.0 if not self.training else self.attention_dropout, scaling=self.scaling,
+                           **kwargs)
+        return self.o_proj(out.reshape(*input_shape, -1).contiguous()), None
+
+
+def _probe_scores(attn, probe: dict, query, key, value) -> None:
+    """Attention among {visual tokens of the scored rows, pseudo-CLS}, which sits after them (causal).
+
+    probe: rows (B',), vis_idx (B', Nv) slot indices (ascending), vis_ok (B', Nv), pcls_q (B', H, 1, Dh) and
+    pcls_k (B', Hkv, 1, Dh), both with RoPE applied; mode 'full' or 'row'. Writes 'attn' or 'row' and 'vnorm'.
+    """
+    rows, idx, ok = probe["rows"], probe["vis_idx"], probe["vis_ok"]
+    n_rep = attn.num_key_value_groups
+
+    def take(x):  # (B, h, L, Dh) -> (B', h, Nv, Dh)
+        x = x[rows]
+        return torch.gather(x, 2, idx[:, None, :, None].expand(-1, x.shape[1], -1, x.shape[-1]))
+
+    keys = repeat_kv(torch.cat([take(key), probe["pcls_k"]], dim=2), n_rep)  # (B', H, Nv + 1, Dh)
+    key_ok = torch.cat([ok, ok.new_ones(ok.shape[0], 1)], dim=1)  # (B', Nv + 1)
+    neg = torch.finfo(torch.float32).min
+    if probe["mode"] == "full":
+        queries = torch.cat([take(query), probe["pcls_q"]], dim=2)  # (B', H, Nv + 1, Dh)
+        n = queries.shape[2]
+        allowed = torch.ones(n, n, dtype=torch.bool, device=queries.device).tril()  # causal, pseudo-CLS last
+        allowed = (allowed & key_ok[:, None, :]) | torch.eye(n, dtype=torch.bool, device=queries.device)
+        probe["attn"] = head_mean_attention(queries, keys, attn.scaling,
+                                            torch.where(allowed, 0.0, neg)[:, None])  # (B', Nv + 1, Nv + 1)
+    else:
+        mask = torch.where(key_ok, 0.0, neg)[:, None, None, :]  # (B', 1, 1, Nv + 1)
+        probe["row"] = head_mean_attention(probe["pcls_q"], keys, attn.scaling, mask)[:, 0]  # (B', Nv + 1)
+        vn = value_norms(take(value))  # (B', Nv)
+        probe["vnorm"] = torch.cat([vn, vn.new_zeros(vn.shape[0], 1)], dim=1)  # the query's own norm is unused
+
+
+def patch_llama_attention(attn: nn.Module) -> None:
+    if not isinstance(attn, GTPLlamaAttention):
+        attn.__class__ = type(f"GTP{attn.__class__.__name__}", (GTPLlamaAttention, attn.__class__), {})
+
+
+# ---- masks -------------------------------------------------------------------------------------------------------
+def _format_mask(allowed: torch.Tensor, impl: str, dtype: torch.dtype) -> torch.Tensor:
+    """A (B, 1, q, k) boolean 'may attend' mask in the form the attention implementation takes."""
+    if impl == "sdpa":
+        return allowed
+    return torch.where(allowed, 0.0, torch.finfo(dtype).min).to(dtype)
+
+
+def _prefill_mask(slot_pos: torch.Tensor, key_ok: torch.Tensor) -> torch.Tensor:
+    """slot_pos: (B, S) ascending original positions, key_ok: (B, S). Returns (B, 1, S, S) bool.
+
+    Causal by original position, padding and filler keys masked. A query with no key left (left padding, a
+    filler) may see itself, so no softmax row is empty; its output is never read.
+    """
+    allowed = (slot_pos[:, None, :] <= slot_pos[:, :, None]) & key_ok[:, None, :]  # (B, S, S)
+    eye = torch.eye(slot_pos.shape[1], dtype=torch.bool, device=slot_pos.device)
+    return (allowed | (eye & ~allowed.any(-1, keepdim=True)))[:, None]
+
+
+def _decode_mask(seg_ok: torch.Tensor, attention_mask: torch.Tensor | None, prefill_len: int, past_len: int,
+                 q_len: int) -> torch.Tensor:
+    """Mask for q_len new tokens at a pruned layer whose cache holds the segment's prefill slots, then every
+    token decoded since. seg_ok: (B, S). Returns (B, 1, q_len, S + past_len - prefill_len + q_len) bool."""
+    b, s = seg_ok.shape
+    n_new = past_len - prefill_len + q_len  # tokens after the prompt, this step's included
+    device = seg_ok.device
+    new_ok = (attention_mask[:, prefill_len : prefill_len + n_new].bool() if attention_mask is not None
+              else torch.ones(b, n_new, dtype=torch.bool, device=device))  # (B, n_new)
+    own = torch.arange(q_len, device=device) + (past_len - prefill_len)  # each query's index among the new
+    new_idx = torch.arange(n_new, device=device)
+    causal = new_idx[None, :] <= own[:, None]  # (q, n_new)
+    new_allowed = (new_ok[:, None, :] & causal[None]) | (new_idx[None, :] == own[:, None])[None]  # (B, q, n_new)
+    old_allowed = seg_ok[:, None, :].expand(b, q_len, s)  # (B, q, S)
+    return torch.cat([old_allowed, new_allowed], dim=-1)[:, None]
+
+
+@dataclass
+class DecodeState:
+    """Stored on the KV cache after a pruned prefill."""
+
+    prefill_len: int
+    segments: list[tuple[int, torch.Tensor]]  # (first layer of the segment, key_ok (B, S) of its prefill slots)
+
+    def segment_for(self, layer_idx: int) -> torch.Tensor | None:
+        found = None
+        for first, ok in self.segments:
+            if first <= layer_idx:
+                found = ok
+        return found
+
+
+# ---- the decoder loop -------------------------------------------------------------------------------------------
+class PrunedLlamaModel:
+    """Mixin for LlamaModel: the decoder loop with in-LLM pruning."""
+
+    ivtp_llm_plan: LLMPlan
+    ivtp_state: object  # the model's PruningState, where the trace of the last prefill goes
+
+    @merge_with_config_defaults
+    @capture_outputs
+    def forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None,
+                inputs_embeds=None, use_cache=None, ivtp_guidance: LLMGuidance | None = None, **kwargs):
+        if (input_ids is None) ^ (inputs_embeds is not None):
+            raise ValueError("You must specify exactly one of input_ids or inputs_embeds")
+        if inputs_embeds is None:
+            inputs_embeds = self.embed_tokens(input_ids)
+        if use_cache and past_key_values is None:
+            past_key_values = DynamicCache(config=self.config)
+        past_len = past_key_values.get_seq_length() if past_key_values is not None else 0
+        if position_ids is None:
+            position_ids = (torch.arange(inputs_embeds.shape[1], device=inputs_embeds.device) + past_len)[None]
+        causal_mask = create_causal_mask(config=self.config, inputs_embeds=inputs_embeds,
+                                         attention_mask=attention_mask, past_key_values=past_key_values,
+                                         position_ids=position_ids)
+        hidden = inputs_embeds
+        position_embeddings = self.rotary_emb(hidden, position_ids=position_ids)
+        layers = self.layers[: self.config.num_hidden_layers]
+
+        decode = getattr(past_key_values, "ivtp_decode", None) if past_len > 0 else None
+        run = None
+        if ivtp_guidance is not None and past_len == 0 and bool(ivtp_guidance.visual.any()):
+            run = _PrefillRun(self, ivtp_guidance, hidden, attention_mask, position_ids, position_embeddings)
+        for idx, layer in enumerate(layers):
+            mask, pos_ids, pos_emb, probe = causal_mask, position_ids, position_embeddings, None
+            if run is not None:
+                if run.pruned:
+                    mask, pos_ids, pos_emb = run.mask, run.position_ids, run.position_embeddings
+                probe = run.probe(idx, layer, hidden)
+            elif decode is not None and (seg_ok := decode.segment_for(idx)) is not None:
+                allowed = _decode_mask(seg_ok, attention_mask, decode.prefill_len, past_len, hidden.shape[1])
+                mask = _format_mask(allowed, self.config._attn_implementation, hidden.dtype)
+            hidden = layer(hidden, attention_mask=mask, position_embeddings=pos_emb, position_ids=pos_ids,
+                           past_key_values=past_key_values, use_cache=use_cache, ivtp_probe=probe, **kwargs)
+            if run is not None:
+                hidden = run.after_layer(idx, hidden)
+        if run is not None:
+            hidden = run.finish(hidden)
+            self.ivtp_state.last_llm_trace = run.trace
+            if past_key_values is not None:
+                past_key_values.ivtp_decode = DecodeState(inputs_embeds.shape[1], run.segments)
+        hidden = self.norm(hidden)
+        return BaseModelOutputWithPast(last_hidden_state=hidden, past_key_values=past_key_values)
+
+
+class _PrefillRun:
+    """The slot bookkeeping of one pruned prefill. A slot is a sequence position still present in a row; rows
+    that keep fewer tokens end in filler slots, which nothing attends to and whose outputs are discarded."""
+
+    def __init__(self, model, guidance: LLMGuidance, hidden, attention_mask, position_ids, position_embeddings):
+        self.model = model
+        self.plan: LLMPlan = model.ivtp_llm_plan
+        self.g = guidance
+        b, length = guidance.visual.shape
+        device = hidden.device
+        self.length = length
+        self.slot_pos = torch.arange(length, device=device).expand(b, -1).clone()  # (B, S) original positions
+        self.slot_real = torch.ones(b, length, dtype=torch.bool, device=device)  # (B, S) False: filler
+        self.slot_ok = (attention_mask.bool().clone() if attention_mask is not None
+                        else torch.ones(b, length, dtype=torch.bool, device=device))  # (B, S) usable as a key
+        self.slot_visual = guidance.visual.clone()  # (B, S)
+        self.full_position_ids = position_ids.expand(b, -1)
+        self.full_embeddings = tuple(e.expand(b, -1, -1) for e in position_embeddings)
+        self.exit_hidden = None  # (B, L + 1, D): dropped tokens' last hidden state (+1: a sink for fillers)
+        self.pruned = False
+        self.mask = self.position_ids = self.position_embeddings = None
+        self.rows = torch.nonzero(guidance.images > 0).flatten()  # rows that have visual tokens
+        self.segments: list[tuple[int, torch.Tensor]] = []
+        per_image = [int(guidance.visual[r].sum()) // int(guidance.images[r]) for r in self.rows.tolist()]
+        if any(n != self.plan.tokens_in for n in per_image):
+            raise ValueError(f"stage 2 expected {self.plan.tokens_in} visual tokens per image, got {per_image}")
+        self.trace = LLMTrace(counts=[[int(guidance.visual[r].sum())] if guidance.images[r] else []
+                                      for r in range(b)],
+                              visual_positions=[torch.nonzero(guidance.visual[r]).flatten() for r in range(b)])
+        self.lower: list[torch.Tensor] = []
+        self.rows_seen: list[torch.Tensor] = []
+        self.last_probe: dict | None = None
+
+    def _group_of(self, idx: int):
+        for g, (lo, hi) in enumerate(self.plan.groups):
+            if lo <= idx <= hi:
+                return g, lo, hi
+        return None
+
+    # -- scoring ---------------------------------------------------------------------------------------------
+    def probe(self, idx: int, layer, hidden) -> dict | None:
+        self.last_probe = None
+        found = self._group_of(idx)
+        if found is None:
+            return None
+        _, lo, hi = found
+        mode = probe_modes(self.plan.aggregation, hi - lo + 1)[idx - lo]
+        if mode is None:
+            return None
+        rows = self.rows
+        vis = self.slot_visual[rows]  # (B', S)
+        n_vis = vis.sum(-1)  # (B',)
+        width = int(n_vis.max())
+        # Visual slots in ascending order; short rows end in entries marked not ok.
+        vis_idx = torch.sort((~vis).to(torch.int8), dim=-1, stable=True).indices[:, :width]  # (B', Nv)
+        vis_ok = torch.arange(width, device=vis.device)[None] < n_vis[:, None]  # (B', Nv)
+        pcls_q, pcls_k = self._pseudo_cls(layer, hidden, rows, vis_idx, vis_ok)
+        self.last_probe = {"mode": mode, "rows": rows, "vis_idx": vis_idx, "vis_ok": vis_ok,
+                           "pcls_q": pcls_q, "pcls_k": pcls_k}
+        return self.last_probe
+
+    def _pseudo_cls(self, layer, hidden, rows, vis_idx, vis_ok):
+        """Eq. 8 at this layer: mean hidden state of the selected instruction tokens, or the fallback; then the
+        layer's own input norm, q/k projections and RoPE at the position right after the last visual token."""
+        sel = torch.gather(self.g.text_select[rows], 1, self.slot_pos[rows]) & self.slot_real[rows]  # (B', S)
+        h = hidden[rows].float()  # (B', S, D)
+        count = sel.sum(-1, keepdim=True)  # (B', 1)
+        mean = (h * sel[..., None]).sum(1) / count.clamp_min(1)  # (B', D)
+        pcls = torch.where(count > 0, mean, self.g.fallback[rows].float()).to(hidden.dtype)  # (B', D)
+        attn = layer.self_attn
+        x = layer.input_layernorm(pcls[:, None])  # (B', 1, D)
+        q = attn.q_proj(x).view(x.shape[0], 1, -1, attn.head_dim).transpose(1, 2)  # (B', H, 1, Dh)
+        k = attn.k_proj(x).view(x.shape[0], 1, -1, attn.head_dim).transpose(1, 2)  # (B', Hkv, 1, Dh)
+        last_vis = torch.gather(self.slot_pos[rows], 1, vis_idx).masked_fill(~vis_ok, -1).max(-1).values  # (B',)
+        pos = torch.gather(self.full_position_ids[rows], 1, last_vis[:, None]) + 1  # (B', 1)
+        cos, sin = self.model.rotary_emb(x, position_ids=pos)
+        return apply_rotary_pos_emb(q, k, cos, sin)
+
+    # -- pruning ---------------------------------------------------------------------------------------------
+    def after_layer(self, idx: int, hidden):
+        found = self._group_of(idx)
+        probe = self.last_probe
+        if found is None or probe is None:
+            return hidden
+        g, _, hi = found
+        if probe["mode"] == "full":
+            self.lower.append(probe["attn"])
+        else:
+            self.rows_seen.append(probe["row"])
+        if idx != hi:
+            return hidden
+        row = aggregate_group(self.plan.aggregation, self.lower, self.rows_seen, query_index=-1)  # (B', Nv + 1)
+        self.lower, self.rows_seen = [], []
+        scores = gtp_scores(row, probe["vnorm"], query_index=-1)  # (B', Nv)
+        k = self.plan.counts[g] * self.g.images[self.rows]  # (B',) per-image budget times images in the row
+        keep_vis = keep_topk_per_row(scores, k, probe["vis_ok"])  # (B', Nv)
+        return self._drop(hidden, probe, keep_vis, idx)
+
+    def _drop(self, hidden, probe, keep_vis, idx):
+        b, s, d = hidden.shape
+        keep = self.slot_real & ~self.slot_visual  # (B, S): every text and padding token stays
+        vis_keep = torch.zeros(len(self.rows), s, dtype=torch.bool, device=hidden.device)
+        vis_keep.scatter_(1, probe["vis_idx"], keep_vis & probe["vis_ok"])
+        keep[self.rows] |= vis_keep
+        # Dropped tokens exit here with their current hidden state; fillers write to the sink at position L.
+        if self.exit_hidden is None:
+            self.exit_hidden = hidden.new_zeros(b, self.length + 1, d)
+        self.exit_hidden = self.exit_hidden.scatter(1, self._sink()[..., None].expand(-1, -1, d), hidden)
+        # The new slots: kept ones in order, then fillers, as wide as the longest row.
+        width = int(keep.sum(-1).max())
+        order = torch.sort((~keep).to(torch.int8), dim=-1, stable=True).indices[:, :width]  # (B, S')
+        kept = torch.gather(keep, 1, order)
+        hidden = torch.gather(hidden, 1, order[..., None].expand(-1, -1, d))  # (B, S', D)
+        self.slot_pos = torch.gather(self.slot_pos, 1, order)
+        self.slot_real = kept
+        self.slot_ok = torch.gather(self.slot_ok, 1, order) & kept
+        self.slot_visual = torch.gather(self.slot_visual, 1, order) & kept
+        self.pruned = True
+        self.position_ids = torch.gather(self.full_position_ids, 1, self.slot_pos)
+        self.position_embeddings = tuple(torch.gather(e, 1, self.slot_pos[..., None].expand(-1, -1, e.shape[-1]))
+                                         for e in self.full_embeddings)
+        self.mask = _format_mask(_prefill_mask(self.slot_pos, self.slot_ok), self.model.config._attn_implementation,
+                                 hidden.dtype)
+        self.segments.append((idx + 1, self.slot_ok.clone()))
+        for r in self.rows.tolist():
+            self.trace.counts[r].append(int(self.slot_visual[r].sum()))
+        return hidden
+
+    def _sink(self) -> torch.Tensor:
+        return torch.where(self.slot_real, self.slot_pos, self.length)  # (B, S)
+
+    def finish(self, hidden):
+        """Put every kept token's final hidden state back at its position; dropped ones keep their exit state."""
+        if not self.pruned:
+            self.trace.kept_positions = list(self.trace.visual_positions)
+            return hidden
+        d = hidden.shape[-1]
+        out = self.exit_hidden.scatter(1, self._sink()[..., None].expand(-1, -1, d), hidden)[:, : self.length]
+        self.trace.kept_positions = [self.slot_pos[r][self.slot_visual[r]] for r in range(hidden.shape[0])]
+        return out
