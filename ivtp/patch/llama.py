@@ -77,6 +77,7 @@ class LLMTrace:
     counts: list[list[int]]  # per row: visual tokens in and after each group
     visual_positions: list[torch.Tensor]  # per row: positions of the visual tokens entering the LLM
     kept_positions: list[torch.Tensor] = field(default_factory=list)  # per row: those left after the last group
+    scores: list[torch.Tensor] = field(default_factory=list)  # per group: (rows with images, Nv) eq.-4 scores
 
 
 # ---- attention probe ---------------------------------------------------------------------------------------------
@@ -338,6 +339,7 @@ class _PrefillRun:
         row = aggregate_group(self.plan.aggregation, self.lower, self.rows_seen, query_index=-1)  # (B', Nv + 1)
         self.lower, self.rows_seen = [], []
         scores = gtp_scores(row, probe["vnorm"], query_index=-1)  # (B', Nv)
+        self.trace.scores.append(scores)
         k = self.plan.counts[g] * self.g.images[self.rows]  # (B',) per-image budget times images in the row
         keep_vis = keep_topk_per_row(scores, k, probe["vis_ok"])  # (B', Nv)
         return self._drop(hidden, probe, keep_vis, idx)

@@ -59,3 +59,16 @@ def test_head_mean_attention_and_value_norms():
     torch.testing.assert_close(attn, expected)
     # Heads concatenated: the norm of the (H * Dh) vector of each token.
     torch.testing.assert_close(value_norms(v), v.permute(0, 2, 1, 3).reshape(2, 6, 32).norm(dim=-1))
+
+
+def test_llm_rollout_with_the_pseudo_cls_last_worked_by_hand():
+    # Two visual tokens v1, v2 and the pseudo-CLS p after them; causal attention, so rows are lower-triangular.
+    a1 = torch.tensor([[1, 0, 0], [1 / 2, 1 / 2, 0], [1 / 4, 1 / 4, 1 / 2]], dtype=torch.float64)
+    a2_row_p = torch.tensor([[1 / 2, 1 / 4, 1 / 4]], dtype=torch.float64)
+    # e_p norm(A2 + I) = ([1/2, 1/4, 1/4] + [0, 0, 1]) / 2 = [1/4, 1/8, 5/8]
+    # ... @ A1 = [1/4 + 1/16 + 5/32, 1/16 + 5/32, 5/16] = [15/32, 7/32, 10/32]
+    row = rollout_query_row([a1[None]], a2_row_p, query_index=-1)
+    torch.testing.assert_close(row, torch.tensor([[15 / 32, 7 / 32, 10 / 32]]), rtol=0, atol=1e-7)
+    # Eq. 4 drops the pseudo-CLS column: with ||V|| = (1, 3), S = [15/32, 21/32] / (36/32).
+    torch.testing.assert_close(gtp_scores(row, torch.tensor([[1.0, 3.0, 9.0]]), -1),
+                               torch.tensor([[15 / 36, 21 / 36]]))

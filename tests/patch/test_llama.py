@@ -1,0 +1,210 @@
+"""Stage 2 on the real transformers LLaVA/Llama classes: pseudo-CLS guidance, in-LLM pruning, exact decoding."""
+
+import pytest
+import torch
+from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+from conftest import prompt
+from ivtp import ConfigError, apply_pruning
+from ivtp.models import tiny_aligner
+from ivtp.ops import gtp_scores, head_mean_attention, rollout_query_row, value_norms
+
+N = 64  # patches of the 112 px test model
+
+
+def stage2(vision=None, **llm):
+    """576-style geometry scaled down: 64 patches -> 32 in the ViT -> 8 by LLM layer 6 (groups 0-2, 3-5)."""
+    llm = {"layers": 6, "group_size": 3, "keep": 8, **llm}
+    return {"vision": {"keep": 32, **(vision or {})}, "llm": llm}
+
+
+def pruned(small_llava, config, seed=0):
+    model, processor = small_llava(seed)
+    apply_pruning(model, config, aligner=tiny_aligner(), tokenizer=processor.tokenizer)
+    return model, processor
+
+
+def batch_of(processor, images, questions, padding_side="left"):
+    processor.tokenizer.padding_side = padding_side
+    texts = [prompt(q, image=img is not None) for q, img in zip(questions, images)]
+    present = [img for img in images if img is not None]
+    return processor(images=present or None, text=texts, padding=True, return_tensors="pt")
+
+
+QUESTIONS = ["What colour is the circle?", "Is there a large red square at the top left of the image?", "Hello"]
+
+
+def test_keep_all_in_both_stages_equals_the_stock_model(small_llava, images):
+    stock, processor = small_llava()
+    model, _ = pruned(small_llava, {"vision": {"keep": 1.0}, "llm": {"keep": 1.0, "layers": 6, "tau": -1.0}})
+    batch = batch_of(processor, images(2) + [None], QUESTIONS, padding_side="left")
+    with torch.no_grad():
+        ref = stock(**batch).logits
+        out = model(**batch).logits
+    real = batch["attention_mask"].bool()
+    torch.testing.assert_close(out[real], ref[real], rtol=0, atol=1e-5)
+    assert [g["pseudo_cls_source"] for g in (r.to_json() for r in model.ivtp_state.last_guidance[:2])] == ["text"] * 2
+    assert model.ivtp_state.last_llm_trace.counts == [[N, N, N], [N, N, N], []]
+
+
+def test_kv_cache_holds_exactly_the_kept_tokens_and_never_the_pseudo_cls(small_llava, images):
+    model, processor = pruned(small_llava, stage2(tau=-1.0))
+    batch = batch_of(processor, images(1), QUESTIONS[:1])
+    with torch.no_grad():
+        out = model(**batch, use_cache=True)
+    length = batch["input_ids"].shape[1] - (N - 32)  # after stage 1
+    cache = out.past_key_values
+    lengths = [cache.get_seq_length(layer) for layer in range(16)]
+    # Layers 0-2 see all 32 visual tokens, 3-5 the 20 left after group 0, 6-15 the 8 left after group 1.
+    assert lengths == [length] * 3 + [length - 12] * 3 + [length - 24] * 10
+    assert out.logits.shape[1] == length  # the output keeps every position
+    assert model.ivtp_state.last_llm_trace.counts == [[32, 20, 8]]
+
+
+@pytest.mark.parametrize("tau", [-1.0, 0.2, 1.0])
+def test_greedy_generation_with_cache_equals_recomputation(small_llava, images, tau):
+    model, processor = pruned(small_llava, stage2(tau=tau))
+    batch = batch_of(processor, images(2) + [None], QUESTIONS)
+    kwargs = dict(max_new_tokens=10, do_sample=False, return_dict_in_generate=True, output_logits=True)
+    with torch.no_grad():
+        cached = model.generate(**batch, **kwargs)
+        uncached = model.generate(**batch, use_cache=False, **kwargs)
+    assert torch.equal(cached.sequences, uncached.sequences)
+    # Not just the argmax: every decoding step's logits, so a wrong decode mask cannot hide behind a tie.
+    for a, b in zip(cached.logits, uncached.logits):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+
+
+def test_left_padded_batch_equals_single_samples(small_llava, images):
+    model, processor = pruned(small_llava, stage2(tau=-1.0))
+    imgs = images(2) + [None]
+    with torch.no_grad():
+        batch = batch_of(processor, imgs, QUESTIONS)
+        together = model.generate(**batch, max_new_tokens=8, do_sample=False)[:, -8:]
+        batch_report = [model.ivtp_state.row_report(r, r, 1) for r in range(2)]
+        last = model(**batch).logits[:, -1]
+        for i in range(3):
+            single = batch_of(processor, [imgs[i]], [QUESTIONS[i]])
+            alone = model.generate(**single, max_new_tokens=8, do_sample=False)[:, -8:]
+            assert torch.equal(together[i], alone[0]), f"sample {i}"
+            if imgs[i] is not None:  # the same patches survive both stages
+                assert model.ivtp_state.row_report(0, 0, 1)["kept_patches"] == batch_report[i]["kept_patches"]
+            torch.testing.assert_close(model(**single).logits[0, -1], last[i], rtol=1e-4, atol=1e-4)
+
+
+def test_tau_above_every_relevance_takes_the_visual_cls_fallback(small_llava, images):
+    guided, processor = pruned(small_llava, stage2(tau=1.0))
+    plain, _ = pruned(small_llava, stage2(guidance="none"))
+    batch = batch_of(processor, images(2), QUESTIONS[:2])
+    with torch.no_grad():
+        guided(**batch)
+        plain(**batch)
+    reports = [g.to_json() for g in guided.ivtp_state.last_guidance]
+    assert [r["pseudo_cls_source"] for r in reports] == ["visual", "visual"]
+    assert all(r["selected_tokens"] == [] and r["instruction_tokens"] for r in reports)
+    for a, b in zip(guided.ivtp_state.last_llm_trace.scores, plain.ivtp_state.last_llm_trace.scores):
+        torch.testing.assert_close(a, b)
+
+
+def test_an_instruction_without_text_falls_back(small_llava, images):
+    model, processor = pruned(small_llava, stage2(tau=-1.0))
+    processor.tokenizer.padding_side = "left"
+    batch = processor(images=images(1), text=["USER: describe <image>"], return_tensors="pt")  # nothing after it
+    with torch.no_grad():
+        model(**batch)
+    report = model.ivtp_state.last_guidance[0].to_json()
+    assert report["pseudo_cls_source"] == "visual" and report["instruction_tokens"] == []
+
+
+def test_first_group_scores_match_a_reference_from_the_stock_layers(small_llava, images):
+    """Recompute eq. 3-4 for LLM layers 0-2 from the stock model's hidden states and weights: the pseudo-CLS is
+    the mean of the selected tokens' hidden states at each layer, placed right after the last visual token."""
+    model, processor = pruned(small_llava, {"vision": {"enabled": False}, "llm": {"layers": 3, "keep": 16,
+                                                                                   "tau": -1.0}})
+    stock, _ = small_llava()
+    batch = batch_of(processor, images(1), QUESTIONS[:1])
+    with torch.no_grad():
+        model(**batch)
+        hidden = stock(**batch, output_hidden_states=True).hidden_states  # [embeddings, layer 0 out, ...]
+    selected = [t["position"] for t in model.ivtp_state.last_guidance[0].to_json()["selected_tokens"]]
+    vis = torch.nonzero(batch["input_ids"][0] == stock.config.image_token_id).flatten()
+    lm = stock.model.language_model
+    rows, vnorm = [], None
+    with torch.no_grad():
+        for layer_idx in range(3):
+            layer = lm.layers[layer_idx]
+            h = hidden[layer_idx][0]  # input of this layer, (L, D)
+            tokens = torch.cat([h[vis], h[selected].mean(0, keepdim=True)])  # (Nv + 1, D)
+            positions = torch.cat([vis, vis[-1:] + 1])[None]
+            x = layer.input_layernorm(tokens)[None]
+            q = layer.self_attn.q_proj(x).view(1, -1, 4, 16).transpose(1, 2)
+            k = layer.self_attn.k_proj(x).view(1, -1, 4, 16).transpose(1, 2)
+            cos, sin = lm.rotary_emb(x, positions)
+            q, k = apply_rotary_pos_emb(q, k, cos, sin)
+            n = q.shape[2]
+            causal = torch.where(torch.ones(n, n).tril().bool(), 0.0, float("-inf"))
+            rows.append(head_mean_attention(q, k, 16 ** -0.5, causal)[0])  # (Nv + 1, Nv + 1)
+            v = layer.self_attn.v_proj(x).view(1, -1, 4, 16).transpose(1, 2)
+            vnorm = value_norms(v)  # (1, Nv + 1)
+    row = rollout_query_row([rows[0][None], rows[1][None]], rows[2][-1][None], query_index=-1)
+    expected = gtp_scores(row, vnorm, query_index=-1)
+    torch.testing.assert_close(model.ivtp_state.last_llm_trace.scores[0], expected, rtol=1e-4, atol=1e-6)
+
+
+def test_training_forward_loss_and_gradients(small_llava, images):
+    model, processor = pruned(small_llava, stage2(tau=-1.0))
+    model.train()
+    batch = batch_of(processor, images(1) + [None], ["What is it?", "Hi"], padding_side="right")
+    labels = torch.full_like(batch["input_ids"], -100)
+    answer = batch["attention_mask"].sum(1) - 3  # supervise the last three real tokens of each row
+    for b in range(2):
+        labels[b, answer[b] : answer[b] + 3] = batch["input_ids"][b, answer[b] : answer[b] + 3]
+    out = model(**batch, labels=labels)
+    # The output keeps every position, so the stage-1-shrunk labels line up with the logits.
+    shrunk = model.ivtp_state.shrink(batch["input_ids"], 1, batch["attention_mask"], labels, "right").labels
+    ref = torch.nn.functional.cross_entropy(out.logits[:, :-1].flatten(0, 1), shrunk[:, 1:].flatten(), ignore_index=-100)
+    torch.testing.assert_close(out.loss, ref)
+    out.loss.backward()
+    grads = [p.grad for p in model.model.language_model.layers[10].parameters()]
+    assert all(g is not None and g.abs().sum() > 0 for g in grads)
+    # The supervised answer is never part of the instruction that builds the pseudo-CLS.
+    chosen = [t["position"] for t in model.ivtp_state.last_guidance[0].to_json()["instruction_tokens"]]
+    first_label = int((shrunk[0] != -100).nonzero()[0])
+    assert chosen and max(chosen) < first_label
+
+
+@pytest.mark.parametrize("variant", [{"aggregation": "mean"}, {"aggregation": "max"}, {"aggregation": "multiply"},
+                                     {"aggregation": "single_layer"}, {"aggregation": "layer_wise"},
+                                     {"guidance": "all_text"}, {"guidance": "llm_threshold", "tau": 0.0},
+                                     {"guidance": "none"}])
+def test_ablation_variants_run_and_reach_the_budget(small_llava, images, variant):
+    model, processor = pruned(small_llava, stage2(**variant))
+    batch = batch_of(processor, images(2), QUESTIONS[:2])
+    with torch.no_grad():
+        cached = model.generate(**batch, max_new_tokens=4, do_sample=False)
+        uncached = model.generate(**batch, max_new_tokens=4, do_sample=False, use_cache=False)
+    assert torch.equal(cached, uncached)
+    counts = model.ivtp_state.last_llm_trace.counts
+    assert all(c[0] == 32 and c[-1] == 8 for c in counts)
+    assert len(counts[0]) == (7 if variant.get("aggregation") == "layer_wise" else 3)
+
+
+def test_stage2_bad_input(small_llava, images):
+    model, processor = small_llava(image_size=112, hidden_size=48)
+    with pytest.raises(ConfigError, match="aligner.*32.*48 wide"):
+        apply_pruning(model, stage2(), aligner=tiny_aligner(), tokenizer=processor.tokenizer)
+    model, processor = small_llava()
+    with pytest.raises(ValueError, match="pass the LLM tokenizer"):
+        apply_pruning(model, stage2(), aligner=tiny_aligner())
+    from test_aligner import llama_style_tokenizer
+
+    with pytest.raises(ValueError, match="tokenizer mismatch"):
+        apply_pruning(model, stage2(), aligner=tiny_aligner(), tokenizer=llama_style_tokenizer())
+    model.config.text_config._attn_implementation = "flash_attention_2"
+    with pytest.raises(ConfigError, match="sdpa or eager"):
+        apply_pruning(model, stage2(), aligner=tiny_aligner(), tokenizer=processor.tokenizer)
+    assert not hasattr(model, "ivtp_state")
+    model, processor = pruned(small_llava, stage2())
+    batch = batch_of(processor, images(1), QUESTIONS[:1])
+    with pytest.raises(ValueError, match="beam search"):
+        model.generate(**batch, num_beams=2, max_new_tokens=2)
