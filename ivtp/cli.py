@@ -79,15 +79,19 @@ def _write_overlays(results, model, out_dir: str, prefix: str) -> list[str]:
     from ivtp.viz import denormalize, overlay_panel
 
     os.makedirs(out_dir, exist_ok=True)
-    steps = _step_names(model)
     paths = []
     for i, r in enumerate(results):
         if r.pixel_values is None:
             continue
         counts = " -> ".join(f"{n}" for n in r.visual_tokens)
-        caption = f"Q: {r.prompt}\nA: {r.answer[:60]}\nvisual tokens ({', '.join(steps)}): {counts}"
+        caption = f"Q: {r.prompt}\nA: {r.answer[:60]}\nvisual tokens: {counts}"
+        if r.guidance:
+            caption += f"\npseudo-CLS from: {r.guidance['pseudo_cls_source']} (highlighted words, CLIP relevance)"
+        selected = {t["position"] for t in r.guidance.get("selected_tokens", [])}
+        words = [{**t, "selected": t["position"] in selected} for t in r.guidance.get("instruction_tokens", [])]
         path = os.path.join(out_dir, f"{prefix}{i}.png")
-        overlay_panel(denormalize(r.pixel_values), r.kept_patches, num_patches(model.config), caption).save(path)
+        overlay_panel(denormalize(r.pixel_values), r.kept_patches, num_patches(model.config), caption,
+                      words).save(path)
         paths.append(path)
     return paths
 

@@ -46,18 +46,51 @@ def overlay(image: Image.Image, kept: list[int], num_patches: int, dim: float = 
     return Image.alpha_composite(out.convert("RGBA"), shade).convert("RGB")
 
 
-def overlay_panel(image: Image.Image, kept: list[int], num_patches: int, caption: str) -> Image.Image:
-    """Original and overlay side by side, with caption lines underneath. Small images are upscaled 2x."""
+def overlay_panel(image: Image.Image, kept: list[int], num_patches: int, caption: str,
+                  instruction: list[dict] | None = None) -> Image.Image:
+    """Original and overlay side by side, with caption lines underneath. Small images are upscaled 2x.
+
+    `instruction`: the rated instruction tokens of stage 2 ({"token", "relevance"} and "selected"); they are
+    drawn as a line of words, the ones that formed the pseudo-CLS highlighted with their relevance (paper Fig. 5).
+    """
     over = overlay(image, kept, num_patches)
     scale = 1 if min(image.size) >= 224 else 2
     w, h = image.size[0] * scale, image.size[1] * scale
     left = image.convert("RGB").resize((w, h), Image.NEAREST)
     right = over.resize((w, h), Image.NEAREST)
     lines = caption.split("\n")
-    panel = Image.new("RGB", (2 * w + 10, h + 16 * len(lines) + 10), "white")
+    token_rows = _layout_tokens(instruction or [], 2 * w + 10)
+    panel = Image.new("RGB", (2 * w + 10, h + 16 * (len(lines) + len(token_rows)) + 14), "white")
     panel.paste(left, (0, 0))
     panel.paste(right, (w + 10, 0))
     draw = ImageDraw.Draw(panel)
-    for i, line in enumerate(lines):
-        draw.text((4, h + 4 + 16 * i), line, fill=(0, 0, 0))
+    y = h + 4
+    for line in lines:
+        draw.text((4, y), line, fill=(0, 0, 0))
+        y += 16
+    for row in token_rows:
+        for x, label, selected in row:
+            if selected:
+                box = draw.textbbox((x, y), label)
+                draw.rectangle((box[0] - 1, box[1] - 2, box[2] + 1, box[3] + 2), fill=(255, 214, 64))
+            draw.text((x, y), label, fill=(0, 0, 0) if selected else (120, 120, 120))
+        y += 16
     return panel
+
+
+def _layout_tokens(tokens: list[dict], width: int) -> list[list[tuple[int, str, bool]]]:
+    """Wrap 'token (relevance)' labels into lines of at most `width` pixels (about 6 px a character)."""
+    rows: list[list[tuple[int, str, bool]]] = [[]]
+    x = 4
+    for t in tokens:
+        text = t["token"].replace("\n", " ").strip()
+        if not text:
+            continue
+        label = f"{text} {t['relevance']:.2f}" if t.get("selected") and t.get("relevance") is not None else text
+        advance = 6 * len(label) + 8
+        if x + advance > width and rows[-1]:
+            rows.append([])
+            x = 4
+        rows[-1].append((x, label, bool(t.get("selected"))))
+        x += advance
+    return rows if rows[-1] else rows[:-1]

@@ -39,6 +39,15 @@ def test_generate_json_reports_per_step_counts(capsys, image_files):
     assert len(out["answers"]) == 3 and all(isinstance(a, str) for a in out["answers"])
     kept = out["samples"][0]["kept_patches"]
     assert len(kept) == 64 and kept == sorted(kept) and 0 <= kept[0] and kept[-1] < 576
+    assert out["aligner"].startswith("ivtp-tiny-clip")  # the preset's aligner, matching its 32-wide tower
+    for sample in out["samples"][:2]:  # stage 2 reports where its pseudo-CLS came from, and why
+        assert sample["pseudo_cls_source"] in ("text", "visual")
+        rated = sample["instruction_tokens"]
+        assert "".join(t["token"] for t in rated).strip().startswith(sample["prompt"].split()[0])
+        chosen = [t for t in rated if t["relevance"] is not None and t["relevance"] >= 0.2]
+        assert sample["selected_tokens"] == chosen
+        assert (sample["pseudo_cls_source"] == "text") == bool(chosen)
+    assert "pseudo_cls_source" not in out["samples"][2]  # the text-only sample has no visual tokens
     # --no-cache decodes by recomputation and must give the same greedy answers.
     uncached = run_json(capsys, argv + ["--no-cache"])
     assert uncached["answers"] == out["answers"]
