@@ -76,8 +76,19 @@ def _check_bool(value: Any, key: str) -> bool:
     return value
 
 
+class _GroupedStage:
+    """What both stages share: the group size that aggregation actually uses."""
+
+    aggregation: str
+    group_size: int
+
+    @property
+    def effective_group_size(self) -> int:
+        return 1 if self.aggregation == "layer_wise" else self.group_size
+
+
 @dataclass
-class VisionStage:
+class VisionStage(_GroupedStage):
     """Stage 1: Group-wise Token Pruning inside the CLIP ViT (paper section 3.2)."""
 
     enabled: bool = True
@@ -97,10 +108,6 @@ class VisionStage:
         check_budget(self.keep, f"{prefix}.keep")
         _check_choice(self.aggregation, AGGREGATIONS, f"{prefix}.aggregation")
         _check_schedule(self.schedule, self.keep, prefix)
-
-    @property
-    def effective_group_size(self) -> int:
-        return 1 if self.aggregation == "layer_wise" else self.group_size
 
 
 def _check_choice(value: Any, choices: tuple, key: str) -> str:
@@ -144,7 +151,7 @@ class AlignerConfig:
 
 
 @dataclass
-class LLMStage:
+class LLMStage(_GroupedStage):
     """Stage 2: instruction-guided GTP inside the first LLM layers (paper sections 3.3-3.4)."""
 
     enabled: bool = True
@@ -174,10 +181,6 @@ class LLMStage:
         if not isinstance(self.aligner, AlignerConfig):
             raise ConfigError(f"{prefix}.aligner: expected a mapping with model and pretrained")
         self.aligner.validate(f"{prefix}.aligner")
-
-    @property
-    def effective_group_size(self) -> int:
-        return 1 if self.aggregation == "layer_wise" else self.group_size
 
     @property
     def needs_aligner(self) -> bool:

@@ -45,10 +45,6 @@ class LLMPlan:
     def step_names(self) -> list[str]:
         return [f"llm.layers{lo}-{hi}" if lo != hi else f"llm.layer{lo}" for lo, hi in self.groups]
 
-    def top_layers(self) -> dict[int, int]:
-        """Top layer of each group -> group index."""
-        return {hi: g for g, (_, hi) in enumerate(self.groups)}
-
 
 def make_llm_plan(stage: LLMStage, num_layers: int, tokens_in: int) -> LLMPlan:
     if stage.layers > num_layers:

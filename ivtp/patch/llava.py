@@ -54,10 +54,6 @@ logger = logging.getLogger(__name__)
 
 
 # ---- the one place that knows where things live in a transformers 5.x LLaVA ---------------------------------
-def vision_tower(model: LlavaForConditionalGeneration):
-    return model.model.vision_tower
-
-
 def vision_layers(model: LlavaForConditionalGeneration):
     return model.model.vision_tower.encoder.layers
 
@@ -384,9 +380,16 @@ def _checked_aligner(aligner, cfg: PruneConfig, mc, tokenizer) -> Aligner:
     return aligner
 
 
-def load_pruned(path: str | os.PathLike, config=None, **load_kwargs) -> LlavaForConditionalGeneration:
-    """Load a llava-hf checkpoint and apply the config saved beside it (or the one given)."""
+def load_pruned(path: str | os.PathLike, config=None, tokenizer=None, aligner: Aligner | None = None,
+                **load_kwargs) -> LlavaForConditionalGeneration:
+    """Load a llava-hf checkpoint and apply the config saved beside it (or the one given). Stage 2's tokenizer
+    defaults to the one saved in the checkpoint folder."""
     model = LlavaForConditionalGeneration.from_pretrained(path, **load_kwargs)
     if config is None and os.path.isfile(os.path.join(path, "ivtp_config.json")):
         config = path
-    return apply_pruning(model, config)
+    cfg = PruneConfig.load(config)
+    if tokenizer is None and cfg.llm.needs_aligner:
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(path)
+    return apply_pruning(model, cfg, aligner=aligner, tokenizer=tokenizer)

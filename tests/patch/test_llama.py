@@ -208,3 +208,16 @@ def test_stage2_bad_input(small_llava, images):
     batch = batch_of(processor, images(1), QUESTIONS[:1])
     with pytest.raises(ValueError, match="beam search"):
         model.generate(**batch, num_beams=2, max_new_tokens=2)
+
+
+def test_saved_checkpoint_reloads_with_both_stages(small_llava, images, tmp_path):
+    from ivtp import load_pruned
+
+    model, processor = pruned(small_llava, stage2(tau=-1.0))
+    model.save_pretrained(tmp_path)
+    processor.save_pretrained(tmp_path)
+    loaded = load_pruned(str(tmp_path), aligner=tiny_aligner()).eval()  # tokenizer from the folder
+    batch = batch_of(processor, images(1), QUESTIONS[:1])
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(**batch).logits, model(**batch).logits, rtol=0, atol=1e-6)
+    assert loaded.ivtp_state.config == model.ivtp_state.config
