@@ -156,6 +156,24 @@ def cmd_convert(args) -> None:
     print(f"wrote llava-hf checkpoint to {out}")
 
 
+def cmd_data_check(args) -> int:
+    from transformers import AutoTokenizer
+
+    from ivtp.data.check import check_file, format_report
+    from ivtp.models import TINY_TOKENIZER
+
+    tokenizer = AutoTokenizer.from_pretrained(args.tokenizer or TINY_TOKENIZER)
+    report = check_file(args.data, args.image_folder, tokenizer, template=args.template,
+                        image_tokens=args.image_tokens, model_max_length=args.model_max_length,
+                        progress=not args.json)
+    if args.json:
+        json.dump(report.to_json(), sys.stdout, indent=2)
+        sys.stdout.write("\n")
+    else:
+        print(format_report(report))
+    return 0 if report.ok else 1
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ivtp", description="Instruction-guided visual token pruning for LLaVA-1.5")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -179,6 +197,18 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--out", default="ivtp_out")
         p.set_defaults(func=func)
 
+    data = sub.add_parser("data", help="training data tools").add_subparsers(dest="data_command", required=True)
+    p = data.add_parser("check", help="report missing or unreadable images, malformed and over-long samples")
+    p.add_argument("data", help="LLaVA JSON file")
+    p.add_argument("--image-folder", default=None)
+    p.add_argument("--tokenizer", default=None, help="tokenizer (model folder or hub id in the cache) for lengths; "
+                                                     "default: the tiny test tokenizer")
+    p.add_argument("--template", default="vicuna_v1", choices=["vicuna_v1", "plain"])
+    p.add_argument("--image-tokens", type=int, default=576, help="placeholders per image (576 for LLaVA-1.5)")
+    p.add_argument("--model-max-length", type=int, default=2048)
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_data_check)
+
     p = sub.add_parser("convert", help="convert an original LLaVA-1.5 checkpoint to the llava-hf layout")
     p.add_argument("src", help="folder of the original checkpoint (config.json with mm_* keys)")
     p.add_argument("out", help="output folder")
@@ -194,11 +224,10 @@ def main(argv: list[str] | None = None) -> int:
 
     args = build_parser().parse_args(argv)
     try:
-        args.func(args)
+        return args.func(args) or 0
     except (ConfigError, PlaceholderError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    return 0
 
 
 if __name__ == "__main__":

@@ -1,0 +1,191 @@
+"""LLaVA JSON data for training: lazy images, templates, a collator for mixed batches, a modality sampler.
+
+A record is {"id", "image" (optional, relative to the image folder), "conversations": [{"from", "value"}]}, as in
+LLaVA's 558K and 665K files. Records load through HF Datasets (memory-mapped Arrow), images only when a sample
+is drawn.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+import warnings
+from dataclasses import dataclass
+
+import torch
+from PIL import Image
+from torch.utils.data import Dataset, Sampler
+
+from ivtp.data.templates import IGNORE_INDEX, IMAGE_PLACEHOLDER, ConversationError, render, tokenize
+
+logger = logging.getLogger(__name__)
+
+
+class MissingImageError(FileNotFoundError):
+    pass
+
+
+def load_records(path: str):
+    """LLaVA JSON (a list of records) as a HF Dataset."""
+    import datasets
+
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"data file not found: {path}")
+    return datasets.load_dataset("json", data_files=path, split="train")
+
+
+def expand_to_square(image: Image.Image, fill: tuple[int, int, int]) -> Image.Image:
+    """LLaVA-1.5's image_aspect_ratio 'pad': centre the image on a square of the image processor's mean colour."""
+    w, h = image.size
+    if w == h:
+        return image
+    side = max(w, h)
+    out = Image.new(image.mode, (side, side), fill)
+    out.paste(image, ((side - w) // 2, (side - h) // 2))
+    return out
+
+
+class LlavaDataset(Dataset):
+    """Tokenised samples with lazily loaded images.
+
+    image_tokens: placeholders per image (576 for LLaVA-1.5: one per patch; stage 1 shrinks them in the model).
+    skip_missing: a sample whose image is missing is replaced by another (and counted) instead of raising.
+    """
+
+    def __init__(self, records, tokenizer, image_processor, template: str, image_folder: str | None,
+                 image_tokens: int, model_max_length: int, image_aspect_ratio: str = "pad",
+                 skip_missing: bool = False):
+        self.records = records
+        self.tokenizer = tokenizer
+        self.image_processor = image_processor
+        self.template = template
+        self.image_folder = image_folder
+        self.image_tokens = image_tokens
+        self.model_max_length = model_max_length
+        self.image_aspect_ratio = image_aspect_ratio
+        self.skip_missing = skip_missing
+        self.skipped: set[str] = set()
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def lengths(self) -> list[int]:
+        """Approximate token lengths, negative for text-only samples (for the modality sampler)."""
+        out = []
+        for rec in self.records:
+            words = sum(len(t["value"].split()) for t in rec["conversations"] or [])
+            out.append(words + self.image_tokens if rec.get("image") else -words)
+        return out
+
+    def __getitem__(self, i: int) -> dict:
+        try:
+            return self._item(i)
+        except MissingImageError:
+            if not self.skip_missing:
+                raise
+            self.skipped.add(str(self.records[i].get("id")))
+            return self[(i + 1) % len(self)]
+
+    def _item(self, i: int) -> dict:
+        rec = self.records[i]
+        sample_id = str(rec.get("id", i))
+        convs = rec["conversations"] or []
+        has_image = bool(rec.get("image"))
+        if has_image and convs and not any(IMAGE_PLACEHOLDER in t["value"] for t in convs):
+            # A few records leave the placeholder out; LLaVA puts the image before the first question.
+            convs = [dict(convs[0], value=IMAGE_PLACEHOLDER + "\n" + convs[0]["value"])] + list(convs[1:])
+        if not has_image and any(IMAGE_PLACEHOLDER in t["value"] for t in convs):
+            raise ConversationError(f"sample {sample_id}: <image> in the conversation but no image file")
+        rendered = render(self.template, convs, self.tokenizer.eos_token, sample_id)
+        ids, labels = tokenize(rendered, self.tokenizer, self.image_tokens)
+        ids, labels = self._truncate(ids, labels, sample_id)
+        item = {"input_ids": torch.tensor(ids), "labels": torch.tensor(labels), "id": sample_id}
+        if has_image:
+            item["pixel_values"] = self._image(rec["image"], sample_id)
+        return item
+
+    def _truncate(self, ids, labels, sample_id):
+        if len(ids) <= self.model_max_length:
+            return ids, labels
+        image_id = self.tokenizer.convert_tokens_to_ids(IMAGE_PLACEHOLDER)
+        last_image = max((j for j, t in enumerate(ids) if t == image_id), default=-1)
+        if last_image >= self.model_max_length:
+            raise ConversationError(f"sample {sample_id}: {len(ids)} tokens, and model_max_length "
+                                    f"{self.model_max_length} would cut through its image")
+        warnings.warn(f"sample {sample_id}: {len(ids)} tokens truncated to model_max_length "
+                      f"{self.model_max_length}")
+        return ids[: self.model_max_length], labels[: self.model_max_length]
+
+    def _image(self, name: str, sample_id: str) -> torch.Tensor:
+        path = os.path.join(self.image_folder or "", name)
+        if not os.path.isfile(path):
+            raise MissingImageError(f"sample {sample_id}: image not found: {path}")
+        with Image.open(path) as im:
+            image = im.convert("RGB")
+        if self.image_aspect_ratio == "pad":
+            fill = tuple(int(round(255 * m)) for m in self.image_processor.image_mean)
+            image = expand_to_square(image, fill)
+        return self.image_processor(images=image, return_tensors="pt")["pixel_values"][0]
+
+
+@dataclass
+class Collator:
+    """Right-pads a batch; stacks the images of the samples that have one, in order (text-only rows have none)."""
+
+    pad_token_id: int
+
+    def __call__(self, items: list[dict]) -> dict:
+        length = max(len(it["input_ids"]) for it in items)
+        ids = torch.full((len(items), length), self.pad_token_id, dtype=torch.long)
+        labels = torch.full((len(items), length), IGNORE_INDEX, dtype=torch.long)
+        mask = torch.zeros((len(items), length), dtype=torch.long)
+        for b, it in enumerate(items):
+            n = len(it["input_ids"])
+            ids[b, :n] = it["input_ids"]
+            labels[b, :n] = it["labels"]
+            mask[b, :n] = 1
+        batch = {"input_ids": ids, "labels": labels, "attention_mask": mask}
+        images = [it["pixel_values"] for it in items if "pixel_values" in it]
+        if images:
+            batch["pixel_values"] = torch.stack(images)
+        return batch
+
+
+class ModalityLengthGroupedSampler(Sampler):
+    """LLaVA's group_by_modality_length: batches hold either image samples or text-only samples, each group
+    shuffled and roughly sorted by length within mega-batches, so padding is small and no batch mixes kinds
+    (except the one leftover batch). lengths: positive for image samples, negative for text-only."""
+
+    def __init__(self, lengths: list[int], batch_size: int, world_size: int = 1, seed: int = 0):
+        self.lengths = lengths
+        self.batch_size = batch_size
+        self.world_size = world_size
+        self.seed = seed
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.lengths)
+
+    def __iter__(self):
+        rng = random.Random(self.seed + self.epoch)
+        mega = self.batch_size * self.world_size * 50
+        groups = []
+        leftovers = []
+        for with_image in (True, False):
+            idx = [i for i, n in enumerate(self.lengths) if (n > 0) == with_image]
+            rng.shuffle(idx)
+            for start in range(0, len(idx), mega):
+                chunk = sorted(idx[start : start + mega], key=lambda i: -abs(self.lengths[i]))
+                step = self.batch_size * self.world_size
+                batches = [chunk[j : j + step] for j in range(0, len(chunk), step)]
+                if batches and len(batches[-1]) < step:
+                    leftovers.extend(batches.pop())
+                groups.extend(batches)
+        rng.shuffle(groups)
+        if leftovers:
+            groups.append(leftovers)
+        return iter([i for batch in groups for i in batch])

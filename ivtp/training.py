@@ -1,0 +1,252 @@
+"""The parts train/pretrain.py and train/finetune.py wire together: arguments, model assembly, what trains,
+LoRA, the Trainer subclass and saving in the llava-hf layout with ivtp_config.json beside the weights.
+
+The LLaVA-1.5 recipe (DESIGN.md section 7): pretraining trains the projector alone on the 558K captions with the
+`plain` template; instruction tuning trains projector and LLM (vision tower frozen) on the 665K mix with
+`vicuna_v1`. With `--prune-config`, pruning is active in the training forward (the paper's retraining mode).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass, field
+
+import torch
+import transformers
+from transformers import Trainer, TrainerCallback
+
+from ivtp.config import PruneConfig
+from ivtp.data.llava import Collator, LlavaDataset, ModalityLengthGroupedSampler, load_records
+from ivtp.data.templates import TEMPLATES
+
+logger = logging.getLogger(__name__)
+LORA_TARGETS = r".*language_model\.layers\.\d+\.(self_attn\.(q|k|v|o)_proj|mlp\.(gate|up|down)_proj)"
+
+
+@dataclass
+class ModelArguments:
+    model_name_or_path: str = field(default="tiny-random", metadata={
+        "help": "llava-hf folder, hub id in the cache, a preset (tiny-random), or with --vision_tower an LLM to "
+                "assemble a new LLaVA from"})
+    vision_tower: str | None = field(default=None, metadata={
+        "help": "CLIP vision tower to assemble with the LLM (pretraining from parts), e.g. "
+                "openai/clip-vit-large-patch14-336"})
+    prune_config: str | None = field(default=None, metadata={"help": "prune config YAML: pruning in the forward"})
+    tune: str = field(default="projector+llm", metadata={"help": "what trains: projector | projector+llm"})
+    lora_enable: bool = False
+    lora_r: int = 128
+    lora_alpha: int = 256
+    lora_dropout: float = 0.05
+    mm_projector_lr: float | None = field(default=None, metadata={"help": "learning rate of the projector"})
+
+
+@dataclass
+class DataArguments:
+    data_path: str = field(default="data/fixtures/tiny_llava.json", metadata={"help": "LLaVA JSON"})
+    image_folder: str | None = None
+    template: str = field(default="vicuna_v1", metadata={"help": f"one of {', '.join(TEMPLATES)}"})
+    image_aspect_ratio: str = field(default="pad", metadata={"help": "pad (LLaVA-1.5) or crop"})
+    skip_missing: bool = field(default=False, metadata={"help": "skip samples whose image is missing"})
+
+
+@dataclass
+class TrainingArguments(transformers.TrainingArguments):
+    model_max_length: int = 2048
+    group_by_modality_length: bool = False
+    # The collator builds the model inputs itself; the Trainer must not drop the ones the pruned forward takes
+    # through **kwargs (labels).
+    remove_unused_columns: bool = False
+
+
+def parse_args(argv=None, template: str = "vicuna_v1", tune: str = "projector+llm"):
+    """HF-style arguments: every standard TrainingArguments flag passes through (and --local_rank, which the
+    deepspeed launcher appends)."""
+    parser = transformers.HfArgumentParser((ModelArguments, DataArguments, TrainingArguments))
+    parser.set_defaults(template=template, tune=tune)
+    model_args, data_args, train_args = parser.parse_args_into_dataclasses(args=argv)
+    if data_args.template not in TEMPLATES:
+        raise SystemExit(f"error: --template must be one of {', '.join(TEMPLATES)}")
+    if model_args.tune not in ("projector", "projector+llm"):
+        raise SystemExit("error: --tune must be 'projector' or 'projector+llm'")
+    _reporting(train_args)
+    return model_args, data_args, train_args
+
+
+def _reporting(args: TrainingArguments) -> None:
+    """wandb runs offline when no key is set, so a missing login never stops a run."""
+    if "wandb" in (args.report_to or []) and not os.environ.get("WANDB_API_KEY"):
+        os.environ.setdefault("WANDB_MODE", "offline")
+
+
+# ---- the model -----------------------------------------------------------------------------------------------
+def build_from_parts(llm_path: str, vision_path: str, dtype=None):
+    """A new LLaVA-1.5 from an LLM (e.g. lmsys/vicuna-7b-v1.5) and a CLIP vision tower, with a fresh projector:
+    the starting point of pretraining. <image> and <pad> join the tokenizer; new embedding rows are the mean."""
+    from transformers import AutoTokenizer, CLIPVisionModel, LlamaForCausalLM, LlavaForConditionalGeneration
+
+    from ivtp.convert import _pad_rows
+    from ivtp.models import build_processor, llava_config
+
+    tokenizer = AutoTokenizer.from_pretrained(llm_path)
+    tokenizer.add_tokens(["<image>"], special_tokens=True)
+    if tokenizer.pad_token is None or tokenizer.pad_token == tokenizer.unk_token:
+        tokenizer.add_special_tokens({"pad_token": "<pad>"})
+    llm = LlamaForCausalLM.from_pretrained(llm_path, dtype=dtype)
+    tower = CLIPVisionModel.from_pretrained(vision_path, dtype=dtype)
+    vc, tc = tower.config, llm.config
+    vision = {k: getattr(vc, k) for k in ("hidden_size", "intermediate_size", "num_hidden_layers",
+                                          "num_attention_heads", "image_size", "patch_size", "projection_dim",
+                                          "hidden_act", "layer_norm_eps")}
+    text = {k: getattr(tc, k) for k in ("hidden_size", "intermediate_size", "num_hidden_layers",
+                                        "num_attention_heads", "num_key_value_heads", "max_position_embeddings",
+                                        "rms_norm_eps")}
+    config = llava_config(vision, text, tokenizer)
+    model = LlavaForConditionalGeneration(config)
+    vocab = config.text_config.vocab_size
+    state = {f"model.language_model.{k[len('model.'):]}": v for k, v in llm.state_dict().items()
+             if k.startswith("model.")}
+    state["model.language_model.embed_tokens.weight"] = _pad_rows(llm.model.embed_tokens.weight.data, vocab)
+    state["lm_head.weight"] = _pad_rows(llm.lm_head.weight.data, vocab)
+    state.update({f"model.vision_tower.{k}": v for k, v in tower.state_dict().items()})
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if unexpected or any(not k.startswith("model.multi_modal_projector.") for k in missing):
+        raise ValueError(f"assembling LLaVA: missing {missing[:4]}, unexpected {unexpected[:4]}")
+    if dtype is not None:
+        model = model.to(dtype)
+    return model, build_processor(tokenizer, vision["image_size"], vision["patch_size"])
+
+
+def load_for_training(args: ModelArguments, dtype=None):
+    """(model, processor, prune config or None): loaded, pruned if asked, with the right parameters trainable."""
+    from ivtp import apply_pruning
+    from ivtp.models import load_model, preset_aligner
+
+    config = PruneConfig.load(args.prune_config) if args.prune_config else None  # fail before loading
+    if args.vision_tower:
+        model, processor = build_from_parts(args.model_name_or_path, args.vision_tower, dtype)
+    else:
+        model, processor = load_model(args.model_name_or_path, dtype=dtype or torch.float32)
+    if config is not None:
+        apply_pruning(model, config, aligner=preset_aligner(args.model_name_or_path), tokenizer=processor.tokenizer)
+    model = set_trainable(model, args)
+    return model, processor, config
+
+
+def set_trainable(model, args: ModelArguments):
+    """Pretraining: the projector. Instruction tuning: projector and LLM, or LoRA adapters on the LLM's linear
+    layers plus the full projector. The vision tower is always frozen."""
+    model.requires_grad_(False)
+    projector = model.model.multi_modal_projector
+    if args.lora_enable:
+        from peft import LoraConfig, get_peft_model
+
+        lora = LoraConfig(r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
+                          target_modules=LORA_TARGETS, bias="none", task_type="CAUSAL_LM")
+        model = get_peft_model(model, lora)
+        projector.requires_grad_(True)
+        return model
+    projector.requires_grad_(True)
+    if args.tune == "projector+llm":
+        model.model.language_model.requires_grad_(True)
+        model.lm_head.requires_grad_(True)
+    return model
+
+
+def unwrap(model):
+    """The LlavaForConditionalGeneration under a peft wrapper, if any."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+# ---- the trainer ---------------------------------------------------------------------------------------------
+class SaveIvtpConfig(TrainerCallback):
+    """Every checkpoint folder carries the prune config and the processor, so it loads for inference as is."""
+
+    def __init__(self, config: PruneConfig | None, processor):
+        self.config = config
+        self.processor = processor
+
+    def on_save(self, args, state, control, **kwargs):
+        if state.is_world_process_zero:
+            folder = os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
+            if os.path.isdir(folder):
+                self.processor.save_pretrained(folder)
+                if self.config is not None:
+                    self.config.save_pretrained(folder)
+
+
+class LlavaTrainer(Trainer):
+    """HF Trainer with LLaVA's modality-grouped sampler and a separate projector learning rate."""
+
+    def __init__(self, *args, mm_projector_lr: float | None = None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.mm_projector_lr = mm_projector_lr
+
+    def _get_train_sampler(self, *args, **kwargs):
+        if self.args.group_by_modality_length and hasattr(self.train_dataset, "lengths"):
+            return ModalityLengthGroupedSampler(
+                self.train_dataset.lengths(), self.args.train_batch_size * self.args.gradient_accumulation_steps,
+                world_size=self.args.world_size, seed=self.args.seed)
+        return super()._get_train_sampler(*args, **kwargs)
+
+    def create_optimizer(self, *args, **kwargs):
+        if self.optimizer is not None or self.mm_projector_lr is None:
+            return super().create_optimizer(*args, **kwargs)
+        decay = set(self.get_decay_parameter_names(self.model))
+        groups: dict[tuple[bool, bool], list] = {}
+        for name, p in self.model.named_parameters():
+            if p.requires_grad:
+                groups.setdefault(("multi_modal_projector" in name, name in decay), []).append(p)
+        params = [{"params": ps, "weight_decay": self.args.weight_decay if dec else 0.0,
+                   **({"lr": self.mm_projector_lr} if proj else {})} for (proj, dec), ps in groups.items()]
+        cls, kw = Trainer.get_optimizer_cls_and_kwargs(self.args, self.model)
+        self.optimizer = cls(params, **kw)
+        return self.optimizer
+
+
+def build_trainer(model, processor, config, model_args: ModelArguments, data_args: DataArguments,
+                  train_args: TrainingArguments) -> LlavaTrainer:
+    base = unwrap(model)
+    from ivtp.patch.llava import num_patches
+
+    dataset = LlavaDataset(
+        load_records(data_args.data_path), processor.tokenizer, processor.image_processor, data_args.template,
+        data_args.image_folder, image_tokens=num_patches(base.config),
+        model_max_length=train_args.model_max_length, image_aspect_ratio=data_args.image_aspect_ratio,
+        skip_missing=data_args.skip_missing)
+    if train_args.gradient_checkpointing and not train_args.gradient_checkpointing_kwargs:
+        train_args.gradient_checkpointing_kwargs = {"use_reentrant": False}  # frozen inputs, kwargs through layers
+    return LlavaTrainer(model=model, args=train_args, train_dataset=dataset,
+                        data_collator=Collator(processor.tokenizer.pad_token_id),
+                        callbacks=[SaveIvtpConfig(config, processor)], mm_projector_lr=model_args.mm_projector_lr)
+
+
+def save_final(trainer: LlavaTrainer, model, processor, config: PruneConfig | None, merge_lora: bool = True):
+    """The final model in the llava-hf layout with ivtp_config.json and the processor. LoRA adapters are saved
+    as such, and merged into a full checkpoint under <output_dir>/merged unless merge_lora is False."""
+    out = trainer.args.output_dir
+    trainer.save_model(out)  # gathers ZeRO-3 shards when the config says stage3_gather_16bit_weights_on_model_save
+    if trainer.args.should_save:
+        processor.save_pretrained(out)
+        if config is not None:
+            config.save_pretrained(out)
+    if hasattr(model, "merge_and_unload") and merge_lora and trainer.args.should_save:
+        merged = model.merge_and_unload()
+        merged.save_pretrained(os.path.join(out, "merged"))
+        processor.save_pretrained(os.path.join(out, "merged"))
+        if config is not None:
+            config.save_pretrained(os.path.join(out, "merged"))
+    n_skipped = len(getattr(trainer.train_dataset, "skipped", ()))
+    if n_skipped:
+        logger.warning("%d samples were skipped for missing images", n_skipped)
+
+
+def run(argv=None, template: str = "vicuna_v1", tune: str = "projector+llm") -> str:
+    """Parse, load (and prune), train, save. Returns the output folder."""
+    model_args, data_args, train_args = parse_args(argv, template=template, tune=tune)
+    model, processor, config = load_for_training(model_args)
+    trainer = build_trainer(model, processor, config, model_args, data_args, train_args)
+    resume = train_args.resume_from_checkpoint
+    trainer.train(resume_from_checkpoint=resume if resume not in ("", "False", "false") else None)
+    save_final(trainer, model, processor, config)
+    return train_args.output_dir

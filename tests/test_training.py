@@ -1,0 +1,166 @@
+"""Training with pruning active: masking is tested in tests/data; here the loop, saving, resuming, LoRA,
+DeepSpeed ZeRO-3 and bad data."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from ivtp import load_pruned
+from ivtp.data.llava import Collator, LlavaDataset, MissingImageError, load_records
+from ivtp.data.templates import ConversationError
+from ivtp.models import tiny_aligner, tiny_random
+from ivtp.training import build_trainer, parse_args, load_for_training, save_final
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DATA = os.path.join(ROOT, "data", "fixtures", "tiny_llava.json")
+IMAGES = os.path.join(ROOT, "data", "fixtures", "images")
+CONFIG = os.path.join(ROOT, "configs", "ivtp_64.yaml")
+
+
+def args_for(out, *extra):
+    return ["--prune-config", CONFIG, "--data_path", DATA, "--image_folder", IMAGES, "--output_dir", str(out),
+            "--report_to", "none", "--use_cpu", "True", "--seed", "0", "--logging_steps", "1",
+            "--per_device_train_batch_size", "4", "--learning_rate", "2e-3", "--lr_scheduler_type", "constant",
+            "--save_strategy", "no", *extra]
+
+
+def train(argv):
+    model_args, data_args, train_args = parse_args(argv)
+    model, processor, config = load_for_training(model_args)
+    trainer = build_trainer(model, processor, config, model_args, data_args, train_args)
+    resume = train_args.resume_from_checkpoint
+    trainer.train(resume_from_checkpoint=resume)
+    save_final(trainer, model, processor, config)
+    return trainer, model, processor
+
+
+def losses(trainer):
+    return [h["loss"] for h in trainer.state.log_history if "loss" in h]
+
+
+def test_overfit_with_pruning_halves_the_loss_on_mixed_batches(tmp_path):
+    trainer, model, _ = train(args_for(tmp_path, "--max_steps", "30"))
+    got = losses(trainer)
+    assert len(got) == 30 and got[-1] <= got[0] / 2, got
+    assert model.ivtp_state.last_llm_trace is not None  # pruning ran in the training forward
+
+
+def test_checkpoint_reloads_for_pure_inference_with_identical_logits(tmp_path):
+    trainer, model, processor = train(args_for(tmp_path, "--max_steps", "2"))
+    assert json.load(open(tmp_path / "ivtp_config.json"))["llm"]["keep"] == 64
+    loaded = load_pruned(str(tmp_path), aligner=tiny_aligner()).eval()
+    model.eval()
+    batch = Collator(processor.tokenizer.pad_token_id)([trainer.train_dataset[i] for i in (0, 6)])
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(**batch).logits, model(**batch).logits, rtol=0, atol=1e-5)
+
+
+def test_resume_continues_from_the_saved_step(tmp_path):
+    full, _, _ = train(args_for(tmp_path / "a", "--max_steps", "4", "--save_strategy", "steps", "--save_steps", "2"))
+    assert os.path.isfile(tmp_path / "a" / "checkpoint-2" / "ivtp_config.json")  # checkpoints load as they are
+    resumed, _, _ = train(args_for(tmp_path / "b", "--max_steps", "4",
+                                   "--resume_from_checkpoint", str(tmp_path / "a" / "checkpoint-2")))
+    assert resumed.state.global_step == 4
+    # Steps 1-2 come from the checkpoint's state, 3-4 from this run: none is logged twice.
+    assert [h["step"] for h in resumed.state.log_history if "loss" in h] == [1, 2, 3, 4]
+    a = load_file(tmp_path / "a" / "model.safetensors")
+    b = load_file(tmp_path / "b" / "model.safetensors")
+    assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
+
+
+def test_lora_trains_adapters_and_the_projector_and_merges(tmp_path):
+    trainer, model, processor = train(args_for(tmp_path, "--max_steps", "2", "--lora_enable", "True",
+                                               "--lora_r", "8", "--lora_alpha", "16", "--mm_projector_lr", "1e-3"))
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable and all("lora_" in n or "multi_modal_projector" in n for n in trainable)
+    assert any("multi_modal_projector" in n for n in trainable)
+    lrs = sorted({g["lr"] for g in trainer.optimizer.param_groups})
+    assert lrs == [1e-3, 2e-3]  # the projector has its own learning rate
+    merged = load_pruned(str(tmp_path / "merged"), aligner=tiny_aligner()).eval()
+    model.eval()
+    batch = Collator(processor.tokenizer.pad_token_id)([trainer.train_dataset[i] for i in (0, 1)])
+    with torch.no_grad():
+        torch.testing.assert_close(merged(**batch).logits, model(**batch).logits, rtol=1e-4, atol=1e-4)
+
+
+def test_bad_samples_fail_clearly_or_are_skipped(tmp_path):
+    records = json.load(open(DATA))
+    records[1]["image"] = "missing.png"
+    records[3]["conversations"] = records[3]["conversations"][::-1]
+    path = tmp_path / "bad.json"
+    path.write_text(json.dumps(records))
+    _, processor = tiny_random(image_size=112)
+    make = lambda **kw: LlavaDataset(load_records(str(path)), processor.tokenizer, processor.image_processor,
+                                     "vicuna_v1", IMAGES, 64, 2048, **kw)
+    with pytest.raises(MissingImageError, match="sample scene1: image not found"):
+        make()[1]
+    skipping = make(skip_missing=True)
+    assert skipping[1]["id"] != "scene1" and skipping.skipped == {"scene1"}
+    with pytest.raises(ConversationError, match="sample scene3: turn 0 is from 'gpt'"):
+        make()[3]
+    short = LlavaDataset(load_records(DATA), processor.tokenizer, processor.image_processor, "vicuna_v1", IMAGES,
+                         64, 60)  # its 64 image tokens sit at 35-98
+    with pytest.raises(ConversationError, match="cut through its image"):
+        short[0]
+    text_only = short[6]
+    long = LlavaDataset(load_records(DATA), processor.tokenizer, processor.image_processor, "vicuna_v1", IMAGES,
+                        64, len(text_only["input_ids"]) - 2)
+    with pytest.warns(UserWarning, match="truncated"):
+        assert len(long[6]["input_ids"]) == len(text_only["input_ids"]) - 2
+
+
+@pytest.mark.skipif(shutil.which("deepspeed", path=os.path.dirname(sys.executable)) is None,
+                    reason="the deepspeed launcher is installed with the package")
+def test_deepspeed_zero3_saves_gathered_weights_that_load(tmp_path):
+    """ZeRO-3 partitions every weight; the saved checkpoint must hold them whole. Starting from a saved
+    checkpoint with a zero learning rate, the weights must come back exactly as they went in."""
+    init = tmp_path / "init"
+    model, processor = tiny_random()
+    model.save_pretrained(init)
+    processor.save_pretrained(init)
+    config = tmp_path / "ivtp_tiny.yaml"  # a folder model brings no aligner: name the tiny one
+    config.write_text(open(CONFIG).read().replace("model: ViT-L-14-336", "model: ivtp-tiny-clip")
+                      .replace("pretrained: openai", "pretrained: null"))
+    launcher = os.path.join(os.path.dirname(sys.executable), "deepspeed")
+    argv = args_for(tmp_path / "out", "--max_steps", "2", "--learning_rate", "0", "--weight_decay", "0",
+                    "--model_name_or_path", str(init))
+    argv[argv.index(CONFIG)] = str(config)
+    cmd = [launcher, "--num_gpus", "1", os.path.join(ROOT, "train", "finetune.py"), "--deepspeed",
+           os.path.join(ROOT, "configs", "deepspeed", "zero3.json"), *argv]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    loaded = load_pruned(str(tmp_path / "out"), aligner=tiny_aligner())
+    assert loaded.ivtp_state.config.llm.keep == 64
+    ref, got = model.state_dict(), loaded.state_dict()
+    assert set(got) == set(ref)
+    for key, value in got.items():
+        assert torch.equal(value, ref[key]), key
+
+
+def test_pretraining_assembles_llava_from_an_llm_and_a_clip_tower(tmp_path):
+    from transformers import CLIPVisionConfig, CLIPVisionModel, LlamaConfig, LlamaForCausalLM
+
+    from test_models import _original_tokenizer
+    from ivtp.training import build_from_parts
+
+    torch.manual_seed(0)
+    llm = LlamaForCausalLM(LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                       num_attention_heads=4, vocab_size=100)).eval()
+    llm.save_pretrained(tmp_path / "llm")
+    _original_tokenizer(tmp_path / "llm")
+    clip = CLIPVisionModel(CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=3,
+                                            num_attention_heads=4, image_size=56, patch_size=14)).eval()
+    clip.save_pretrained(tmp_path / "clip")
+    model, processor = build_from_parts(str(tmp_path / "llm"), str(tmp_path / "clip"))
+    assert processor.tokenizer.convert_tokens_to_ids("<image>") == model.config.image_token_id == 100
+    ids = torch.tensor([[1, 7, 42, 99]])
+    pixels = torch.randn(1, 3, 56, 56)
+    with torch.no_grad():
+        torch.testing.assert_close(model.eval()(input_ids=ids).logits[..., :100], llm(input_ids=ids).logits)
+        torch.testing.assert_close(model.model.vision_tower(pixels).pooler_output, clip(pixels).pooler_output)
