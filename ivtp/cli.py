@@ -20,6 +20,9 @@ def _model_args(p: argparse.ArgumentParser, default_model: str = "tiny-random") 
     p.add_argument("--prune-config", default=None,
                    help="prune config YAML; 'none' runs the unpruned model (default: PruneConfig(), the paper's "
                         "setting, which configs/ivtp_64.yaml spells out)")
+    p.add_argument("--method", default=None,
+                   help="pruning method (ivtp, random, topk, spatial, evit, tome, fastervlm, vispruner, fastv, "
+                        "topk+, tome+), with its defaults unless --prune-config gives its section")
     p.add_argument("--dtype", choices=sorted(DTYPES), default=None)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--attn-implementation", default=None, help="sdpa (default), eager, flash_attention_2")
@@ -28,11 +31,15 @@ def _model_args(p: argparse.ArgumentParser, default_model: str = "tiny-random") 
 
 
 def _load(args):
-    from ivtp import PruneConfig, apply_pruning
+    from ivtp import ConfigError, PruneConfig, apply_pruning
     from ivtp.models import load_model, preset_aligner
 
     # Parse the config before the model loads, so a bad key costs no loading time.
     config = None if args.prune_config == "none" else PruneConfig.load(args.prune_config)
+    if args.method is not None and config is not None:
+        if args.prune_config is not None and config.method != args.method:
+            raise ConfigError(f"--method {args.method} disagrees with method {config.method!r} of {args.prune_config}")
+        config = PruneConfig.for_method(args.method) if args.prune_config is None else config
     model, processor = load_model(args.model, random_weights=args.random_weights,
                                   dtype=DTYPES[args.dtype] if args.dtype else None, device=args.device,
                                   attn_implementation=args.attn_implementation)
@@ -49,13 +56,21 @@ def _step_names(model) -> list[str]:
 def _report(args, model, config, results, extra: dict | None = None) -> None:
     steps = _step_names(model)
     if args.json:
-        aligner = getattr(getattr(model, "ivtp_state", None), "aligner", None)
+        state = getattr(model, "ivtp_state", None)
+        aligner = getattr(state, "aligner", None)
+        n_layers = model.config.text_config.num_hidden_layers
+        per_layer = state.llm_tokens_per_layer(n_layers) if state is not None else None
         payload = {
             "model": args.model,
             "prune_config": None if config is None else config.to_dict(),
             "aligner": None if aligner is None else aligner.name,
             "steps": steps,
             "answers": [r.answer for r in results],
+            # Comparable budgets: visual tokens per image in every LLM layer, their mean (the layer-averaged
+            # equivalent) and the count that reaches the last layer.
+            "llm_visual_tokens_per_layer": per_layer,
+            "equivalent_visual_tokens": None if per_layer is None else round(sum(per_layer) / len(per_layer), 2),
+            "final_visual_tokens": None if per_layer is None else per_layer[-1],
             "visual_tokens": [r.visual_tokens for r in results],
             "samples": [r.to_json() for r in results],
             **(extra or {}),

@@ -20,7 +20,11 @@ from typing import Any, Union
 Budget = Union[int, float]
 
 CONFIG_NAME = "ivtp_config.json"
-METHODS = ("ivtp",)  # the peer methods register here as they land
+# Peer methods that prune before the LLM (in the ViT or on its output), each with a section of its own below.
+VISION_PEERS = ("random", "topk", "spatial", "evit", "tome", "fastervlm", "vispruner")
+# "+" variants (IVTP Table 7): a visual-only method followed by IVTP's in-LLM stage (the `llm` section).
+PLUS_VARIANTS = ("topk+", "tome+")
+METHODS = ("ivtp", *VISION_PEERS, "fastv", *PLUS_VARIANTS)
 # How the attention rows of a group's layers become one score row (IVTP Tables 4-5):
 #   rollout       eq. 3, the residual rollout over the group (the method)
 #   mean/max/multiply  elementwise mean / max / product of each layer's query row
@@ -198,31 +202,126 @@ def check_schedule_counts(counts: list[int], available: int | None, key: str) ->
 
 
 @dataclass
+class KeepSection:
+    """A method whose only knob is how many visual tokens per image reach the LLM."""
+
+    keep: Budget = 64
+
+    def validate(self, prefix: str) -> None:
+        check_budget(self.keep, f"{prefix}.keep")
+
+
+@dataclass
+class RandomSection(KeepSection):
+    seed: int = 0  # the same seed keeps the same patches, run to run
+
+    def validate(self, prefix: str) -> None:
+        super().validate(prefix)
+        _check_int(self.seed, f"{prefix}.seed", 0)
+
+
+@dataclass
+class FastVSection:
+    """FastV (Chen et al. 2024): after LLM layer `layer`, drop the `ratio` of visual tokens the last token attends
+    to least. `keep` (a count or a ratio), when set, replaces `ratio` for budget-matched comparisons."""
+
+    layer: int = 2
+    ratio: float = 0.5
+    keep: Union[Budget, None] = None
+
+    def validate(self, prefix: str) -> None:
+        _check_int(self.layer, f"{prefix}.layer", 0)
+        if isinstance(self.ratio, bool) or not isinstance(self.ratio, (int, float)) or not 0 <= self.ratio < 1:
+            raise ConfigError(f"{prefix}.ratio: the share of visual tokens dropped, in [0, 1), got {self.ratio!r}")
+        if self.keep is not None:
+            check_budget(self.keep, f"{prefix}.keep")
+
+
+@dataclass
+class VisPrunerSection:
+    """VisPruner (Zhang et al., ICCV 2025): `visual_token_num` tokens, `important_ratio` of them by [CLS]
+    attention, the rest the most diverse of the remainder."""
+
+    visual_token_num: Budget = 64
+    important_ratio: float = 0.5
+
+    def validate(self, prefix: str) -> None:
+        check_budget(self.visual_token_num, f"{prefix}.visual_token_num")
+        r = self.important_ratio
+        if isinstance(r, bool) or not isinstance(r, (int, float)) or not 0 < r <= 1:
+            raise ConfigError(f"{prefix}.important_ratio: a share in (0, 1], got {r!r}")
+
+
+@dataclass
 class PruneConfig:
-    """Everything that defines a pruning run. Saved next to the weights as ``ivtp_config.json``."""
+    """Everything that defines a pruning run. Saved next to the weights as ``ivtp_config.json``.
+
+    `method` picks the method; `vision` and `llm` are IVTP's two stages (`llm` also serves the "+" variants);
+    every peer method reads its own section, named after it.
+    """
 
     method: str = "ivtp"
     vision: VisionStage = field(default_factory=VisionStage)
     llm: LLMStage = field(default_factory=LLMStage)
+    random: RandomSection = field(default_factory=RandomSection)
+    topk: KeepSection = field(default_factory=KeepSection)
+    spatial: KeepSection = field(default_factory=KeepSection)
+    evit: KeepSection = field(default_factory=KeepSection)
+    tome: KeepSection = field(default_factory=KeepSection)
+    fastervlm: KeepSection = field(default_factory=KeepSection)
+    vispruner: VisPrunerSection = field(default_factory=VisPrunerSection)
+    fastv: FastVSection = field(default_factory=FastVSection)
 
     def __post_init__(self) -> None:
         self.validate()
 
+    @property
+    def base_method(self) -> str:
+        """The method without its "+": topk+ is topk before the LLM."""
+        return self.method.rstrip("+")
+
+    @property
+    def uses_llm_stage(self) -> bool:
+        """IVTP's in-LLM stage runs for ivtp (when enabled) and the "+" variants."""
+        return (self.method == "ivtp" and self.llm.enabled) or self.method in PLUS_VARIANTS
+
+    def sections(self) -> set[str]:
+        """The config sections this method reads."""
+        if self.method == "ivtp":
+            return {"vision", "llm"}
+        return {self.base_method} | ({"llm"} if self.method in PLUS_VARIANTS else set())
+
     def validate(self) -> None:
         if self.method not in METHODS:
             raise ConfigError(f"method: unknown method {self.method!r}; known methods: {', '.join(METHODS)}")
-        if not isinstance(self.vision, VisionStage) or not isinstance(self.llm, LLMStage):
-            raise ConfigError("vision and llm must be VisionStage and LLMStage (use PruneConfig.from_dict)")
-        self.vision.validate()
-        self.llm.validate()
+        for f in dataclasses.fields(self):
+            if f.name != "method":
+                getattr(self, f.name).validate(f.name)
+        if self.method in PLUS_VARIANTS and not self.llm.enabled:
+            raise ConfigError(f"llm.enabled: {self.method} is {self.base_method} followed by IVTP's in-LLM stage")
+
+    @classmethod
+    def for_method(cls, method: str) -> "PruneConfig":
+        """A method at its paper's defaults, at IVTP's main budget of 64 visual tokens. A "+" variant hands
+        128 tokens to IVTP's in-LLM stage, as IVTP's own stage 1 does, so that stage has something to prune."""
+        if method in PLUS_VARIANTS:
+            return cls.from_dict({"method": method, method.rstrip("+"): {"keep": 2 * LLMStage().keep}})
+        return cls.from_dict({"method": method})
 
     # ---- (de)serialisation -------------------------------------------------------------------------------
     @classmethod
     def from_dict(cls, d: dict | None) -> "PruneConfig":
-        return _build(cls, {} if d is None else d, "")
+        cfg = _build(cls, {} if d is None else d, "")
+        stray = sorted(set(d or {}) - {"method"} - cfg.sections())
+        if stray:
+            raise ConfigError(f"{', '.join(stray)}: not read by method {cfg.method!r}, which reads "
+                              f"{', '.join(sorted(cfg.sections()))}")
+        return cfg
 
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        """The method and the sections it reads (what ivtp_config.json holds)."""
+        full = dataclasses.asdict(self)
+        return {"method": self.method, **{k: full[k] for k in sorted(self.sections())}}
 
     @classmethod
     def from_yaml(cls, path: str | os.PathLike) -> "PruneConfig":

@@ -99,17 +99,25 @@ def test_every_shipped_config_loads_and_applies_to_llava15_geometry(path):
     model, processor = tiny_random(num_hidden_layers=24)
     apply_pruning(model, cfg, aligner=tiny_aligner(), tokenizer=processor.tokenizer)
     state = model.ivtp_state
-    plan = state.vision_plan
-    assert plan.layers_used == 23
-    vision_keep = resolve_budget(cfg.vision.keep, 576, "keep") if cfg.vision.enabled else 576
-    assert plan.keep == vision_keep
-    if cfg.vision.enabled:
-        assert len(plan.groups) == -(-23 // cfg.vision.effective_group_size)
-        assert all(a >= b for a, b in zip([576] + plan.counts, plan.counts))
-    if cfg.llm.enabled:
+    assert state.vision.layers_used == 23 and state.vision.num_patches == 576
+    if cfg.method == "ivtp":
+        plan = state.vision.plan
+        vision_keep = resolve_budget(cfg.vision.keep, 576, "keep") if cfg.vision.enabled else 576
+        assert plan.keep == vision_keep
+        if cfg.vision.enabled:
+            assert len(plan.groups) == -(-23 // cfg.vision.effective_group_size)
+            assert all(a >= b for a, b in zip([576] + plan.counts, plan.counts))
+    else:
+        section = getattr(cfg, cfg.base_method)
+        budget = getattr(section, "visual_token_num", getattr(section, "keep", None))
+        vision_keep = 576 if cfg.method == "fastv" else resolve_budget(budget, 576, "keep")
+        assert state.tokens_per_image == vision_keep
+    if cfg.uses_llm_stage:
         llm = state.llm_plan
         assert llm.counts[-1] == resolve_budget(cfg.llm.keep, vision_keep, "keep")
         assert len(llm.groups) == -(-cfg.llm.layers // cfg.llm.effective_group_size)
         assert llm.groups[-1][1] == cfg.llm.layers - 1
+    elif cfg.method == "fastv":
+        assert state.llm_plan.counts == [resolve_budget(cfg.fastv.keep, 576, "keep")]
     else:
         assert state.llm_plan is None

@@ -58,12 +58,15 @@ class GTPAttention(nn.Module):
 
         # The scores are a decision, not a differentiable path: no graph is kept for them.
         with torch.no_grad():
-            if ivtp_probe["mode"] == "full":  # a lower layer of a rollout group
+            mode = ivtp_probe.get("mode")
+            if mode == "full":  # a lower layer of a rollout group
                 ivtp_probe["attn"] = head_mean_attention(query, key, self.scale)  # (B, N, N)
-            else:  # only the [CLS] query row, plus ||V_i|| for the top layer's scores
+            elif mode == "row":  # only the [CLS] query row, plus ||V_i|| for the top layer's scores
                 row = head_mean_attention(query[:, :, CLS_INDEX : CLS_INDEX + 1], key, self.scale)  # (B, 1, N)
                 ivtp_probe["row"] = row[:, 0]  # (B, N)
                 ivtp_probe["vnorm"] = value_norms(value)  # (B, N)
+            if ivtp_probe.get("keys") is True:  # methods that match tokens by key similarity (ToMe, VisionDrop)
+                ivtp_probe["keys"] = key.float().mean(dim=1)  # (B, N, Dh)
         return out, None
 
 
@@ -161,10 +164,10 @@ class VisionOutput:
 
 
 def prune_vision_tower(vision_tower: nn.Module, pixel_values: torch.Tensor, plan: VisionPlan,
-                       final_cls: bool = False) -> VisionOutput:
+                       want_final_cls: bool = False) -> VisionOutput:
     """Run the CLIP tower with GTP and return the pruned patch features of the feature layer.
 
-    pixel_values: (B, 3, S, S). The layers above the feature layer run only if `final_cls` asks for the last
+    pixel_values: (B, 3, S, S). The layers above the feature layer run only if `want_final_cls` asks for the last
     layer's [CLS], and then the last one for the [CLS] query alone.
     """
     hidden = vision_tower.embeddings(pixel_values)  # (B, 1 + N, D)
@@ -198,11 +201,11 @@ def prune_vision_tower(vision_tower: nn.Module, pixel_values: torch.Tensor, plan
         trace.scores.append(scores)
     trace.kept = origin
     cls_feature = hidden[:, 0]
-    cls_final = _final_cls(vision_tower, hidden, plan.layers_used) if final_cls else None
+    cls_final = final_cls(vision_tower, hidden, plan.layers_used) if want_final_cls else None
     return VisionOutput(hidden[:, 1:], cls_feature, cls_final, trace)
 
 
-def _final_cls(vision_tower: nn.Module, hidden: torch.Tensor, start: int) -> torch.Tensor:
+def final_cls(vision_tower: nn.Module, hidden: torch.Tensor, start: int) -> torch.Tensor:
     """The post-layernormed [CLS] of the last layer, from the (pruned) tokens at layer `start`.
 
     Layers below the last run in full (their outputs feed the next layer's keys); the last runs for the [CLS]

@@ -41,9 +41,23 @@ class LLMPlan:
     counts: list[int]  # visual tokens per image after each group
     tokens_in: int  # visual tokens per image stage 1 hands on
     aggregation: str
+    # "ivtp": the pseudo-CLS row, rolled out, times ||V|| (eqs. 3-4, 8). "fastv": the last token's attention
+    # row at the group's (single) layer, as FastV scores.
+    scorer: str = "ivtp"
 
     def step_names(self) -> list[str]:
-        return [f"llm.layers{lo}-{hi}" if lo != hi else f"llm.layer{lo}" for lo, hi in self.groups]
+        prefix = "llm" if self.scorer == "ivtp" else self.scorer
+        return [f"{prefix}.layers{lo}-{hi}" if lo != hi else f"{prefix}.layer{lo}" for lo, hi in self.groups]
+
+    def tokens_per_layer(self, num_layers: int) -> list[int]:
+        """Visual tokens per image that each decoder layer processes."""
+        out, current = [], self.tokens_in
+        for layer in range(num_layers):
+            out.append(current)
+            for (_, hi), count in zip(self.groups, self.counts):
+                if hi == layer:
+                    current = count
+        return out
 
 
 def make_llm_plan(stage: LLMStage, num_layers: int, tokens_in: int) -> LLMPlan:
@@ -57,6 +71,17 @@ def make_llm_plan(stage: LLMStage, num_layers: int, tokens_in: int) -> LLMPlan:
     return LLMPlan(groups, counts, tokens_in, stage.aggregation)
 
 
+def make_fastv_plan(section, num_layers: int, tokens_in: int) -> LLMPlan:
+    """FastV: one pruning step after decoder layer K, keeping (1 - R) of the visual tokens (or `keep`)."""
+    if section.layer >= num_layers:
+        raise ConfigError(f"fastv.layer: {section.layer} is past the model's last decoder layer ({num_layers - 1})")
+    if section.keep is not None:
+        keep = resolve_budget(section.keep, tokens_in, "fastv.keep")
+    else:
+        keep = max(1, int(round(tokens_in * (1 - section.ratio))))
+    return LLMPlan([(section.layer, section.layer)], [keep], tokens_in, "single_layer", scorer="fastv")
+
+
 @dataclass
 class LLMGuidance:
     """What the LLaVA level hands the decoder for one prefill: where the visual tokens are and what the
@@ -66,6 +91,7 @@ class LLMGuidance:
     images: torch.Tensor  # (B,) int64: images per row
     text_select: torch.Tensor  # (B, L) bool: instruction tokens that form the pseudo-CLS (may be none)
     fallback: torch.Tensor  # (B, D): the pseudo-CLS of rows with no selected token (projected visual [CLS])
+    last_prompt: torch.Tensor | None = None  # (B,) position of each row's last prompt token (FastV's query)
 
 
 @dataclass
@@ -110,14 +136,20 @@ def _probe_scores(attn, probe: dict, query, key, value) -> None:
     """
     rows, idx, ok = probe["rows"], probe["vis_idx"], probe["vis_ok"]
     n_rep = attn.num_key_value_groups
+    neg = torch.finfo(torch.float32).min
 
-    def take(x):  # (B, h, L, Dh) -> (B', h, Nv, Dh)
+    def take(x, index=idx):  # (B, h, L, Dh) -> (B', h, n, Dh)
         x = x[rows]
-        return torch.gather(x, 2, idx[:, None, :, None].expand(-1, x.shape[1], -1, x.shape[-1]))
+        return torch.gather(x, 2, index[:, None, :, None].expand(-1, x.shape[1], -1, x.shape[-1]))
+
+    if "query_slot" in probe:  # FastV: the row's last token queries the visual tokens
+        q = take(query, probe["query_slot"][:, None])  # (B', H, 1, Dh)
+        keys = repeat_kv(take(key), n_rep)  # (B', H, Nv, Dh)
+        probe["row"] = head_mean_attention(q, keys, attn.scaling, torch.where(ok, 0.0, neg)[:, None, None, :])[:, 0]
+        return
 
     keys = repeat_kv(torch.cat([take(key), probe["pcls_k"]], dim=2), n_rep)  # (B', H, Nv + 1, Dh)
     key_ok = torch.cat([ok, ok.new_ones(ok.shape[0], 1)], dim=1)  # (B', Nv + 1)
-    neg = torch.finfo(torch.float32).min
     if probe["mode"] == "full":
         queries = torch.cat([take(query), probe["pcls_q"]], dim=2)  # (B', H, Nv + 1, Dh)
         n = queries.shape[2]
@@ -297,9 +329,13 @@ class _PrefillRun:
         # Visual slots in ascending order; short rows end in entries marked not ok.
         vis_idx = torch.sort((~vis).to(torch.int8), dim=-1, stable=True).indices[:, :width]  # (B', Nv)
         vis_ok = torch.arange(width, device=vis.device)[None] < n_vis[:, None]  # (B', Nv)
-        pcls_q, pcls_k = self._pseudo_cls(layer, hidden, rows, vis_idx, vis_ok)
-        self.last_probe = {"mode": mode, "rows": rows, "vis_idx": vis_idx, "vis_ok": vis_ok,
-                           "pcls_q": pcls_q, "pcls_k": pcls_k}
+        self.last_probe = {"mode": mode, "rows": rows, "vis_idx": vis_idx, "vis_ok": vis_ok}
+        if self.plan.scorer == "fastv":  # the prompt's last token: the slot still holding that position
+            target = self.g.last_prompt[rows][:, None]  # (B', 1)
+            self.last_probe["query_slot"] = (self.slot_pos[rows] == target).float().argmax(-1)  # (B',)
+        else:
+            self.last_probe["pcls_q"], self.last_probe["pcls_k"] = self._pseudo_cls(layer, hidden, rows, vis_idx,
+                                                                                     vis_ok)
         return self.last_probe
 
     def _pseudo_cls(self, layer, hidden, rows, vis_idx, vis_ok):
@@ -332,9 +368,12 @@ class _PrefillRun:
             self.rows_seen.append(probe["row"])
         if idx != hi:
             return hidden
-        row = aggregate_group(self.plan.aggregation, self.lower, self.rows_seen, query_index=-1)  # (B', Nv + 1)
+        if self.plan.scorer == "fastv":
+            scores = self.rows_seen[-1]  # (B', Nv): attention alone, as FastV ranks
+        else:
+            row = aggregate_group(self.plan.aggregation, self.lower, self.rows_seen, query_index=-1)  # (B', Nv + 1)
+            scores = gtp_scores(row, probe["vnorm"], query_index=-1)  # (B', Nv)
         self.lower, self.rows_seen = [], []
-        scores = gtp_scores(row, probe["vnorm"], query_index=-1)  # (B', Nv)
         self.trace.scores.append(scores)
         k = self.plan.counts[g] * self.g.images[self.rows]  # (B',) per-image budget times images in the row
         keep_vis = keep_topk_per_row(scores, k, probe["vis_ok"])  # (B', Nv)

@@ -32,20 +32,15 @@ from ivtp.ops.sequence import (
     placeholder_counts,
     shrink_placeholders,
 )
-from ivtp.patch.clip import (
-    VisionOutput,
-    VisionPlan,
-    make_vision_plan,
-    passthrough_plan,
-    patch_attention,
-    prune_vision_tower,
-)
+from ivtp.methods import VisionRunner, build_vision_runner
+from ivtp.patch.clip import VisionOutput, patch_attention
 from ivtp.patch.llama import (
     SUPPORTED_ATTENTION,
     LLMGuidance,
     LLMPlan,
     LLMTrace,
     PrunedLlamaModel,
+    make_fastv_plan,
     make_llm_plan,
     patch_llama_attention,
 )
@@ -82,7 +77,7 @@ class PruningState:
     num_patches: int
     image_token_id: int
     pad_token_id: int
-    vision_plan: VisionPlan  # a pass-through plan when stage 1 is off
+    vision: VisionRunner  # what runs before the LLM (IVTP's stage 1, a pass-through, or a peer method)
     llm_plan: LLMPlan | None = None
     aligner: Aligner | None = None
     tokenizer: object = None  # the LLM tokenizer, to read instruction tokens as text (guidance 'clip')
@@ -97,11 +92,18 @@ class PruningState:
     @property
     def tokens_per_image(self) -> int:
         """Tokens each image contributes to the LLM input."""
-        return self.vision_plan.keep
+        return self.vision.tokens_per_image
 
     def step_names(self) -> list[str]:
         llm = self.llm_plan.step_names() if self.llm_plan is not None else []
-        return ["input"] + self.vision_plan.step_names() + llm
+        return ["input"] + self.vision.step_names() + llm
+
+    def llm_tokens_per_layer(self, num_layers: int) -> list[int]:
+        """Visual tokens per image in each LLM layer: what a fair comparison of methods that prune at different
+        depths averages over (a method that prunes late pays for the layers before)."""
+        if self.llm_plan is None:
+            return [self.tokens_per_image] * num_layers
+        return self.llm_plan.tokens_per_layer(num_layers)
 
     def row_report(self, row: int, first_image: int, n_images: int) -> dict:
         """What the last prefill did to one row holding images first_image..first_image+n_images-1:
@@ -109,15 +111,15 @@ class PruningState:
         survived both, and the pseudo-CLS guidance."""
         vision = self.last_vision.trace
         counts = list(vision.counts)
-        kept = [vision.kept[first_image + j].tolist() for j in range(n_images)]
+        kept = [vision.kept[first_image + j].tolist() for j in range(n_images)]  # [] for merged tokens
         report = {}
         llm = self.last_llm_trace
         if self.llm_plan is not None and llm is not None:
             counts += [c // n_images for c in llm.counts[row][1:]]
             ordinal = torch.searchsorted(llm.visual_positions[row], llm.kept_positions[row])  # among the row's
-            per_image = vision.kept.shape[1]
+            per_image = self.tokens_per_image
             kept = [[kept[j][i] for i in (ordinal[ordinal // per_image == j] % per_image).tolist()]
-                    for j in range(n_images)]
+                    if kept[j] else [] for j in range(n_images)]
             if row < len(self.last_guidance):
                 report.update(self.last_guidance[row].to_json())
         return {"visual_tokens": counts, "kept_patches": kept, **report}
@@ -161,8 +163,7 @@ class PrunedLlavaModel:
     ):
         _check_feature_args(self.config, vision_feature_layer, vision_feature_select_strategy, image_sizes)
         state = self.ivtp_state
-        out = prune_vision_tower(self.vision_tower, pixel_values, state.vision_plan,
-                                 final_cls=state.aligner is not None)
+        out = state.vision.run(self.vision_tower, pixel_values, want_final_cls=state.aligner is not None)
         state.last_vision = out
         image_features = self.multi_modal_projector(out.features)  # (B, K, D)
         return BaseModelOutputWithPooling(last_hidden_state=out.features, pooler_output=list(image_features))
@@ -217,6 +218,15 @@ class PrunedLlavaForConditionalGeneration:
         vision = state.last_vision
         visual = input_ids == state.image_token_id  # (B, L)
         images = visual.sum(1) // state.tokens_per_image  # (B,)
+        if state.llm_plan.scorer != "ivtp":  # FastV reads no text guidance, only its prompt's last token
+            state.last_guidance = []
+            idx = torch.arange(visual.shape[1], device=visual.device)[None]
+            real = attention_mask.bool() if attention_mask is not None else torch.ones_like(visual)
+            if prompt_len is not None:  # generate without a cache re-runs prompt + answer: the prompt's end
+                real = real & (idx < prompt_len)
+            return LLMGuidance(visual=visual, images=images, text_select=torch.zeros_like(visual),
+                               fallback=torch.zeros(len(images), 1, device=visual.device),
+                               last_prompt=torch.where(real, idx, -1).max(-1).values)
         row_of_image = torch.repeat_interleave(torch.arange(len(images), device=images.device), images)  # (n_img,)
 
         def per_row(x):  # (n_img, D) -> (B, D): the mean over each row's images (zeros for text-only rows)
@@ -332,22 +342,25 @@ def apply_pruning(model: LlavaForConditionalGeneration, config=None, aligner: Al
         )
     patches = num_patches(mc)
     layers = vision_layers(model)
-    plan = (make_vision_plan(cfg.vision, len(layers), mc.vision_feature_layer, patches) if cfg.vision.enabled
-            else passthrough_plan(len(layers), mc.vision_feature_layer, patches))
+    runner = build_vision_runner(cfg, mc.vision_config, mc.vision_feature_layer)
     llm_plan = None
-    if cfg.llm.enabled:
-        lm = language_model(model)
-        llm_plan = make_llm_plan(cfg.llm, len(lm.layers), plan.keep)
+    n_llm_layers = len(language_model(model).layers)
+    if cfg.uses_llm_stage:
+        llm_plan = make_llm_plan(cfg.llm, n_llm_layers, runner.tokens_per_image)
+    elif cfg.method == "fastv":
+        llm_plan = make_fastv_plan(cfg.fastv, n_llm_layers, runner.tokens_per_image)
+    needs_aligner = cfg.uses_llm_stage and cfg.llm.needs_aligner
+    if llm_plan is not None:
         impl = mc.text_config._attn_implementation
         if impl not in SUPPORTED_ATTENTION:
-            raise ConfigError(f"llm.enabled: the in-LLM stage runs with {' or '.join(SUPPORTED_ATTENTION)} "
+            raise ConfigError(f"{cfg.method}: the in-LLM stage runs with {' or '.join(SUPPORTED_ATTENTION)} "
                               f"attention; this model uses {impl!r}")
-        if cfg.llm.needs_aligner:
-            aligner = _checked_aligner(aligner, cfg, mc, tokenizer)
+    if needs_aligner:
+        aligner = _checked_aligner(aligner, cfg, mc, tokenizer)
     for layer in layers:
         patch_attention(layer.self_attn)
-    state = PruningState(cfg, patches, int(mc.image_token_id), pad_token_id(mc), plan, llm_plan,
-                         aligner if cfg.llm.needs_aligner else None, tokenizer)
+    state = PruningState(cfg, patches, int(mc.image_token_id), pad_token_id(mc), runner, llm_plan,
+                         aligner if needs_aligner else None, tokenizer)
     if llm_plan is not None:
         lm = language_model(model)
         for layer in lm.layers:

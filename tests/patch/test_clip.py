@@ -40,7 +40,7 @@ def test_keep_all_features_equal_stock_hidden_state_minus_two():
         for layer in model.encoder.layers:
             patch_attention(layer.self_attn)
         plan = make_vision_plan(VisionStage(keep=1.0), 7, -2, 49)
-        out = prune_vision_tower(model, pixels, plan, final_cls=True)
+        out = prune_vision_tower(model, pixels, plan, want_final_cls=True)
         pooled = model(pixels).pooler_output  # post_layernorm([CLS] of the last layer)
     torch.testing.assert_close(out.features, ref, rtol=0, atol=1e-6)
     assert out.trace.counts == [49, 49, 49]

@@ -1,0 +1,53 @@
+"""The runner interface, and the tower walk every method before the LLM shares."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ivtp.config import ConfigError
+from ivtp.patch.clip import CLS_INDEX, VisionOutput, VisionTrace, final_cls
+
+
+class VisionRunner:
+    """Turns pixel values into the visual tokens each image hands the LLM."""
+
+    num_patches: int
+    tokens_per_image: int
+    layers_used: int
+
+    def step_names(self) -> list[str]:
+        return []
+
+    def run(self, tower: nn.Module, pixel_values: torch.Tensor, want_final_cls: bool) -> VisionOutput:
+        raise NotImplementedError
+
+
+def layers_used(num_layers: int, feature_layer: int) -> int:
+    used = feature_layer if feature_layer >= 0 else num_layers + 1 + feature_layer
+    if not 0 <= used <= num_layers:
+        raise ConfigError(f"vision_feature_layer {feature_layer} does not exist in a {num_layers}-layer tower")
+    return used
+
+
+def encode(tower: nn.Module, pixel_values: torch.Tensor, used: int, probe_last: bool = True):
+    """Run the feature layers unpruned. Returns the feature layer's tokens (B, 1 + N, D) and, from its last layer,
+    the head-mean [CLS] attention row (B, 1 + N), ||V|| (B, 1 + N) and the head-mean keys (B, 1 + N, Dh)."""
+    hidden = tower.pre_layrnorm(tower.embeddings(pixel_values))  # (B, 1 + N, D)
+    probe: dict = {}
+    for idx, layer in enumerate(tower.encoder.layers[:used]):
+        last = probe_last and idx == used - 1
+        probe = {"mode": "row", "keys": True} if last else None
+        hidden = layer(hidden, None, ivtp_probe=probe)
+    return hidden, probe or {}
+
+
+def output(tower, hidden, kept, counts, want_final_cls, used) -> VisionOutput:
+    """Package a runner's result. hidden: (B, 1 + K, D) with [CLS] first; kept: (B, K) original patch indices of
+    the tokens (or None when tokens are merges rather than patches)."""
+    batch, k = hidden.shape[0], hidden.shape[1] - 1
+    if kept is None:  # merged tokens: report no patch as kept verbatim
+        kept = torch.empty(batch, 0, dtype=torch.long, device=hidden.device)
+    trace = VisionTrace(counts=counts, kept=kept)
+    cls = final_cls(tower, hidden, used) if want_final_cls else None
+    return VisionOutput(hidden[:, 1:], hidden[:, CLS_INDEX], cls, trace)

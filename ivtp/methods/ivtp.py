@@ -1,0 +1,30 @@
+"""IVTP's stage 1 as a runner: GTP inside the CLIP tower (ivtp/patch/clip.py). Stage 2 lives in the LLM."""
+
+from __future__ import annotations
+
+from ivtp.methods import register
+from ivtp.methods.base import VisionRunner
+from ivtp.patch.clip import VisionPlan, make_vision_plan, passthrough_plan, prune_vision_tower
+
+
+class GTPRunner(VisionRunner):
+    def __init__(self, plan: VisionPlan):
+        self.plan = plan
+        self.num_patches = plan.num_patches
+        self.tokens_per_image = plan.keep
+        self.layers_used = plan.layers_used
+
+    def step_names(self) -> list[str]:
+        return self.plan.step_names()
+
+    def run(self, tower, pixel_values, want_final_cls):
+        return prune_vision_tower(tower, pixel_values, self.plan, want_final_cls)
+
+
+@register("ivtp")
+def build(config, tower_config, feature_layer: int) -> GTPRunner:
+    patches = (tower_config.image_size // tower_config.patch_size) ** 2
+    layers = tower_config.num_hidden_layers
+    if config.vision.enabled:
+        return GTPRunner(make_vision_plan(config.vision, layers, feature_layer, patches))
+    return GTPRunner(passthrough_plan(layers, feature_layer, patches))

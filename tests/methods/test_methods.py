@@ -1,0 +1,134 @@
+"""Every method behind apply_pruning, on the real transformers LLaVA (tiny random configs)."""
+
+import pytest
+import torch
+
+from conftest import prompt
+from ivtp import ConfigError, PruneConfig, apply_pruning
+from ivtp.config import METHODS
+from ivtp.models import tiny_aligner
+
+N = 64  # patches of the 112 px test model (8 x 8), 7 feature layers
+
+
+def pruned(small_llava, config):
+    model, processor = small_llava()
+    apply_pruning(model, config, aligner=tiny_aligner(), tokenizer=processor.tokenizer)
+    return model, processor
+
+
+def batch_of(processor, images, questions):
+    processor.tokenizer.padding_side = "left"
+    texts = [prompt(q, image=img is not None) for q, img in zip(questions, images)]
+    present = [img for img in images if img is not None]
+    return processor(images=present or None, text=texts, padding=True, return_tensors="pt")
+
+
+# Each method's config at 16 visual tokens per image (a quarter of the 64 patches).
+AT_16 = {
+    "ivtp": {"vision": {"keep": 32}, "llm": {"keep": 16, "layers": 6}},
+    "random": {"random": {"keep": 16}}, "topk": {"topk": {"keep": 16}}, "spatial": {"spatial": {"keep": 16}},
+    "evit": {"evit": {"keep": 16}}, "tome": {"tome": {"keep": 16}}, "fastervlm": {"fastervlm": {"keep": 16}},
+    "vispruner": {"vispruner": {"visual_token_num": 16}}, "fastv": {"fastv": {"keep": 16}},
+    "topk+": {"topk": {"keep": 32}, "llm": {"keep": 16, "layers": 6}},
+    "tome+": {"tome": {"keep": 32}, "llm": {"keep": 16, "layers": 6}},
+}
+KEEP_ALL = {  # the methods that can express keep-all, and how
+    "random": {"random": {"keep": 1.0}}, "topk": {"topk": {"keep": 1.0}}, "spatial": {"spatial": {"keep": N}},
+    "tome": {"tome": {"keep": 1.0}}, "fastervlm": {"fastervlm": {"keep": 1.0}},
+    "vispruner": {"vispruner": {"visual_token_num": 1.0}}, "fastv": {"fastv": {"ratio": 0.0}},
+    "topk+": {"topk": {"keep": 1.0}, "llm": {"keep": 1.0, "layers": 6}},
+    "tome+": {"tome": {"keep": 1.0}, "llm": {"keep": 1.0, "layers": 6}},
+}
+
+
+def test_every_method_is_covered():
+    assert set(AT_16) == set(METHODS)
+
+
+@pytest.mark.parametrize("method", sorted(KEEP_ALL))
+def test_keep_all_equals_the_stock_model(small_llava, images, method):
+    stock, processor = small_llava()
+    model, _ = pruned(small_llava, {"method": method, **KEEP_ALL[method]})
+    batch = batch_of(processor, images(2) + [None], ["What colour is it?", "Where is the square?", "Hi"])
+    with torch.no_grad():
+        ref, out = stock(**batch).logits, model(**batch).logits
+    real = batch["attention_mask"].bool()
+    torch.testing.assert_close(out[real], ref[real], rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("method", sorted(AT_16))
+def test_every_method_hands_the_llm_its_budget(small_llava, images, method):
+    model, processor = pruned(small_llava, {"method": method, **AT_16[method]})
+    batch = batch_of(processor, images(2), ["What colour is it?", "Where is the square?"])
+    with torch.no_grad():
+        out = model(**batch)
+    state = model.ivtp_state
+    per_layer = state.llm_tokens_per_layer(16)
+    assert per_layer[-1] == 16  # what reaches the last LLM layer
+    trace = state.last_vision.trace
+    if state.llm_plan is None:
+        assert out.logits.shape[1] == batch["input_ids"].shape[1] - (N - 16)
+    kept = trace.kept
+    assert torch.equal(kept, kept.sort(-1).values)  # patches stay in spatial order
+    if method in ("random", "topk", "fastervlm", "vispruner"):
+        assert kept.shape == (2, 16)
+    for r in range(2):
+        report = state.row_report(r, r, 1)
+        assert report["visual_tokens"][0] == N and report["visual_tokens"][-1] == 16
+
+
+@pytest.mark.parametrize("method", ["fastv", "topk+", "tome+"])
+def test_in_llm_methods_decode_exactly_with_the_cache(small_llava, images, method):
+    model, processor = pruned(small_llava, {"method": method, **AT_16[method]})
+    batch = batch_of(processor, images(2) + [None], ["What colour is it?", "Is there a big red square?", "Hi"])
+    kwargs = dict(max_new_tokens=6, do_sample=False, return_dict_in_generate=True, output_logits=True)
+    with torch.no_grad():
+        cached = model.generate(**batch, **kwargs)
+        uncached = model.generate(**batch, use_cache=False, **kwargs)
+    assert torch.equal(cached.sequences, uncached.sequences)
+    for a, b in zip(cached.logits, uncached.logits):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+
+
+def test_fastv_scores_the_last_tokens_attention_at_layer_k(small_llava, images):
+    """FastV keeps the visual tokens that the last prompt token attends to most at layer K (eager reference)."""
+    model, processor = pruned(small_llava, {"method": "fastv", "fastv": {"layer": 2, "keep": 16}})
+    stock, _ = small_llava()
+    stock.set_attn_implementation("eager")
+    batch = batch_of(processor, images(1), ["What colour is it?"])
+    with torch.no_grad():
+        model(**batch)
+        attn = stock(**batch, output_attentions=True).attentions[2][0].mean(0)  # (L, L) layer 2, head mean
+    visual = torch.nonzero(batch["input_ids"][0] == stock.config.image_token_id).flatten()
+    row = attn[-1, visual]
+    row = row / row.sum()  # FastV ranks; the probe's row is renormalised over the visual keys
+    expected = visual[row.topk(16).indices.sort().values]
+    assert torch.equal(model.ivtp_state.last_llm_trace.kept_positions[0], expected)
+
+
+def test_cli_method_defaults_and_budget_report(capsys):
+    import json
+
+    from ivtp.cli import main
+
+    assert PruneConfig.for_method("topk+").topk.keep == 128  # the "+" variant hands IVTP's stage 2 128 tokens
+    assert main(["generate", "--method", "fastv", "--image", "data/fixtures/images/scene0.png", "--prompt",
+                 "What colour?", "--max-new-tokens", "2", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["visual_tokens"] == [[576, 288]]  # FastV's default: drop half after layer 2
+    assert out["llm_visual_tokens_per_layer"][:4] == [576, 576, 576, 288]
+    assert out["equivalent_visual_tokens"] == pytest.approx((3 * 576 + 13 * 288) / 16)
+    assert out["final_visual_tokens"] == 288
+
+
+def test_impossible_budgets_and_knobs_name_the_method(small_llava):
+    model, processor = small_llava()
+    for config, match in [({"method": "fastv", "fastv": {"layer": 16}}, "fastv.layer"),
+                          ({"method": "topk", "topk": {"keep": 65}}, "topk.keep"),
+                          ({"method": "evit", "evit": {"keep": 1}}, "evit.keep"),
+                          ({"method": "vispruner", "vispruner": {"important_ratio": 0.0}}, "vispruner.important_ratio"),
+                          ({"method": "topk+", "topk": {"keep": 16}, "llm": {"keep": 32, "layers": 6}}, "llm.keep")]:
+        with pytest.raises(ConfigError, match=match):
+            apply_pruning(model, config, aligner=tiny_aligner(), tokenizer=processor.tokenizer)
+    assert not hasattr(model, "ivtp_state")
