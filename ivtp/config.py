@@ -24,7 +24,7 @@ CONFIG_NAME = "ivtp_config.json"
 VISION_PEERS = ("random", "topk", "spatial", "evit", "tome", "fastervlm", "vispruner")
 # "+" variants (IVTP Table 7): a visual-only method followed by IVTP's in-LLM stage (the `llm` section).
 PLUS_VARIANTS = ("topk+", "tome+")
-METHODS = ("ivtp", *VISION_PEERS, "fastv", *PLUS_VARIANTS)
+METHODS = ("ivtp", *VISION_PEERS, "fastv", "visiondrop", *PLUS_VARIANTS)
 # How the attention rows of a group's layers become one score row (IVTP Tables 4-5):
 #   rollout       eq. 3, the residual rollout over the group (the method)
 #   mean/max/multiply  elementwise mean / max / product of each layer's query row
@@ -253,6 +253,35 @@ class VisPrunerSection:
 
 
 @dataclass
+class VisionDropSection:
+    """VisionDrop (Xu et al.): at CLIP layer -2, `dominant` tokens by [CLS] attention plus `contextual` tokens
+    merged from the rest by key similarity; then, at the input of each LLM layer in `llm`, the same with
+    visual-to-visual attention: [layer, dominant, contextual] per stage (48 -> 35 -> 26 -> 19 by default)."""
+
+    dominant: int = 42
+    contextual: int = 6
+    llm: list = field(default_factory=lambda: [[8, 30, 5], [16, 22, 4], [24, 16, 3]])
+
+    def validate(self, prefix: str) -> None:
+        _check_int(self.dominant, f"{prefix}.dominant", 0)
+        _check_int(self.contextual, f"{prefix}.contextual", 0)
+        if self.dominant + self.contextual < 1:
+            raise ConfigError(f"{prefix}: dominant + contextual must be at least 1")
+        if not isinstance(self.llm, (list, tuple)):
+            raise ConfigError(f"{prefix}.llm: a list of [layer, dominant, contextual], got {self.llm!r}")
+        prev_layer, prev_total = 0, self.dominant + self.contextual
+        for i, stage in enumerate(self.llm):
+            key = f"{prefix}.llm[{i}]"
+            if not isinstance(stage, (list, tuple)) or len(stage) != 3:
+                raise ConfigError(f"{key}: expected [layer, dominant, contextual], got {stage!r}")
+            layer, dom, ctx = (_check_int(v, key, 0) for v in stage)
+            if layer <= prev_layer or dom + ctx < 1 or dom + ctx > prev_total:
+                raise ConfigError(f"{key}: layers must increase (after {prev_layer}) and the token count "
+                                  f"({dom} + {ctx}) must be in [1, {prev_total}]")
+            prev_layer, prev_total = layer, dom + ctx
+
+
+@dataclass
 class PruneConfig:
     """Everything that defines a pruning run. Saved next to the weights as ``ivtp_config.json``.
 
@@ -271,6 +300,7 @@ class PruneConfig:
     fastervlm: KeepSection = field(default_factory=KeepSection)
     vispruner: VisPrunerSection = field(default_factory=VisPrunerSection)
     fastv: FastVSection = field(default_factory=FastVSection)
+    visiondrop: VisionDropSection = field(default_factory=VisionDropSection)
 
     def __post_init__(self) -> None:
         self.validate()

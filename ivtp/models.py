@@ -3,7 +3,7 @@ architectures for work that needs no weights (FLOPs, latency, tests).
 
 Presets:
 - ``tiny-random``: LLaVA-1.5's token geometry (336 px, patch 14, 576 patches, feature layer -2) with a narrow
-  8-layer CLIP tower and a narrow 16-layer Llama; seconds on a CPU. Deterministic (seeded).
+  8-layer CLIP tower and a narrow 32-layer Llama (as deep as Vicuna-7B); seconds on a CPU. Deterministic (seeded).
 - ``llava-1.5-7b`` / ``llava-1.5-13b``: the llava-hf checkpoints; with ``random_weights=True`` the same
   architectures with random weights, built directly on the target device.
 """
@@ -48,7 +48,7 @@ PRESETS = {
         hub_id=None,
         vision=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=8, num_attention_heads=4,
                     image_size=336, patch_size=14, projection_dim=32, hidden_act="quick_gelu"),
-        text=dict(hidden_size=64, intermediate_size=128, num_hidden_layers=16, num_attention_heads=4,
+        text=dict(hidden_size=64, intermediate_size=128, num_hidden_layers=32, num_attention_heads=4,
                   num_key_value_heads=4, max_position_embeddings=2048, rms_norm_eps=1e-5),
     ),
     "llava-1.5-7b": Preset(

@@ -91,7 +91,7 @@ def test_resolve_budget():
 @pytest.mark.parametrize("path", CONFIGS, ids=[os.path.relpath(p, ROOT) for p in CONFIGS])
 def test_every_shipped_config_loads_and_applies_to_llava15_geometry(path):
     """Every YAML validates, and applies to a model with LLaVA-1.5's depth and token geometry (24 ViT layers,
-    feature layer -2, 336 px / 14 = 576 patches; 16 LLM layers), resolving to schedules that end at its keeps."""
+    feature layer -2, 336 px / 14 = 576 patches; 32 LLM layers), resolving to schedules that end at its keeps."""
     from ivtp import apply_pruning
     from ivtp.models import tiny_aligner, tiny_random
 

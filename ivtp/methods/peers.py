@@ -9,6 +9,8 @@ All read LLaVA's feature layer (-2); their tensor algorithms are in ivtp/ops/pee
 - tome:      bipartite soft matching on keys at every feature layer, size-weighted merges, proportional attention.
 - fastervlm: top-keep by [CLS] attention at the feature layer.
 - vispruner: important tokens by [CLS] attention plus diverse tokens by iterative duplicate removal.
+- visiondrop (encoder stage): dominant tokens by [CLS] attention plus contextual merges by key similarity; its
+             LLM stages run in ivtp/patch/llama.py.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from ivtp.ops.peers import (
     random_keep,
     spatial_pool,
     topk_cosine_to_cls,
+    visiondrop_encoder,
     vispruner_select,
 )
 
@@ -164,7 +167,33 @@ class ToMeRunner(PeerRunner):
         return output(tower, hidden, None, counts, want_final_cls, self.layers_used)
 
 
-for _runner in (RandomRunner, TopKRunner, FasterVLMRunner, VisPrunerRunner, SpatialRunner, EViTRunner, ToMeRunner):
+class VisionDropRunner(PeerRunner):
+    """VisionDrop's encoder stage (VisionZip-style) at layer -2: `dominant` tokens by [CLS] attention, then
+    `contextual` tokens merged from the rest by key similarity; the LLM sees the dominant ones in spatial order,
+    then the contextual ones."""
+
+    name = "visiondrop"
+
+    def __init__(self, section, tower_config, feature_layer):
+        self.section = section
+        self.num_patches = (tower_config.image_size // tower_config.patch_size) ** 2
+        self.layers_used = layers_used(tower_config.num_hidden_layers, feature_layer)
+        self.tokens_per_image = section.dominant + section.contextual
+        if self.tokens_per_image > self.num_patches:
+            raise ConfigError(f"visiondrop: dominant + contextual ({self.tokens_per_image}) is more than the "
+                              f"{self.num_patches} patches")
+
+    def run(self, tower, pixel_values, want_final_cls):
+        hidden, probe = encode(tower, pixel_values, self.layers_used)
+        res = visiondrop_encoder(probe["row"][:, 1:], probe["keys"][:, 1:], hidden[:, 1:],
+                                 self.section.dominant, self.section.contextual)
+        out = torch.cat([hidden[:, :1], res.tokens], dim=1)  # (B, 1 + d + c, D)
+        return output(tower, out, res.dominant, [self.num_patches, self.tokens_per_image], want_final_cls,
+                      self.layers_used)
+
+
+for _runner in (RandomRunner, TopKRunner, FasterVLMRunner, VisPrunerRunner, SpatialRunner, EViTRunner, ToMeRunner,
+                VisionDropRunner):
     register(_runner.name)(lambda config, tower_config, feature_layer, cls=_runner:
                            cls(getattr(config, cls.name), tower_config, feature_layer))
 

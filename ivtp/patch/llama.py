@@ -42,8 +42,10 @@ class LLMPlan:
     tokens_in: int  # visual tokens per image stage 1 hands on
     aggregation: str
     # "ivtp": the pseudo-CLS row, rolled out, times ||V|| (eqs. 3-4, 8). "fastv": the last token's attention
-    # row at the group's (single) layer, as FastV scores.
+    # row at the group's (single) layer, as FastV scores. "visiondrop": visual-to-visual attention of the next
+    # layer, dominant tokens kept and the rest merged into contextual ones (`splits`: (dominant, contextual)).
     scorer: str = "ivtp"
+    splits: list[tuple[int, int]] = field(default_factory=list)
 
     def step_names(self) -> list[str]:
         prefix = "llm" if self.scorer == "ivtp" else self.scorer
@@ -80,6 +82,16 @@ def make_fastv_plan(section, num_layers: int, tokens_in: int) -> LLMPlan:
     else:
         keep = max(1, int(round(tokens_in * (1 - section.ratio))))
     return LLMPlan([(section.layer, section.layer)], [keep], tokens_in, "single_layer", scorer="fastv")
+
+
+def make_visiondrop_plan(section, num_layers: int, tokens_in: int) -> LLMPlan:
+    """VisionDrop's LLM stages: stage [L, d, c] prunes the input of layer L, i.e. after layer L - 1."""
+    for layer, _, _ in section.llm:
+        if layer >= num_layers:
+            raise ConfigError(f"visiondrop.llm: layer {layer} is past the model's last decoder layer ({num_layers - 1})")
+    groups = [(layer - 1, layer - 1) for layer, _, _ in section.llm]
+    return LLMPlan(groups, [d + c for _, d, c in section.llm], tokens_in, "single_layer", scorer="visiondrop",
+                   splits=[(d, c) for _, d, c in section.llm])
 
 
 @dataclass
@@ -316,7 +328,7 @@ class _PrefillRun:
     def probe(self, idx: int, layer, hidden) -> dict | None:
         self.last_probe = None
         found = self._group_of(idx)
-        if found is None:
+        if found is None or self.plan.scorer == "visiondrop":  # VisionDrop scores with the next layer
             return None
         _, lo, hi = found
         mode = probe_modes(self.plan.aggregation, hi - lo + 1)[idx - lo]
@@ -358,6 +370,8 @@ class _PrefillRun:
     # -- pruning ---------------------------------------------------------------------------------------------
     def after_layer(self, idx: int, hidden):
         found = self._group_of(idx)
+        if found is not None and self.plan.scorer == "visiondrop":
+            return self._visiondrop(found[0], idx, hidden)
         probe = self.last_probe
         if found is None or probe is None:
             return hidden
@@ -379,12 +393,49 @@ class _PrefillRun:
         keep_vis = keep_topk_per_row(scores, k, probe["vis_ok"])  # (B', Nv)
         return self._drop(hidden, probe, keep_vis, idx)
 
+    def _visiondrop(self, g: int, idx: int, hidden):
+        """One VisionDrop LLM stage at the input of layer idx + 1: score the visual tokens with that layer's own
+        q/k (head mean, then query mean, causal), keep the dominant ones, merge the rest into contextual tokens
+        that take their targets' slots."""
+        from ivtp.ops.peers import visiondrop_llm_scores, visiondrop_merge
+
+        layer = self.model.layers[idx + 1]
+        attn = layer.self_attn
+        dominant, contextual = self.plan.splits[g]
+        keep_slots = torch.zeros_like(self.slot_visual)
+        hidden = hidden.clone()
+        for r in self.rows.tolist():  # rows differ in visual counts; B is small
+            vis = torch.nonzero(self.slot_visual[r]).flatten()  # (Nv,) slots, ascending
+            prefix = torch.nonzero(self.slot_ok[r] & (self.slot_pos[r] < self.slot_pos[r, vis[0]])).flatten()
+            x = layer.input_layernorm(hidden[r, torch.cat([prefix, vis])][None])  # (1, P + Nv, D)
+            q = attn.q_proj(x).view(1, x.shape[1], -1, attn.head_dim).transpose(1, 2)  # (1, H, P + Nv, Dh)
+            k = attn.k_proj(x).view(1, x.shape[1], -1, attn.head_dim).transpose(1, 2)  # (1, Hkv, P + Nv, Dh)
+            pos = self.full_position_ids[r, self.slot_pos[r, torch.cat([prefix, vis])]][None]
+            q, k = apply_rotary_pos_emb(q, k, *self.model.rotary_emb(x, position_ids=pos))
+            p = len(prefix)
+            with torch.no_grad():
+                scores = visiondrop_llm_scores(q[:, :, p:], k[:, :, p:], attn.scaling, prefix_k=k[:, :, :p])
+            n_img = int(self.g.images[r])
+            res = visiondrop_merge(scores, k[:, :, p:].float().mean(1), hidden[r, vis][None],
+                                   dominant * n_img, contextual * n_img)
+            keep_slots[r, vis[res.dominant[0]]] = True
+            targets = vis[res.targets[0]]
+            keep_slots[r, targets] = True
+            hidden[r, targets] = res.tokens[0, dominant * n_img :]  # contextual tokens sit at their targets
+        keep = self.slot_real & ~self.slot_visual | keep_slots
+        return self._drop_slots(hidden, keep, idx)
+
     def _drop(self, hidden, probe, keep_vis, idx):
-        b, s, d = hidden.shape
+        s = hidden.shape[1]
         keep = self.slot_real & ~self.slot_visual  # (B, S): every text and padding token stays
         vis_keep = torch.zeros(len(self.rows), s, dtype=torch.bool, device=hidden.device)
         vis_keep.scatter_(1, probe["vis_idx"], keep_vis & probe["vis_ok"])
         keep[self.rows] |= vis_keep
+        return self._drop_slots(hidden, keep, idx)
+
+    def _drop_slots(self, hidden, keep, idx):
+        """Keep the slots in `keep` (B, S); the others leave the sequence here."""
+        b, s, d = hidden.shape
         # Dropped tokens exit here with their current hidden state; fillers write to the sink at position L.
         if self.exit_hidden is None:
             self.exit_hidden = hidden.new_zeros(b, self.length + 1, d)

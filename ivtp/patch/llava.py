@@ -42,6 +42,7 @@ from ivtp.patch.llama import (
     PrunedLlamaModel,
     make_fastv_plan,
     make_llm_plan,
+    make_visiondrop_plan,
     patch_llama_attention,
 )
 
@@ -118,8 +119,9 @@ class PruningState:
             counts += [c // n_images for c in llm.counts[row][1:]]
             ordinal = torch.searchsorted(llm.visual_positions[row], llm.kept_positions[row])  # among the row's
             per_image = self.tokens_per_image
+            # Patches map through only when every token the LLM got was one patch (not for merged tokens).
             kept = [[kept[j][i] for i in (ordinal[ordinal // per_image == j] % per_image).tolist()]
-                    if kept[j] else [] for j in range(n_images)]
+                    if len(kept[j]) == per_image else kept[j] for j in range(n_images)]
             if row < len(self.last_guidance):
                 report.update(self.last_guidance[row].to_json())
         return {"visual_tokens": counts, "kept_patches": kept, **report}
@@ -349,6 +351,8 @@ def apply_pruning(model: LlavaForConditionalGeneration, config=None, aligner: Al
         llm_plan = make_llm_plan(cfg.llm, n_llm_layers, runner.tokens_per_image)
     elif cfg.method == "fastv":
         llm_plan = make_fastv_plan(cfg.fastv, n_llm_layers, runner.tokens_per_image)
+    elif cfg.method == "visiondrop" and cfg.visiondrop.llm:
+        llm_plan = make_visiondrop_plan(cfg.visiondrop, n_llm_layers, runner.tokens_per_image)
     needs_aligner = cfg.uses_llm_stage and cfg.llm.needs_aligner
     if llm_plan is not None:
         impl = mc.text_config._attn_implementation

@@ -30,6 +30,7 @@ AT_16 = {
     "random": {"random": {"keep": 16}}, "topk": {"topk": {"keep": 16}}, "spatial": {"spatial": {"keep": 16}},
     "evit": {"evit": {"keep": 16}}, "tome": {"tome": {"keep": 16}}, "fastervlm": {"fastervlm": {"keep": 16}},
     "vispruner": {"vispruner": {"visual_token_num": 16}}, "fastv": {"fastv": {"keep": 16}},
+    "visiondrop": {"visiondrop": {"dominant": 24, "contextual": 8, "llm": [[2, 16, 4], [4, 12, 4]]}},
     "topk+": {"topk": {"keep": 32}, "llm": {"keep": 16, "layers": 6}},
     "tome+": {"tome": {"keep": 32}, "llm": {"keep": 16, "layers": 6}},
 }
@@ -37,6 +38,7 @@ KEEP_ALL = {  # the methods that can express keep-all, and how
     "random": {"random": {"keep": 1.0}}, "topk": {"topk": {"keep": 1.0}}, "spatial": {"spatial": {"keep": N}},
     "tome": {"tome": {"keep": 1.0}}, "fastervlm": {"fastervlm": {"keep": 1.0}},
     "vispruner": {"vispruner": {"visual_token_num": 1.0}}, "fastv": {"fastv": {"ratio": 0.0}},
+    "visiondrop": {"visiondrop": {"dominant": N, "contextual": 0, "llm": [[2, N, 0]]}},
     "topk+": {"topk": {"keep": 1.0}, "llm": {"keep": 1.0, "layers": 6}},
     "tome+": {"tome": {"keep": 1.0}, "llm": {"keep": 1.0, "layers": 6}},
 }
@@ -78,7 +80,7 @@ def test_every_method_hands_the_llm_its_budget(small_llava, images, method):
         assert report["visual_tokens"][0] == N and report["visual_tokens"][-1] == 16
 
 
-@pytest.mark.parametrize("method", ["fastv", "topk+", "tome+"])
+@pytest.mark.parametrize("method", ["fastv", "visiondrop", "topk+", "tome+"])
 def test_in_llm_methods_decode_exactly_with_the_cache(small_llava, images, method):
     model, processor = pruned(small_llava, {"method": method, **AT_16[method]})
     batch = batch_of(processor, images(2) + [None], ["What colour is it?", "Is there a big red square?", "Hi"])
@@ -118,13 +120,15 @@ def test_cli_method_defaults_and_budget_report(capsys):
     out = json.loads(capsys.readouterr().out)
     assert out["visual_tokens"] == [[576, 288]]  # FastV's default: drop half after layer 2
     assert out["llm_visual_tokens_per_layer"][:4] == [576, 576, 576, 288]
-    assert out["equivalent_visual_tokens"] == pytest.approx((3 * 576 + 13 * 288) / 16)
+    assert out["equivalent_visual_tokens"] == pytest.approx((3 * 576 + 29 * 288) / 32)
     assert out["final_visual_tokens"] == 288
 
 
 def test_impossible_budgets_and_knobs_name_the_method(small_llava):
     model, processor = small_llava()
-    for config, match in [({"method": "fastv", "fastv": {"layer": 16}}, "fastv.layer"),
+    for config, match in [({"method": "fastv", "fastv": {"layer": 32}}, "fastv.layer"),
+                          ({"method": "visiondrop", "visiondrop": {"llm": [[32, 10, 2]]}}, "visiondrop.llm"),
+                          ({"method": "visiondrop", "visiondrop": {"dominant": 60, "contextual": 6}}, "visiondrop"),
                           ({"method": "topk", "topk": {"keep": 65}}, "topk.keep"),
                           ({"method": "evit", "evit": {"keep": 1}}, "evit.keep"),
                           ({"method": "vispruner", "vispruner": {"important_ratio": 0.0}}, "vispruner.important_ratio"),
@@ -132,3 +136,14 @@ def test_impossible_budgets_and_knobs_name_the_method(small_llava):
         with pytest.raises(ConfigError, match=match):
             apply_pruning(model, config, aligner=tiny_aligner(), tokenizer=processor.tokenizer)
     assert not hasattr(model, "ivtp_state")
+
+
+def test_visiondrop_stages_follow_its_schedule_at_the_defaults(small_llava, images):
+    """48 -> 35 -> 26 -> 19 at VisionDrop's defaults, the LLM stages at the inputs of layers 8, 16 and 24."""
+    model, processor = pruned(small_llava, {"method": "visiondrop", "visiondrop": {"dominant": 42, "contextual": 6}})
+    batch = batch_of(processor, images(1), ["What colour is it?"])
+    with torch.no_grad():
+        model(**batch)
+    assert model.ivtp_state.row_report(0, 0, 1)["visual_tokens"] == [N, 48, 35, 26, 19]
+    per_layer = model.ivtp_state.llm_tokens_per_layer(32)
+    assert per_layer[7:9] == [48, 35] and per_layer[15:17] == [35, 26] and per_layer[23:25] == [26, 19]

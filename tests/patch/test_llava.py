@@ -150,8 +150,8 @@ def test_impossible_configs_fail_at_apply_or_load(small_llava):
         apply_pruning(model, {"method": "magic"})
     with pytest.raises(ConfigError, match="llm.keep.*larger than the 16"):
         apply_pruning(model, {"vision": {"keep": 16}, "llm": {"keep": 17, "layers": 4}})
-    with pytest.raises(ConfigError, match="llm.layers: 20 is deeper than the model's 16"):
-        apply_pruning(model, {"vision": {"keep": 16}, "llm": {"keep": 8, "layers": 20}})
+    with pytest.raises(ConfigError, match="llm.layers: 40 is deeper than the model's 32"):
+        apply_pruning(model, {"vision": {"keep": 16}, "llm": {"keep": 8, "layers": 40}})
     assert not hasattr(model, "ivtp_state")  # nothing was half-applied
 
 

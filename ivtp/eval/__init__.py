@@ -1,0 +1,1 @@
+"""Evaluation helpers: benchmark runners, metrics, FLOPs accounting and latency measurement."""
