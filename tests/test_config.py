@@ -109,8 +109,11 @@ def test_every_shipped_config_loads_and_applies_to_llava15_geometry(path):
             assert all(a >= b for a, b in zip([576] + plan.counts, plan.counts))
     else:
         section = getattr(cfg, cfg.base_method)
-        budget = getattr(section, "visual_token_num", getattr(section, "keep", None))
-        vision_keep = 576 if cfg.method == "fastv" else resolve_budget(budget, 576, "keep")
+        if cfg.method == "visiondrop":
+            vision_keep = section.dominant + section.contextual
+        else:
+            budget = getattr(section, "visual_token_num", getattr(section, "keep", None))
+            vision_keep = 576 if cfg.method == "fastv" else resolve_budget(budget, 576, "keep")
         assert state.tokens_per_image == vision_keep
     if cfg.uses_llm_stage:
         llm = state.llm_plan
@@ -119,5 +122,7 @@ def test_every_shipped_config_loads_and_applies_to_llava15_geometry(path):
         assert llm.groups[-1][1] == cfg.llm.layers - 1
     elif cfg.method == "fastv":
         assert state.llm_plan.counts == [resolve_budget(cfg.fastv.keep, 576, "keep")]
+    elif cfg.method == "visiondrop":
+        assert state.llm_plan.counts == [d + c for _, d, c in cfg.visiondrop.llm]
     else:
         assert state.llm_plan is None
