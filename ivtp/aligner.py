@@ -60,8 +60,9 @@ class Aligner(nn.Module):
     def from_config(cls, cfg: AlignerConfig) -> "Aligner":
         import open_clip
 
-        if cfg.model == TINY_MODEL:
-            open_clip.add_model_config(os.path.join(_ASSETS, f"{TINY_MODEL}.json"))
+        shipped = os.path.join(_ASSETS, f"{cfg.model}.json")
+        if os.path.isfile(shipped):  # the small configs this package ships for its random-weight presets
+            open_clip.add_model_config(shipped)
         pretrained = cfg.pretrained
         if pretrained is None:
             warnings.warn(f"aligner {cfg.model}: pretrained is null, using RANDOM weights (for tests only)")

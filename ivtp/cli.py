@@ -189,6 +189,53 @@ def cmd_data_check(args) -> int:
     return 0 if report.ok else 1
 
 
+def cmd_flops(args) -> int:
+    from ivtp import PruneConfig
+    from ivtp.eval.bench import method_flops
+    from ivtp.models import PRESETS, llava_config
+
+    if args.model not in PRESETS or PRESETS[args.model].hub_id is None and args.model != "cpu-mid":
+        from transformers import AutoConfig
+
+        config = AutoConfig.from_pretrained(args.model)  # a llava-hf folder or cached hub id: dimensions only
+    else:
+        preset = PRESETS[args.model]
+        config = llava_config(preset.vision, {"vocab_size": 32064, **preset.text})
+    prune = None if args.method == "none" else (
+        PruneConfig.load(args.prune_config) if args.prune_config else PruneConfig.for_method(args.method,
+                                                                                          args.visual_tokens))
+    result = method_flops(config, prune, args.text_tokens)
+    result = {"model": args.model, "method": args.method, "text_tokens": args.text_tokens, **result}
+    if args.json:
+        json.dump(result, sys.stdout, indent=2)
+        sys.stdout.write("\n")
+    else:
+        print(f"{args.model} {args.method}: ViT {result['vit']:.3f} + LLM {result['llm']:.3f} + extra "
+              f"{result['extra']:.3f} = {result['total']:.3f} TFLOPs; visual tokens reaching the last LLM layer "
+              f"{result['final_visual_tokens'] if 'final_visual_tokens' in result else 576}, layer-averaged "
+              f"{result['llm_equivalent_visual_tokens']:.1f}")
+    return 0
+
+
+def cmd_bench(args) -> int:
+    from ivtp.eval.bench import bench
+
+    torch.set_num_threads(args.threads) if args.threads else None
+    result = bench(args.preset, args.method, args.visual_tokens, device=args.device,
+                   dtype=DTYPES[args.dtype] if args.dtype else torch.float32, new_tokens=args.new_tokens,
+                   repeats=args.repeats, progress=not args.json)
+    if args.json:
+        json.dump(result, sys.stdout, indent=2)
+        sys.stdout.write("\n")
+    else:
+        overhead = result["scoring_overhead"]
+        print(f"{args.preset} {args.method}@{args.visual_tokens}: prefill x{result['speedup_prefill']:.2f} "
+              f"(FLOPs predict x{result['flops_speedup']:.2f}, {100 * result['prefill_vs_flops']:.0f}%), decode "
+              f"x{result['speedup_decode']:.2f}, KV cache x{result['kv_cache_ratio']:.2f}"
+              + (f", scoring {100 * overhead['scoring_share']:.1f}% of pruned prefill" if overhead else ""))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ivtp", description="Instruction-guided visual token pruning for LLaVA-1.5")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -211,6 +258,27 @@ def build_parser() -> argparse.ArgumentParser:
         else:
             p.add_argument("--out", default="ivtp_out")
         p.set_defaults(func=func)
+
+    p = sub.add_parser("flops", help="TFLOPs of a model and method, in the IVTP paper's convention (docs/flops.md)")
+    p.add_argument("--model", default="llava-1.5-7b", help="llava-1.5-7b, llava-1.5-13b, cpu-mid, or a llava-hf folder")
+    p.add_argument("--method", default="ivtp", help="a method name, or none for the unpruned model")
+    p.add_argument("--visual-tokens", type=int, default=64, help="final visual tokens per image (budget)")
+    p.add_argument("--text-tokens", type=int, default=512)
+    p.add_argument("--prune-config", default=None, help="a prune config instead of --method/--visual-tokens")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_flops)
+
+    p = sub.add_parser("bench", help="prefill latency, decode speed and memory: pruned against unpruned")
+    p.add_argument("--preset", default="cpu-mid", help="cpu-mid (CPU, minutes), llava-1.5-7b (GPU), tiny-random")
+    p.add_argument("--method", default="ivtp")
+    p.add_argument("--visual-tokens", type=int, default=64)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--dtype", choices=sorted(DTYPES), default=None)
+    p.add_argument("--new-tokens", type=int, default=16)
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_bench)
 
     data = sub.add_parser("data", help="training data tools").add_subparsers(dest="data_command", required=True)
     p = data.add_parser("check", help="report missing or unreadable images, malformed and over-long samples")

@@ -331,12 +331,33 @@ class PruneConfig:
             raise ConfigError(f"llm.enabled: {self.method} is {self.base_method} followed by IVTP's in-LLM stage")
 
     @classmethod
-    def for_method(cls, method: str) -> "PruneConfig":
-        """A method at its paper's defaults, at IVTP's main budget of 64 visual tokens. A "+" variant hands
-        128 tokens to IVTP's in-LLM stage, as IVTP's own stage 1 does, so that stage has something to prune."""
-        if method in PLUS_VARIANTS:
-            return cls.from_dict({"method": method, method.rstrip("+"): {"keep": 2 * LLMStage().keep}})
-        return cls.from_dict({"method": method})
+    def for_method(cls, method: str, visual_tokens: int | None = None) -> "PruneConfig":
+        """A method at its paper's defaults, or budget-matched to `visual_tokens` final visual tokens per image.
+
+        Defaults: 64 tokens for the methods with a budget knob, FastV's R = 50% after layer 2, VisionDrop's
+        48 -> 35 -> 26 -> 19. IVTP and the "+" variants hand the LLM stage twice the final count (as IVTP's own
+        stage 1 does: 128 for 64), so that stage has something to prune. VisionDrop scales its whole schedule by
+        visual_tokens / 64.
+        """
+        if method not in METHODS:
+            raise ConfigError(f"method: unknown method {method!r}; known methods: {', '.join(METHODS)}")
+        k = 64 if visual_tokens is None else _check_int(visual_tokens, "visual_tokens", 1)
+        base = method.rstrip("+")
+        if method == "ivtp":
+            d = {"vision": {"keep": 2 * k}, "llm": {"keep": k}}
+        elif method in PLUS_VARIANTS:
+            d = {base: {"keep": 2 * k}, "llm": {"keep": k}}
+        elif method == "vispruner":
+            d = {"vispruner": {"visual_token_num": k}}
+        elif method == "fastv":
+            d = {} if visual_tokens is None else {"fastv": {"keep": k}}
+        elif method == "visiondrop":
+            vd, f = VisionDropSection(), k / 64
+            d = {"visiondrop": {"dominant": max(1, round(vd.dominant * f)), "contextual": round(vd.contextual * f),
+                                "llm": [[layer, max(1, round(dom * f)), round(ctx * f)] for layer, dom, ctx in vd.llm]}}
+        else:
+            d = {base: {"keep": k}}
+        return cls.from_dict({"method": method, **d})
 
     # ---- (de)serialisation -------------------------------------------------------------------------------
     @classmethod

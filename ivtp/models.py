@@ -51,6 +51,15 @@ PRESETS = {
         text=dict(hidden_size=64, intermediate_size=128, num_hidden_layers=32, num_attention_heads=4,
                   num_key_value_heads=4, max_position_embeddings=2048, rms_norm_eps=1e-5),
     ),
+    # For `ivtp bench` on a CPU: LLaVA-1.5's token geometry (576 patches, 24 CLIP layers, feature layer -2)
+    # with a narrower tower and a narrower, shallower LLM, so one pruned-vs-unpruned run takes minutes.
+    "cpu-mid": Preset(
+        hub_id=None,
+        vision=dict(hidden_size=256, intermediate_size=1024, num_hidden_layers=24, num_attention_heads=8,
+                    image_size=336, patch_size=14, projection_dim=256, hidden_act="quick_gelu"),
+        text=dict(hidden_size=768, intermediate_size=2048, num_hidden_layers=16, num_attention_heads=12,
+                  num_key_value_heads=12, max_position_embeddings=4096, rms_norm_eps=1e-5),
+    ),
     "llava-1.5-7b": Preset(
         hub_id="llava-hf/llava-1.5-7b-hf",
         vision=_CLIP_L_336,
@@ -108,23 +117,26 @@ def tiny_random(seed: int = 0, **vision_overrides) -> tuple[LlavaForConditionalG
     return model, build_processor(tok, vision["image_size"], vision["patch_size"])
 
 
-def tiny_aligner(seed: int = 0):
-    """The aligner that matches tiny-random's tower (width 32): open_clip's text tower in a small shipped config,
-    with seeded random weights."""
+def tiny_aligner(seed: int = 0, model: str = "ivtp-tiny-clip"):
+    """An aligner for a random-weight preset: open_clip's text tower in a small shipped config whose visual
+    projection matches the preset's tower (tiny-random: 32 wide; cpu-mid: 256), with seeded random weights."""
     import warnings
 
-    from ivtp.aligner import TINY_MODEL, Aligner
+    from ivtp.aligner import Aligner
     from ivtp.config import AlignerConfig
 
     torch.manual_seed(seed)
     with warnings.catch_warnings():  # random on purpose here; from_config warns for user configs
         warnings.simplefilter("ignore")
-        return Aligner.from_config(AlignerConfig(model=TINY_MODEL, pretrained=None)).eval()
+        return Aligner.from_config(AlignerConfig(model=model, pretrained=None)).eval()
+
+
+PRESET_ALIGNERS = {"tiny-random": "ivtp-tiny-clip", "cpu-mid": "ivtp-cpu-mid-clip"}
 
 
 def preset_aligner(name: str):
     """The aligner a preset brings along, or None when the prune config's own `llm.aligner` applies."""
-    return tiny_aligner() if name == "tiny-random" else None
+    return tiny_aligner(model=PRESET_ALIGNERS[name]) if name in PRESET_ALIGNERS else None
 
 
 def random_model(name: str, dtype: torch.dtype = torch.bfloat16, device: str | torch.device = "cpu",
@@ -136,7 +148,7 @@ def random_model(name: str, dtype: torch.dtype = torch.bfloat16, device: str | t
         return model.to(device=device, dtype=dtype), processor
     preset = _preset(name)
     tok = tiny_tokenizer()
-    config = llava_config(preset.vision, preset.text)
+    config = llava_config(preset.vision, preset.text, None if "vocab_size" in preset.text else tok)
     config._attn_implementation = attn_implementation
     # The tiny tokenizer's special ids index the real vocabulary; point the config at them.
     config.image_token_id = tok.convert_tokens_to_ids("<image>")

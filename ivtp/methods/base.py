@@ -19,6 +19,10 @@ class VisionRunner:
     def step_names(self) -> list[str]:
         return []
 
+    def vit_tokens_per_layer(self) -> list[int]:
+        """Tokens ([CLS] included) each feature layer runs on, for FLOPs accounting. Unpruned by default."""
+        return [self.num_patches + 1] * self.layers_used
+
     def run(self, tower: nn.Module, pixel_values: torch.Tensor, want_final_cls: bool) -> VisionOutput:
         raise NotImplementedError
 

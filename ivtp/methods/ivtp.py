@@ -20,6 +20,14 @@ class GTPRunner(VisionRunner):
     def run(self, tower, pixel_values, want_final_cls):
         return prune_vision_tower(tower, pixel_values, self.plan, want_final_cls)
 
+    def vit_tokens_per_layer(self) -> list[int]:
+        """A group runs at the count the previous group left; pruning follows its top layer."""
+        out, current = [], self.num_patches
+        for (lo, hi), count in zip(self.plan.groups, self.plan.counts):
+            out += [current + 1] * (hi - lo + 1)
+            current = count
+        return out
+
 
 @register("ivtp")
 def build(config, tower_config, feature_layer: int) -> GTPRunner:

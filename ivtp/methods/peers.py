@@ -152,6 +152,13 @@ class ToMeRunner(PeerRunner):
     def step_names(self) -> list[str]:
         return [f"tome.layer{i}" for i, r in enumerate(self.schedule) if r]
 
+    def vit_tokens_per_layer(self) -> list[int]:
+        out, count = [], self.num_patches + 1
+        for r in self.schedule:  # a merge follows its layer
+            out.append(count)
+            count -= r
+        return out
+
     def run(self, tower, pixel_values, want_final_cls):
         hidden = tower.pre_layrnorm(tower.embeddings(pixel_values))  # (B, 1 + N, D)
         size = None  # (B, n, 1) original tokens per token

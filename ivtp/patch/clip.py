@@ -47,22 +47,35 @@ class GTPAttention(nn.Module):
         key = self.k_proj(hidden_states).view(hidden_shape).transpose(1, 2)  # (B, H, N, Dh)
         value = self.v_proj(hidden_states).view(hidden_shape).transpose(1, 2)  # (B, H, N, Dh)
 
-        attention: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(
-            self.config._attn_implementation, eager_attention_forward
-        )
-        out, _ = attention(
-            self, query, key, value, attention_mask,
-            scaling=self.scale, dropout=0.0 if not self.training else self.dropout, **kwargs,
-        )
+        mode = ivtp_probe.get("mode")
+        if mode == "full" and attention_mask is None:
+            # A lower layer of a rollout group needs every row of its attention anyway: compute the weights once,
+            # in float32, and take both the output and the head mean from them (no second pass through SDPA).
+            # This replaces the layer's own attention, so only the head mean counts as scoring.
+            weights = (torch.matmul(query.float(), key.float().transpose(-1, -2)) * self.scale).softmax(-1)
+            if self.training and self.dropout:
+                weights = nn.functional.dropout(weights, p=self.dropout)
+            out = torch.matmul(weights.to(value.dtype), value).transpose(1, 2)  # (B, N, H, Dh)
+            with torch.no_grad(), torch.profiler.record_function("ivtp.score"):
+                ivtp_probe["attn"] = weights.detach().mean(dim=1)  # (B, N, N)
+        else:
+            attention: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(
+                self.config._attn_implementation, eager_attention_forward
+            )
+            out, _ = attention(
+                self, query, key, value, attention_mask,
+                scaling=self.scale, dropout=0.0 if not self.training else self.dropout, **kwargs,
+            )
         out = self.out_proj(out.reshape(*input_shape, -1).contiguous())  # (B, N, D)
 
-        # The scores are a decision, not a differentiable path: no graph is kept for them.
-        with torch.no_grad():
-            mode = ivtp_probe.get("mode")
-            if mode == "full":  # a lower layer of a rollout group
-                ivtp_probe["attn"] = head_mean_attention(query, key, self.scale)  # (B, N, N)
+        # The scores are a decision, not a differentiable path: no graph is kept for them. The label lets
+        # `ivtp bench` price the scoring on its own.
+        with torch.no_grad(), torch.profiler.record_function("ivtp.score"):
+            if mode == "full" and "attn" not in ivtp_probe:  # with a mask (ToMe's sizes): the rows on their own
+                ivtp_probe["attn"] = head_mean_attention(query, key, self.scale, attention_mask)  # (B, N, N)
             elif mode == "row":  # only the [CLS] query row, plus ||V_i|| for the top layer's scores
-                row = head_mean_attention(query[:, :, CLS_INDEX : CLS_INDEX + 1], key, self.scale)  # (B, 1, N)
+                row = head_mean_attention(query[:, :, CLS_INDEX : CLS_INDEX + 1], key, self.scale,
+                                          None if attention_mask is None else attention_mask[:, :, :1])
                 ivtp_probe["row"] = row[:, 0]  # (B, N)
                 ivtp_probe["vnorm"] = value_norms(value)  # (B, N)
             if ivtp_probe.get("keys") is True:  # methods that match tokens by key similarity (ToMe, VisionDrop)

@@ -129,7 +129,7 @@ class GTPLlamaAttention(nn.Module):
         value = self.v_proj(hidden_states).view(hidden_shape).transpose(1, 2)  # (B, Hkv, L, Dh)
         cos, sin = position_embeddings
         query, key = apply_rotary_pos_emb(query, key, cos, sin)
-        with torch.no_grad():  # a decision, not a differentiable path
+        with torch.no_grad(), torch.profiler.record_function("ivtp.score"):  # a decision: no graph kept
             _probe_scores(self, ivtp_probe, query, key, value)
         if past_key_values is not None:
             key, value = past_key_values.update(key, value, self.layer_idx)
@@ -224,11 +224,12 @@ class DecodeState:
     prefill_len: int
     segments: list[tuple[int, torch.Tensor]]  # (first layer of the segment, key_ok (B, S) of its prefill slots)
 
-    def segment_for(self, layer_idx: int) -> torch.Tensor | None:
+    def segment_for(self, layer_idx: int) -> int | None:
+        """Index of the segment a layer belongs to (the last one starting at or before it), or None."""
         found = None
-        for first, ok in self.segments:
+        for i, (first, _) in enumerate(self.segments):
             if first <= layer_idx:
-                found = ok
+                found = i
         return found
 
 
@@ -263,15 +264,19 @@ class PrunedLlamaModel:
         run = None
         if ivtp_guidance is not None and past_len == 0 and bool(ivtp_guidance.visual.any()):
             run = _PrefillRun(self, ivtp_guidance, hidden, attention_mask, position_ids, position_embeddings)
+        decode_masks: dict[int, torch.Tensor] = {}  # one mask per pruned segment, shared by its layers
         for idx, layer in enumerate(layers):
             mask, pos_ids, pos_emb, probe = causal_mask, position_ids, position_embeddings, None
             if run is not None:
                 if run.pruned:
                     mask, pos_ids, pos_emb = run.mask, run.position_ids, run.position_embeddings
                 probe = run.probe(idx, layer, hidden)
-            elif decode is not None and (seg_ok := decode.segment_for(idx)) is not None:
-                allowed = _decode_mask(seg_ok, attention_mask, decode.prefill_len, past_len, hidden.shape[1])
-                mask = _format_mask(allowed, self.config._attn_implementation, hidden.dtype)
+            elif decode is not None and (seg := decode.segment_for(idx)) is not None:
+                if seg not in decode_masks:
+                    allowed = _decode_mask(decode.segments[seg][1], attention_mask, decode.prefill_len, past_len,
+                                           hidden.shape[1])
+                    decode_masks[seg] = _format_mask(allowed, self.config._attn_implementation, hidden.dtype)
+                mask = decode_masks[seg]
             hidden = layer(hidden, attention_mask=mask, position_embeddings=pos_emb, position_ids=pos_ids,
                            past_key_values=past_key_values, use_cache=use_cache, ivtp_probe=probe, **kwargs)
             if run is not None:
@@ -350,6 +355,7 @@ class _PrefillRun:
                                                                                      vis_ok)
         return self.last_probe
 
+    @torch.profiler.record_function("ivtp.score")
     def _pseudo_cls(self, layer, hidden, rows, vis_idx, vis_ok):
         """Eq. 8 at this layer: mean hidden state of the selected instruction tokens, or the fallback; then the
         layer's own input norm, q/k projections and RoPE at the position right after the last visual token."""

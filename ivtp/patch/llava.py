@@ -213,6 +213,7 @@ class PrunedLlavaForConditionalGeneration:
                                past_key_values=past_key_values, inputs_embeds=inputs_embeds,
                                mm_encoder_outputs={"image": image_outputs}, ivtp_guidance=guidance, **kwargs)
 
+    @torch.profiler.record_function("ivtp.guidance")
     def _guidance(self, input_ids, attention_mask, labels, prompt_len) -> LLMGuidance:
         """Eq. 8's ingredients for each row: visual positions, selected instruction tokens, the fallback."""
         state = self.ivtp_state
@@ -344,15 +345,7 @@ def apply_pruning(model: LlavaForConditionalGeneration, config=None, aligner: Al
         )
     patches = num_patches(mc)
     layers = vision_layers(model)
-    runner = build_vision_runner(cfg, mc.vision_config, mc.vision_feature_layer)
-    llm_plan = None
-    n_llm_layers = len(language_model(model).layers)
-    if cfg.uses_llm_stage:
-        llm_plan = make_llm_plan(cfg.llm, n_llm_layers, runner.tokens_per_image)
-    elif cfg.method == "fastv":
-        llm_plan = make_fastv_plan(cfg.fastv, n_llm_layers, runner.tokens_per_image)
-    elif cfg.method == "visiondrop" and cfg.visiondrop.llm:
-        llm_plan = make_visiondrop_plan(cfg.visiondrop, n_llm_layers, runner.tokens_per_image)
+    runner, llm_plan = make_plans(cfg, mc)
     needs_aligner = cfg.uses_llm_stage and cfg.llm.needs_aligner
     if llm_plan is not None:
         impl = mc.text_config._attn_implementation
@@ -378,6 +371,21 @@ def apply_pruning(model: LlavaForConditionalGeneration, config=None, aligner: Al
     model.model.ivtp_state = state
     logger.info("IVTP pruning applied: %s", cfg.to_dict())
     return model
+
+
+def make_plans(cfg: PruneConfig, llava_config) -> tuple[VisionRunner, LLMPlan | None]:
+    """What runs before the LLM and what prunes inside it, resolved against a model's config alone (no weights:
+    `ivtp flops` prices a config this way). Raises ConfigError for budgets the model cannot meet."""
+    runner = build_vision_runner(cfg, llava_config.vision_config, llava_config.vision_feature_layer)
+    n_llm_layers = llava_config.text_config.num_hidden_layers
+    llm_plan = None
+    if cfg.uses_llm_stage:
+        llm_plan = make_llm_plan(cfg.llm, n_llm_layers, runner.tokens_per_image)
+    elif cfg.method == "fastv":
+        llm_plan = make_fastv_plan(cfg.fastv, n_llm_layers, runner.tokens_per_image)
+    elif cfg.method == "visiondrop" and cfg.visiondrop.llm:
+        llm_plan = make_visiondrop_plan(cfg.visiondrop, n_llm_layers, runner.tokens_per_image)
+    return runner, llm_plan
 
 
 def _checked_aligner(aligner, cfg: PruneConfig, mc, tokenizer) -> Aligner:

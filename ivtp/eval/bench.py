@@ -1,0 +1,196 @@
+"""`ivtp bench`: latency and memory of a pruned model against the unpruned one, measured in the same run.
+
+For one image and a realistic prompt it measures
+- prefill latency (time to first token: the vision tower, the projector and the LLM over the prompt),
+- decode speed (tokens per second over a fixed number of new tokens, after prefill),
+- the KV cache the prefill leaves (bytes), and on a GPU the peak memory,
+for the stock model and for the same weights pruned, and reports the ratios beside the FLOPs-predicted prefill
+speedup (ivtp/eval/flops.py). For IVTP it also prices its own scoring (rollouts, pseudo-CLS, aligner) as a share
+of the pruned prefill, from the profiler ranges the patches label "ivtp.score" and "ivtp.guidance".
+"""
+
+from __future__ import annotations
+
+import copy
+import statistics
+import time
+
+import torch
+from tqdm import tqdm
+
+from ivtp.config import PruneConfig
+from ivtp.data.shapes import draw_scene
+from ivtp.data.templates import vicuna_v1_prompt
+from ivtp.eval.flops import Arch, llava_flops
+
+QUESTION = ("Look at the shapes in this picture. Which colour is the circle nearest to the top left corner, and "
+            "is there a square of the same colour anywhere else in the image?")
+SCORING_RANGES = ("ivtp.score", "ivtp.guidance")
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _timed(fn, device) -> float:
+    _sync(device)
+    start = time.perf_counter()
+    fn()
+    _sync(device)
+    return time.perf_counter() - start
+
+
+def _kv_bytes(cache) -> int:
+    total = 0
+    for layer in getattr(cache, "layers", []):
+        for t in (getattr(layer, "keys", None), getattr(layer, "values", None)):
+            if isinstance(t, torch.Tensor):
+                total += t.numel() * t.element_size()
+    return total
+
+
+@torch.no_grad()
+def measure(model, inputs: dict, new_tokens: int, repeats: int, prompt_len: int) -> dict:
+    """Median prefill seconds over `repeats` (after a warm-up), decode tokens/s, KV-cache bytes, peak memory."""
+    device = next(model.parameters()).device
+
+    def prefill():
+        return model(**inputs, use_cache=True, logits_to_keep=1)
+
+    prefill()  # warm-up: allocator, kernels, lazy init
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    times = [_timed(prefill, device) for _ in range(repeats)]
+    out = prefill()
+    kv = _kv_bytes(out.past_key_values)
+    peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
+
+    def decode():
+        # Greedy steps on the cache the prefill left, one token at a time: the decode cost alone.
+        step = prefill()
+        cache, token = step.past_key_values, step.logits[:, -1:].argmax(-1)
+        _sync(device)
+        start = time.perf_counter()
+        for _ in range(new_tokens):
+            step = model(input_ids=token, past_key_values=cache, use_cache=True)
+            cache, token = step.past_key_values, step.logits[:, -1:].argmax(-1)
+        _sync(device)
+        return time.perf_counter() - start
+
+    decode_s = statistics.median(decode() for _ in range(repeats))
+    return {"prefill_s": statistics.median(times), "prefill_runs_s": times,
+            "decode_tokens_per_s": new_tokens / decode_s, "kv_cache_bytes": kv, "peak_memory_bytes": peak,
+            "prompt_tokens": prompt_len}
+
+
+@torch.no_grad()
+def scoring_share(model, inputs: dict) -> dict:
+    """Seconds spent in the labelled IVTP scoring ranges during one pruned prefill, and their share of it."""
+    from torch.profiler import ProfilerActivity, profile
+
+    device = next(model.parameters()).device
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=activities) as prof:
+        total = _timed(lambda: model(**inputs, use_cache=True, logits_to_keep=1), device)
+    spent = 0.0
+    for event in prof.events():
+        if event.name in SCORING_RANGES:
+            # The ranges do not nest in one another, so their totals add up. On a GPU the device time counts.
+            us = event.device_time_total if device.type == "cuda" and event.device_time_total else event.cpu_time_total
+            spent += us / 1e6
+    return {"scoring_s": spent, "profiled_prefill_s": total, "scoring_share": spent / total if total else None}
+
+
+def text_encoder_of(aligner) -> "TextEncoder":
+    """The dimensions of an aligner's CLIP text tower, for pricing it."""
+    from ivtp.eval.flops import TextEncoder
+
+    t = aligner.text.transformer
+    block = t.resblocks[0]
+    proj = aligner.text.text_projection
+    return TextEncoder(hidden=t.width, intermediate=block.mlp.c_fc.out_features, layers=len(t.resblocks),
+                       heads=block.attn.num_heads, context=aligner.context_length,
+                       embed_dim=proj.out_features if hasattr(proj, "out_features") else proj.shape[1])
+
+
+def method_flops(llava_config, prune_config: PruneConfig | None, text_tokens: int, text_encoder=None) -> dict:
+    """The paper's FLOPs convention (docs/flops.md) for a model config pruned by `prune_config` (None: unpruned).
+
+    Priced from the plans alone, without weights. `extra` holds what IVTP adds outside the two towers: the CLIP
+    text tower on the instruction (guidance 'clip'; CLIP ViT-L/14's unless `text_encoder` says otherwise) and the
+    in-LLM rollouts over {visual tokens, pseudo-CLS}.
+    """
+    from ivtp.eval.flops import TERA, TextEncoder, extra_flops_clip_text, extra_flops_rollout
+    from ivtp.patch.llava import make_plans
+
+    arch = Arch.from_llava_config(llava_config)
+    if prune_config is None:
+        return llava_flops(arch, text_tokens)
+    runner, plan = make_plans(prune_config, llava_config)
+    llm = plan.tokens_per_layer(arch.llm_layers) if plan is not None else [runner.tokens_per_image] * arch.llm_layers
+    extra = 0
+    if prune_config.uses_llm_stage:
+        stage = prune_config.llm
+        scored = [n + 1 for n in llm[: stage.layers]]  # visual tokens plus the pseudo-CLS query
+        extra += extra_flops_rollout(arch.llm_hidden, scored, stage.effective_group_size)
+        if stage.needs_aligner:
+            extra += extra_flops_clip_text(text_encoder or TextEncoder.clip_vit_l14(), min(text_tokens, 75))
+    out = llava_flops(arch, text_tokens, vit_tokens_per_layer=runner.vit_tokens_per_layer(),
+                      llm_visual_per_layer=llm, extra=extra / TERA)
+    out["llm_visual_per_layer"] = llm
+    out["final_visual_tokens"] = llm[-1]
+    return out
+
+
+def predicted_flops(model, text_tokens: int) -> dict:
+    """method_flops for a loaded model: unpruned, or as its ivtp_state prunes it."""
+    state = getattr(model, "ivtp_state", None)
+    if state is None:
+        return method_flops(model.config, None, text_tokens)
+    encoder = text_encoder_of(state.aligner) if state.aligner is not None else None
+    return method_flops(model.config, state.config, text_tokens, encoder)
+
+
+def bench(preset: str, method: str, visual_tokens: int, device: str = "cpu", dtype: torch.dtype = torch.float32,
+          new_tokens: int = 16, repeats: int = 3, progress: bool = True) -> dict:
+    """Build the preset with random weights, prune a copy with `method` at `visual_tokens`, measure both."""
+    from ivtp import apply_pruning
+    from ivtp.models import preset_aligner, random_model
+
+    config = PruneConfig.for_method(method, visual_tokens)
+    stock, processor = random_model(preset, dtype=dtype, device=device)
+    pruned = copy.deepcopy(stock)
+    apply_pruning(pruned, config, aligner=preset_aligner(preset), tokenizer=processor.tokenizer)
+
+    image, _ = draw_scene(seed=0)
+    text = vicuna_v1_prompt(QUESTION)
+    inputs = processor(images=[image], text=[text], return_tensors="pt").to(device)
+    inputs["pixel_values"] = inputs["pixel_values"].to(dtype)
+    n_visual = pruned.ivtp_state.num_patches
+    text_tokens = inputs["input_ids"].shape[1] - n_visual
+
+    steps = tqdm(total=3, desc=f"bench {preset} {method}@{visual_tokens}", disable=not progress)
+    base = measure(stock, inputs, new_tokens, repeats, inputs["input_ids"].shape[1])
+    steps.update()
+    ours = measure(pruned, inputs, new_tokens, repeats, inputs["input_ids"].shape[1])
+    steps.update()
+    overhead = scoring_share(pruned, inputs) if method in ("ivtp", "topk+", "tome+") else None
+    steps.update()
+    steps.close()
+
+    f_base, f_ours = predicted_flops(stock, text_tokens), predicted_flops(pruned, text_tokens)
+    return {
+        "preset": preset, "method": method, "visual_tokens": visual_tokens, "device": device,
+        "dtype": str(dtype).replace("torch.", ""), "text_tokens": text_tokens, "new_tokens": new_tokens,
+        "prune_config": config.to_dict(),
+        "unpruned": base, "pruned": ours,
+        "speedup_prefill": base["prefill_s"] / ours["prefill_s"],
+        "speedup_decode": ours["decode_tokens_per_s"] / base["decode_tokens_per_s"],
+        "kv_cache_ratio": ours["kv_cache_bytes"] / base["kv_cache_bytes"],
+        "flops_unpruned_tflops": f_base["total"], "flops_pruned_tflops": f_ours["total"],
+        "flops_speedup": f_base["total"] / f_ours["total"],
+        "prefill_vs_flops": (base["prefill_s"] / ours["prefill_s"]) / (f_base["total"] / f_ours["total"]),
+        "llm_equivalent_visual_tokens": f_ours["llm_equivalent_visual_tokens"],
+        "scoring_overhead": overhead,
+    }

@@ -1,0 +1,52 @@
+"""`ivtp flops` and `ivtp bench` plumbing (the FLOPs convention itself is tested in test_flops.py). No speed is
+asserted here: speed is measured with `ivtp bench` and recorded in docs/benchmarks.md."""
+
+import json
+
+import pytest
+
+from ivtp.cli import main
+
+
+def flops(capsys, *argv):
+    assert main(["flops", "--json", *argv]) == 0
+    return json.loads(capsys.readouterr().out)
+
+
+def test_flops_unpruned_llava15_7b_matches_the_paper_total(capsys):
+    out = flops(capsys, "--model", "llava-1.5-7b", "--method", "none", "--text-tokens", "512")
+    assert out["total"] == pytest.approx(15.364, abs=0.0005)
+    assert out["total"] == pytest.approx(out["vit"] + out["llm"] + out["extra"])
+    assert out["llm_tokens"] == [576 + 512] * 32 and len(out["vit_tokens"]) == 23
+
+
+@pytest.mark.parametrize("method", ["ivtp", "topk", "fastv", "visiondrop", "tome", "topk+"])
+def test_flops_follow_each_methods_schedule(capsys, method):
+    out = flops(capsys, "--model", "llava-1.5-7b", "--method", method, "--visual-tokens", "64")
+    per_layer = out["llm_visual_per_layer"]
+    assert len(per_layer) == 32 and out["llm_tokens"] == [v + 512 for v in per_layer]
+    assert out["llm_equivalent_visual_tokens"] == pytest.approx(sum(per_layer) / 32)
+    assert out["final_visual_tokens"] == (19 if method == "visiondrop" else 64)
+    if method == "fastv":  # 576 through layers 0-2, 64 after
+        assert per_layer[:4] == [576, 576, 576, 64]
+    if method == "ivtp":  # GTP in the ViT: fewer tokens in later layers
+        assert out["vit_tokens"][0] == 577 and out["vit_tokens"][-1] < 577
+    assert (out["extra"] > 0) == (method in ("ivtp", "topk+"))  # the aligner and the in-LLM rollouts
+
+
+def test_flops_13b_and_bad_budget(capsys):
+    out = flops(capsys, "--model", "llava-1.5-13b", "--method", "none")
+    assert len(out["llm_tokens"]) == 40
+    assert main(["flops", "--model", "llava-1.5-7b", "--method", "topk", "--visual-tokens", "600"]) == 2
+    assert "topk.keep" in capsys.readouterr().err
+
+
+def test_bench_reports_pruned_against_unpruned(capsys):
+    assert main(["bench", "--preset", "tiny-random", "--method", "ivtp", "--visual-tokens", "64", "--repeats", "1",
+                 "--new-tokens", "2", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    for key in ("speedup_prefill", "flops_speedup", "speedup_decode", "kv_cache_ratio", "prefill_vs_flops"):
+        assert out[key] > 0
+    assert out["pruned"]["kv_cache_bytes"] < out["unpruned"]["kv_cache_bytes"]  # fewer tokens cached
+    assert out["flops_pruned_tflops"] < out["flops_unpruned_tflops"]
+    assert 0 <= out["scoring_overhead"]["scoring_share"] <= 1
