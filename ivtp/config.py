@@ -24,7 +24,7 @@ CONFIG_NAME = "ivtp_config.json"
 VISION_PEERS = ("random", "topk", "spatial", "evit", "tome", "fastervlm", "vispruner")
 # "+" variants (IVTP Table 7): a visual-only method followed by IVTP's in-LLM stage (the `llm` section).
 PLUS_VARIANTS = ("topk+", "tome+")
-METHODS = ("ivtp", *VISION_PEERS, "fastv", "visiondrop", *PLUS_VARIANTS)
+METHODS = ("ivtp", *VISION_PEERS, "fastv", "visiondrop", "sparsevlm", *PLUS_VARIANTS)
 # How the attention rows of a group's layers become one score row (IVTP Tables 4-5):
 #   rollout       eq. 3, the residual rollout over the group (the method)
 #   mean/max/multiply  elementwise mean / max / product of each layer's query row
@@ -282,6 +282,22 @@ class VisionDropSection:
 
 
 @dataclass
+class SparseVLMSection:
+    """SparseVLM (Zhang et al., ICML 2025), v1.5: text raters from the input embeddings; at LLM layers 2, 6 and 15
+    the raters' attention ranks the visual tokens, the best are kept and the deleted ones partly recycled into
+    cluster means. `budget` is its layer-averaged token budget (64, 96, 128 or 192), which fixes its schedule."""
+
+    budget: int = 64
+    recycle: bool = True
+
+    def validate(self, prefix: str) -> None:
+        if self.budget not in (64, 96, 128, 192):
+            raise ConfigError(f"{prefix}.budget: SparseVLM defines schedules for 64, 96, 128 and 192 tokens, "
+                              f"got {self.budget!r}")
+        _check_bool(self.recycle, f"{prefix}.recycle")
+
+
+@dataclass
 class PruneConfig:
     """Everything that defines a pruning run. Saved next to the weights as ``ivtp_config.json``.
 
@@ -301,6 +317,7 @@ class PruneConfig:
     vispruner: VisPrunerSection = field(default_factory=VisPrunerSection)
     fastv: FastVSection = field(default_factory=FastVSection)
     visiondrop: VisionDropSection = field(default_factory=VisionDropSection)
+    sparsevlm: SparseVLMSection = field(default_factory=SparseVLMSection)
 
     def __post_init__(self) -> None:
         self.validate()
@@ -351,6 +368,8 @@ class PruneConfig:
             d = {"vispruner": {"visual_token_num": k}}
         elif method == "fastv":
             d = {} if visual_tokens is None else {"fastv": {"keep": k}}
+        elif method == "sparsevlm":  # its budgets are layer averages with fixed schedules
+            d = {"sparsevlm": {"budget": k}}
         elif method == "visiondrop":
             vd, f = VisionDropSection(), k / 64
             d = {"visiondrop": {"dominant": max(1, round(vd.dominant * f)), "contextual": round(vd.contextual * f),

@@ -111,6 +111,8 @@ def test_every_shipped_config_loads_and_applies_to_llava15_geometry(path):
         section = getattr(cfg, cfg.base_method)
         if cfg.method == "visiondrop":
             vision_keep = section.dominant + section.contextual
+        elif cfg.method == "sparsevlm":
+            vision_keep = 576
         else:
             budget = getattr(section, "visual_token_num", getattr(section, "keep", None))
             vision_keep = 576 if cfg.method == "fastv" else resolve_budget(budget, 576, "keep")
@@ -124,5 +126,7 @@ def test_every_shipped_config_loads_and_applies_to_llava15_geometry(path):
         assert state.llm_plan.counts == [resolve_budget(cfg.fastv.keep, 576, "keep")]
     elif cfg.method == "visiondrop":
         assert state.llm_plan.counts == [d + c for _, d, c in cfg.visiondrop.llm]
+    elif cfg.method == "sparsevlm":
+        assert [g[0] for g in state.llm_plan.groups] == [2, 6, 15]
     else:
         assert state.llm_plan is None

@@ -206,8 +206,9 @@ for _runner in (RandomRunner, TopKRunner, FasterVLMRunner, VisPrunerRunner, Spat
 
 
 @register("fastv")
-def _fastv(config, tower_config, feature_layer):
-    """FastV prunes inside the LLM (ivtp/patch/llama.py); before it, every patch goes through."""
+@register("sparsevlm")
+def _in_llm_only(config, tower_config, feature_layer):
+    """FastV and SparseVLM prune inside the LLM (ivtp/patch/llama.py); before it, every patch goes through."""
     from ivtp.methods.ivtp import GTPRunner
     from ivtp.patch.clip import passthrough_plan
 

@@ -46,6 +46,7 @@ class LLMPlan:
     # layer, dominant tokens kept and the rest merged into contextual ones (`splits`: (dominant, contextual)).
     scorer: str = "ivtp"
     splits: list[tuple[int, int]] = field(default_factory=list)
+    recycle: bool = False  # SparseVLM: recycle deleted tokens into cluster means
 
     def step_names(self) -> list[str]:
         prefix = "llm" if self.scorer == "ivtp" else self.scorer
@@ -92,6 +93,19 @@ def make_visiondrop_plan(section, num_layers: int, tokens_in: int) -> LLMPlan:
     groups = [(layer - 1, layer - 1) for layer, _, _ in section.llm]
     return LLMPlan(groups, [d + c for _, d, c in section.llm], tokens_in, "single_layer", scorer="visiondrop",
                    splits=[(d, c) for _, d, c in section.llm])
+
+
+def make_sparsevlm_plan(section, num_layers: int, tokens_in: int) -> LLMPlan:
+    """SparseVLM v1.5: prune the outputs of layers 2, 6 and 15 to its schedule's counts (kept plus recycled)."""
+    from ivtp.ops.sparsevlm import sparsevlm_schedule, sparsevlm_visual_counts
+
+    stages = sparsevlm_schedule(section.budget)
+    for stage in stages:
+        if stage.layer >= num_layers:
+            raise ConfigError(f"sparsevlm: it prunes at layer {stage.layer}, past the model's last ({num_layers - 1})")
+    counts = sparsevlm_visual_counts(stages, tokens_in, section.recycle)
+    return LLMPlan([(st.layer, st.layer) for st in stages], counts, tokens_in, "single_layer", scorer="sparsevlm",
+                   splits=[(st.layer, st.keep) for st in stages], recycle=section.recycle)
 
 
 @dataclass
@@ -154,6 +168,15 @@ def _probe_scores(attn, probe: dict, query, key, value) -> None:
         x = x[rows]
         return torch.gather(x, 2, index[:, None, :, None].expand(-1, x.shape[1], -1, x.shape[-1]))
 
+    if "rater_idx" in probe:  # SparseVLM: the raters' attention over the whole causal sequence, visual columns
+        q = take(query, probe["rater_idx"])  # (B', H, Nt, Dh)
+        keys = repeat_kv(key[rows], n_rep)  # (B', H, S, Dh)
+        slots = torch.arange(keys.shape[2], device=keys.device)
+        allowed = (slots[None, None, :] <= probe["rater_idx"][:, :, None]) & probe["key_ok"][:, None, :]  # (B', Nt, S)
+        logits = torch.matmul(q.float(), keys.float().transpose(-1, -2)) * attn.scaling  # (B', H, Nt, S)
+        probs = logits.masked_fill(~allowed[:, None], neg).softmax(-1)
+        probe["attn_visual"] = torch.gather(probs, 3, idx[:, None, None, :].expand(-1, probs.shape[1], probs.shape[2], -1))
+        return
     if "query_slot" in probe:  # FastV: the row's last token queries the visual tokens
         q = take(query, probe["query_slot"][:, None])  # (B', H, 1, Dh)
         keys = repeat_kv(take(key), n_rep)  # (B', H, Nv, Dh)
@@ -347,7 +370,13 @@ class _PrefillRun:
         vis_idx = torch.sort((~vis).to(torch.int8), dim=-1, stable=True).indices[:, :width]  # (B', Nv)
         vis_ok = torch.arange(width, device=vis.device)[None] < n_vis[:, None]  # (B', Nv)
         self.last_probe = {"mode": mode, "rows": rows, "vis_idx": vis_idx, "vis_ok": vis_ok}
-        if self.plan.scorer == "fastv":  # the prompt's last token: the slot still holding that position
+        if self.plan.scorer == "sparsevlm":  # the raters, as slots; short rows padded and marked
+            raters = torch.gather(self.g.text_select[rows], 1, self.slot_pos[rows]) & self.slot_real[rows]
+            n_r = raters.sum(-1).clamp_min(1)
+            self.last_probe["rater_idx"] = torch.sort((~raters).to(torch.int8), dim=-1, stable=True).indices[:, : int(n_r.max())]
+            self.last_probe["rater_ok"] = torch.arange(int(n_r.max()), device=vis.device)[None] < raters.sum(-1)[:, None]
+            self.last_probe["key_ok"] = self.slot_ok[rows]
+        elif self.plan.scorer == "fastv":  # the prompt's last token: the slot still holding that position
             target = self.g.last_prompt[rows][:, None]  # (B', 1)
             self.last_probe["query_slot"] = (self.slot_pos[rows] == target).float().argmax(-1)  # (B',)
         else:
@@ -378,6 +407,8 @@ class _PrefillRun:
         found = self._group_of(idx)
         if found is not None and self.plan.scorer == "visiondrop":
             return self._visiondrop(found[0], idx, hidden)
+        if found is not None and self.plan.scorer == "sparsevlm" and self.last_probe is not None:
+            return self._sparsevlm(found[0], idx, hidden)
         probe = self.last_probe
         if found is None or probe is None:
             return hidden
@@ -430,6 +461,27 @@ class _PrefillRun:
             hidden[r, targets] = res.tokens[0, dominant * n_img :]  # contextual tokens sit at their targets
         keep = self.slot_real & ~self.slot_visual | keep_slots
         return self._drop_slots(hidden, keep, idx)
+
+    def _sparsevlm(self, g: int, idx: int, hidden):
+        """A SparseVLM stage on this layer's output: keep the visual tokens the raters attend to most; recycle the
+        best deleted ones into cluster means, each placed in its cluster centre's slot (see docs/methods.md)."""
+        from ivtp.ops.sparsevlm import score_visual, sparsevlm_prune
+
+        probe = self.last_probe
+        scores = score_visual(probe["attn_visual"], probe["rater_ok"])  # (B', Nv)
+        keep_slots = torch.zeros_like(self.slot_visual)
+        hidden = hidden.clone()
+        for i, r in enumerate(self.rows.tolist()):
+            n_vis = int(probe["vis_ok"][i].sum())
+            vis = probe["vis_idx"][i, :n_vis]  # (Nv,) slots, ascending
+            keep = self.plan.splits[g][1] * int(self.g.images[r])
+            res = sparsevlm_prune(hidden[r, vis][None], scores[i : i + 1, :n_vis], keep, self.plan.recycle)
+            keep_slots[r, vis[res.kept[0]]] = True
+            if res.recycled is not None:
+                centres = vis[res.deleted[0, res.recycled.centers[0]]]
+                keep_slots[r, centres] = True
+                hidden[r, centres] = res.recycled.tokens[0].to(hidden.dtype)
+        return self._drop_slots(hidden, self.slot_real & ~self.slot_visual | keep_slots, idx)
 
     def _drop(self, hidden, probe, keep_vis, idx):
         s = hidden.shape[1]

@@ -42,6 +42,7 @@ from ivtp.patch.llama import (
     PrunedLlamaModel,
     make_fastv_plan,
     make_llm_plan,
+    make_sparsevlm_plan,
     make_visiondrop_plan,
     patch_llama_attention,
 )
@@ -208,19 +209,43 @@ class PrunedLlavaForConditionalGeneration:
         # Stage 2: the image features first, then the guidance built from them, then the stock forward with
         # the features handed in (mm_encoder_outputs) so the tower runs once.
         image_outputs = self.model.get_image_features(pixel_values=pixel_values)
-        guidance = self._guidance(input_ids, attention_mask, kwargs.get("labels"), ivtp_prompt_len)
+        guidance = self._guidance(input_ids, attention_mask, kwargs.get("labels"), ivtp_prompt_len,
+                                  image_outputs.pooler_output)
         return super().forward(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                                past_key_values=past_key_values, inputs_embeds=inputs_embeds,
                                mm_encoder_outputs={"image": image_outputs}, ivtp_guidance=guidance, **kwargs)
 
     @torch.profiler.record_function("ivtp.guidance")
-    def _guidance(self, input_ids, attention_mask, labels, prompt_len) -> LLMGuidance:
+    def _raters(self, input_ids, visual, images, attention_mask, labels, prompt_len, image_features) -> LLMGuidance:
+        """SparseVLM's text raters, from the input embeddings: the instruction tokens whose softmax relevance to
+        the row's visual tokens is above the mean."""
+        from ivtp.ops.sparsevlm import select_raters, text_relevance
+
+        instr = gd.instruction_mask(visual, attention_mask, labels, prompt_len)
+        embeds = self.get_input_embeddings()(input_ids)  # (B, L, D)
+        raters = torch.zeros_like(visual)
+        feats = iter(image_features)
+        for r in range(len(images)):
+            row_images = [next(feats) for _ in range(int(images[r]))]
+            text_pos = torch.nonzero(instr[r]).flatten()
+            if not row_images or len(text_pos) == 0:
+                continue
+            vis = torch.cat(row_images)[None].to(embeds.dtype)  # (1, Nv, D)
+            chosen = select_raters(text_relevance(vis, embeds[r, text_pos][None]))[0]  # (Nt,)
+            raters[r, text_pos[chosen]] = True
+        self.ivtp_state.last_guidance = []
+        return LLMGuidance(visual=visual, images=images, text_select=raters,
+                           fallback=torch.zeros(len(images), 1, device=visual.device))
+
+    def _guidance(self, input_ids, attention_mask, labels, prompt_len, image_features) -> LLMGuidance:
         """Eq. 8's ingredients for each row: visual positions, selected instruction tokens, the fallback."""
         state = self.ivtp_state
         stage = state.config.llm
         vision = state.last_vision
         visual = input_ids == state.image_token_id  # (B, L)
         images = visual.sum(1) // state.tokens_per_image  # (B,)
+        if state.llm_plan.scorer == "sparsevlm":
+            return self._raters(input_ids, visual, images, attention_mask, labels, prompt_len, image_features)
         if state.llm_plan.scorer != "ivtp":  # FastV reads no text guidance, only its prompt's last token
             state.last_guidance = []
             idx = torch.arange(visual.shape[1], device=visual.device)[None]
@@ -385,6 +410,8 @@ def make_plans(cfg: PruneConfig, llava_config) -> tuple[VisionRunner, LLMPlan | 
         llm_plan = make_fastv_plan(cfg.fastv, n_llm_layers, runner.tokens_per_image)
     elif cfg.method == "visiondrop" and cfg.visiondrop.llm:
         llm_plan = make_visiondrop_plan(cfg.visiondrop, n_llm_layers, runner.tokens_per_image)
+    elif cfg.method == "sparsevlm":
+        llm_plan = make_sparsevlm_plan(cfg.sparsevlm, n_llm_layers, runner.tokens_per_image)
     return runner, llm_plan
 
 

@@ -33,6 +33,7 @@ AT_16 = {
     "visiondrop": {"visiondrop": {"dominant": 24, "contextual": 8, "llm": [[2, 16, 4], [4, 12, 4]]}},
     "topk+": {"topk": {"keep": 32}, "llm": {"keep": 16, "layers": 6}},
     "tome+": {"tome": {"keep": 32}, "llm": {"keep": 16, "layers": 6}},
+    "sparsevlm": {"sparsevlm": {"budget": 64}},  # fixed schedule: on 64 patches 63+1, 30+2, 17+1 = 18
 }
 KEEP_ALL = {  # the methods that can express keep-all, and how
     "random": {"random": {"keep": 1.0}}, "topk": {"topk": {"keep": 1.0}}, "spatial": {"spatial": {"keep": N}},
@@ -66,8 +67,9 @@ def test_every_method_hands_the_llm_its_budget(small_llava, images, method):
     with torch.no_grad():
         out = model(**batch)
     state = model.ivtp_state
-    per_layer = state.llm_tokens_per_layer(16)
-    assert per_layer[-1] == 16  # what reaches the last LLM layer
+    per_layer = state.llm_tokens_per_layer(32)
+    final = 18 if method == "sparsevlm" else 16
+    assert per_layer[-1] == final  # what reaches the last LLM layer
     trace = state.last_vision.trace
     if state.llm_plan is None:
         assert out.logits.shape[1] == batch["input_ids"].shape[1] - (N - 16)
@@ -77,10 +79,10 @@ def test_every_method_hands_the_llm_its_budget(small_llava, images, method):
         assert kept.shape == (2, 16)
     for r in range(2):
         report = state.row_report(r, r, 1)
-        assert report["visual_tokens"][0] == N and report["visual_tokens"][-1] == 16
+        assert report["visual_tokens"][0] == N and report["visual_tokens"][-1] == final
 
 
-@pytest.mark.parametrize("method", ["fastv", "visiondrop", "topk+", "tome+"])
+@pytest.mark.parametrize("method", ["fastv", "visiondrop", "sparsevlm", "topk+", "tome+"])
 def test_in_llm_methods_decode_exactly_with_the_cache(small_llava, images, method):
     model, processor = pruned(small_llava, {"method": method, **AT_16[method]})
     batch = batch_of(processor, images(2) + [None], ["What colour is it?", "Is there a big red square?", "Hi"])
@@ -129,6 +131,7 @@ def test_impossible_budgets_and_knobs_name_the_method(small_llava):
     for config, match in [({"method": "fastv", "fastv": {"layer": 32}}, "fastv.layer"),
                           ({"method": "visiondrop", "visiondrop": {"llm": [[32, 10, 2]]}}, "visiondrop.llm"),
                           ({"method": "visiondrop", "visiondrop": {"dominant": 60, "contextual": 6}}, "visiondrop"),
+                          ({"method": "sparsevlm", "sparsevlm": {"budget": 100}}, "sparsevlm.budget"),
                           ({"method": "topk", "topk": {"keep": 65}}, "topk.keep"),
                           ({"method": "evit", "evit": {"keep": 1}}, "evit.keep"),
                           ({"method": "vispruner", "vispruner": {"important_ratio": 0.0}}, "vispruner.important_ratio"),
@@ -147,3 +150,16 @@ def test_visiondrop_stages_follow_its_schedule_at_the_defaults(small_llava, imag
     assert model.ivtp_state.row_report(0, 0, 1)["visual_tokens"] == [N, 48, 35, 26, 19]
     per_layer = model.ivtp_state.llm_tokens_per_layer(32)
     assert per_layer[7:9] == [48, 35] and per_layer[15:17] == [35, 26] and per_layer[23:25] == [26, 19]
+
+
+def test_sparsevlm_at_llava15_geometry_follows_its_schedule(images):
+    """On 576 patches and 32 layers, budget 64 keeps 66, 30, 17 at layers 2, 6, 15, plus recycled tokens:
+    82 -> 32 -> 18 visual tokens (the authors' table)."""
+    from ivtp.models import tiny_random
+
+    model, processor = tiny_random()
+    apply_pruning(model, {"method": "sparsevlm", "sparsevlm": {"budget": 64}})
+    batch = processor(images=images(1, size=336), text=[prompt("What colour is the circle?")], return_tensors="pt")
+    with torch.no_grad():
+        model(**batch)
+    assert model.ivtp_state.row_report(0, 0, 1)["visual_tokens"] == [576, 82, 32, 18]
