@@ -21,7 +21,7 @@ def _model_args(p: argparse.ArgumentParser, default_model: str = "tiny-random") 
                    help="prune config YAML; 'none' runs the unpruned model (default: PruneConfig(), the paper's "
                         "setting, which configs/ivtp_64.yaml spells out)")
     p.add_argument("--method", default=None,
-                   help="pruning method (ivtp, random, topk, spatial, evit, tome, fastervlm, vispruner, fastv, "
+                   help="pruning method (ivtp, random, topk, spatial, evit, tome, fastervlm, vispruner, fastv, visiondrop, sparsevlm, "
                         "topk+, tome+), with its defaults unless --prune-config gives its section")
     p.add_argument("--dtype", choices=sorted(DTYPES), default=None)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
