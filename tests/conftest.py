@@ -40,3 +40,15 @@ def prompt(question: str, image: bool = True) -> str:
 @pytest.fixture(autouse=True)
 def _deterministic():
     torch.manual_seed(0)
+
+
+def assert_cache_matches_recompute(model, batch, new_tokens: int) -> None:
+    """Greedy generation with the KV cache equals generation that recomputes everything each step, in tokens and
+    in every step's logits (so a wrong decode mask cannot hide behind an argmax tie)."""
+    kwargs = dict(max_new_tokens=new_tokens, do_sample=False, return_dict_in_generate=True, output_logits=True)
+    with torch.no_grad():
+        cached = model.generate(**batch, **kwargs)
+        uncached = model.generate(**batch, use_cache=False, **kwargs)
+    assert torch.equal(cached.sequences, uncached.sequences)
+    for a, b in zip(cached.logits, uncached.logits):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from conftest import prompt
+from conftest import assert_cache_matches_recompute, prompt
 from ivtp import ConfigError, PruneConfig, apply_pruning
 from ivtp.config import METHODS
 from ivtp.models import tiny_aligner
@@ -86,13 +86,7 @@ def test_every_method_hands_the_llm_its_budget(small_llava, images, method):
 def test_in_llm_methods_decode_exactly_with_the_cache(small_llava, images, method):
     model, processor = pruned(small_llava, {"method": method, **AT_16[method]})
     batch = batch_of(processor, images(2) + [None], ["What colour is it?", "Is there a big red square?", "Hi"])
-    kwargs = dict(max_new_tokens=6, do_sample=False, return_dict_in_generate=True, output_logits=True)
-    with torch.no_grad():
-        cached = model.generate(**batch, **kwargs)
-        uncached = model.generate(**batch, use_cache=False, **kwargs)
-    assert torch.equal(cached.sequences, uncached.sequences)
-    for a, b in zip(cached.logits, uncached.logits):
-        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+    assert_cache_matches_recompute(model, batch, new_tokens=6)
 
 
 def test_fastv_scores_the_last_tokens_attention_at_layer_k(small_llava, images):

@@ -4,7 +4,7 @@ import pytest
 import torch
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
-from conftest import prompt
+from conftest import assert_cache_matches_recompute, prompt
 from ivtp import ConfigError, apply_pruning
 from ivtp.models import tiny_aligner
 from ivtp.ops import gtp_scores, head_mean_attention, rollout_query_row, value_norms
@@ -65,14 +65,7 @@ def test_kv_cache_holds_exactly_the_kept_tokens_and_never_the_pseudo_cls(small_l
 def test_greedy_generation_with_cache_equals_recomputation(small_llava, images, tau):
     model, processor = pruned(small_llava, stage2(tau=tau))
     batch = batch_of(processor, images(2) + [None], QUESTIONS)
-    kwargs = dict(max_new_tokens=10, do_sample=False, return_dict_in_generate=True, output_logits=True)
-    with torch.no_grad():
-        cached = model.generate(**batch, **kwargs)
-        uncached = model.generate(**batch, use_cache=False, **kwargs)
-    assert torch.equal(cached.sequences, uncached.sequences)
-    # Not just the argmax: every decoding step's logits, so a wrong decode mask cannot hide behind a tie.
-    for a, b in zip(cached.logits, uncached.logits):
-        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+    assert_cache_matches_recompute(model, batch, new_tokens=10)
 
 
 def test_left_padded_batch_equals_single_samples(small_llava, images):
