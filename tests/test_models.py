@@ -10,7 +10,6 @@ from transformers import (
     CLIPVisionModel,
     LlamaConfig,
     LlamaForCausalLM,
-    LlavaConfig,
     LlavaForConditionalGeneration,
     PreTrainedTokenizerFast,
 )

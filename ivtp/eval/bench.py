@@ -102,7 +102,7 @@ def scoring_share(model, inputs: dict) -> dict:
     return {"scoring_s": spent, "profiled_prefill_s": total, "scoring_share": spent / total if total else None}
 
 
-def text_encoder_of(aligner) -> "TextEncoder":
+def text_encoder_of(aligner):
     """The dimensions of an aligner's CLIP text tower, for pricing it."""
     from ivtp.eval.flops import TextEncoder
 

@@ -26,8 +26,7 @@ def register(name: str):
 
 
 def build_vision_runner(config, tower_config, feature_layer: int) -> VisionRunner:
-    from ivtp.methods import peers  # noqa: F401  (registers the peer methods)
-    from ivtp.methods import ivtp  # noqa: F401
+    from ivtp.methods import ivtp, peers  # noqa: F401  (importing them registers their runners)
 
     name = config.base_method
     if name not in _BUILDERS:

@@ -49,7 +49,7 @@ def encode(tower: nn.Module, pixel_values: torch.Tensor, used: int, probe_last: 
 def output(tower, hidden, kept, counts, want_final_cls, used) -> VisionOutput:
     """Package a runner's result. hidden: (B, 1 + K, D) with [CLS] first; kept: (B, K) original patch indices of
     the tokens (or None when tokens are merges rather than patches)."""
-    batch, k = hidden.shape[0], hidden.shape[1] - 1
+    batch = hidden.shape[0]
     if kept is None:  # merged tokens: report no patch as kept verbatim
         kept = torch.empty(batch, 0, dtype=torch.long, device=hidden.device)
     trace = VisionTrace(counts=counts, kept=kept)
