@@ -5,7 +5,6 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ivtp.config import ConfigError
 from ivtp.patch.clip import CLS_INDEX, VisionOutput, VisionTrace, final_cls
 
 
@@ -25,13 +24,6 @@ class VisionRunner:
 
     def run(self, tower: nn.Module, pixel_values: torch.Tensor, want_final_cls: bool) -> VisionOutput:
         raise NotImplementedError
-
-
-def layers_used(num_layers: int, feature_layer: int) -> int:
-    used = feature_layer if feature_layer >= 0 else num_layers + 1 + feature_layer
-    if not 0 <= used <= num_layers:
-        raise ConfigError(f"vision_feature_layer {feature_layer} does not exist in a {num_layers}-layer tower")
-    return used
 
 
 def encode(tower: nn.Module, pixel_values: torch.Tensor, used: int, probe_last: bool = True):

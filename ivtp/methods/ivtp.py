@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from ivtp.methods import register
 from ivtp.methods.base import VisionRunner
-from ivtp.patch.clip import VisionPlan, make_vision_plan, passthrough_plan, prune_vision_tower
+from ivtp.patch.clip import VisionPlan, make_vision_plan, passthrough_plan, prune_vision_tower, tower_patches
 
 
 class GTPRunner(VisionRunner):
@@ -16,6 +16,11 @@ class GTPRunner(VisionRunner):
 
     def step_names(self) -> list[str]:
         return self.plan.step_names()
+
+    @classmethod
+    def passthrough(cls, tower_config, feature_layer: int) -> "GTPRunner":
+        """Every patch goes through (stage 1 off, or a method that prunes only inside the LLM)."""
+        return cls(passthrough_plan(tower_config.num_hidden_layers, feature_layer, tower_patches(tower_config)))
 
     def run(self, tower, pixel_values, want_final_cls):
         return prune_vision_tower(tower, pixel_values, self.plan, want_final_cls)
@@ -31,8 +36,7 @@ class GTPRunner(VisionRunner):
 
 @register("ivtp")
 def build(config, tower_config, feature_layer: int) -> GTPRunner:
-    patches = (tower_config.image_size // tower_config.patch_size) ** 2
-    layers = tower_config.num_hidden_layers
-    if config.vision.enabled:
-        return GTPRunner(make_vision_plan(config.vision, layers, feature_layer, patches))
-    return GTPRunner(passthrough_plan(layers, feature_layer, patches))
+    if not config.vision.enabled:
+        return GTPRunner.passthrough(tower_config, feature_layer)
+    return GTPRunner(make_vision_plan(config.vision, tower_config.num_hidden_layers, feature_layer,
+                                      tower_patches(tower_config)))

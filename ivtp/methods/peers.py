@@ -21,8 +21,9 @@ import torch
 
 from ivtp.config import ConfigError, resolve_budget
 from ivtp.methods import register
-from ivtp.methods.base import VisionRunner, encode, layers_used, output
+from ivtp.methods.base import VisionRunner, encode, output
 from ivtp.ops import gather_tokens
+from ivtp.patch.clip import layers_used, tower_patches
 from ivtp.ops.merge import bipartite_soft_matching, merge_weighted, tome_schedule
 from ivtp.ops.peers import (
     cls_attention_keep,
@@ -41,14 +42,20 @@ class PeerRunner(VisionRunner):
 
     name = "peer"
 
-    def __init__(self, section, tower_config, feature_layer: int, keep_key: str = "keep"):
+    keep_key = "keep"  # the section's budget knob
+
+    def __init__(self, section, tower_config, feature_layer: int):
         self.section = section
-        self.num_patches = (tower_config.image_size // tower_config.patch_size) ** 2
+        self.num_patches = tower_patches(tower_config)
         self.layers_used = layers_used(tower_config.num_hidden_layers, feature_layer)
-        self.tokens_per_image = resolve_budget(getattr(section, keep_key), self.num_patches,
-                                               f"{self.name}.{keep_key}")
+        self.tokens_per_image = self.budget()
         if self.layers_used == 0:
             raise ConfigError(f"{self.name}: the features come from the embeddings; no layer to score in")
+
+    def budget(self) -> int:
+        """Visual tokens per image this method hands the LLM."""
+        return resolve_budget(getattr(self.section, self.keep_key), self.num_patches,
+                              f"{self.name}.{self.keep_key}")
 
     def step_names(self) -> list[str]:
         return [self.name]
@@ -91,9 +98,7 @@ class FasterVLMRunner(PeerRunner):
 
 class VisPrunerRunner(PeerRunner):
     name = "vispruner"
-
-    def __init__(self, section, tower_config, feature_layer):
-        super().__init__(section, tower_config, feature_layer, keep_key="visual_token_num")
+    keep_key = "visual_token_num"
 
     def run(self, tower, pixel_values, want_final_cls):
         return self._select(tower, pixel_values, want_final_cls, lambda h, p: vispruner_select(
@@ -181,14 +186,12 @@ class VisionDropRunner(PeerRunner):
 
     name = "visiondrop"
 
-    def __init__(self, section, tower_config, feature_layer):
-        self.section = section
-        self.num_patches = (tower_config.image_size // tower_config.patch_size) ** 2
-        self.layers_used = layers_used(tower_config.num_hidden_layers, feature_layer)
-        self.tokens_per_image = section.dominant + section.contextual
-        if self.tokens_per_image > self.num_patches:
-            raise ConfigError(f"visiondrop: dominant + contextual ({self.tokens_per_image}) is more than the "
+    def budget(self) -> int:
+        total = self.section.dominant + self.section.contextual
+        if total > self.num_patches:
+            raise ConfigError(f"visiondrop: dominant + contextual ({total}) is more than the "
                               f"{self.num_patches} patches")
+        return total
 
     def run(self, tower, pixel_values, want_final_cls):
         hidden, probe = encode(tower, pixel_values, self.layers_used)
@@ -210,7 +213,5 @@ for _runner in (RandomRunner, TopKRunner, FasterVLMRunner, VisPrunerRunner, Spat
 def _in_llm_only(config, tower_config, feature_layer):
     """FastV and SparseVLM prune inside the LLM (ivtp/patch/llama.py); before it, every patch goes through."""
     from ivtp.methods.ivtp import GTPRunner
-    from ivtp.patch.clip import passthrough_plan
 
-    patches = (tower_config.image_size // tower_config.patch_size) ** 2
-    return GTPRunner(passthrough_plan(tower_config.num_hidden_layers, feature_layer, patches))
+    return GTPRunner.passthrough(tower_config, feature_layer)

@@ -111,7 +111,13 @@ class VisionPlan:
         return [f"vit.layers{lo}-{hi}" if lo != hi else f"vit.layer{lo}" for lo, hi in self.groups]
 
 
-def _layers_used(num_layers: int, feature_layer: int) -> int:
+def tower_patches(vision_config) -> int:
+    """Patch tokens of a square CLIP tower: (image_size / patch_size)^2, 576 for LLaVA-1.5."""
+    return (vision_config.image_size // vision_config.patch_size) ** 2
+
+
+def layers_used(num_layers: int, feature_layer: int) -> int:
+    """How many layers produce LLaVA's features: the hidden-state index, or 23 of 24 for -2."""
     used = feature_layer if feature_layer >= 0 else num_layers + 1 + feature_layer
     if not 0 <= used <= num_layers:
         raise ConfigError(f"vision_feature_layer {feature_layer} does not exist in a {num_layers}-layer tower")
@@ -120,7 +126,7 @@ def _layers_used(num_layers: int, feature_layer: int) -> int:
 
 def passthrough_plan(num_layers: int, feature_layer: int, num_patches: int) -> VisionPlan:
     """Stage 1 off: the feature layers run unpruned (the [CLS] the aligner needs still comes out)."""
-    used = _layers_used(num_layers, feature_layer)
+    used = layers_used(num_layers, feature_layer)
     return VisionPlan(num_patches, used, [(0, used - 1)] if used else [], [num_patches] if used else [],
                       score=False)
 
@@ -146,17 +152,17 @@ def resolve_schedule(schedule, keep: int, available: int, steps: int, key: str, 
 
 def make_vision_plan(stage: VisionStage, num_layers: int, feature_layer: int, num_patches: int) -> VisionPlan:
     """Resolve groups and the per-group budgets. Raises ConfigError for budgets the tower cannot meet."""
-    layers_used = _layers_used(num_layers, feature_layer)
+    used = layers_used(num_layers, feature_layer)
     keep = resolve_budget(stage.keep, num_patches, "vision.keep")
-    if layers_used == 0:
+    if used == 0:
         if keep != num_patches:
             raise ConfigError("vision.keep: the features come from the embeddings; no layer is left to prune in")
         return VisionPlan(num_patches, 0, [], [], stage.aggregation)
     g = stage.effective_group_size
-    groups = group_layers(0, layers_used, g)
+    groups = group_layers(0, used, g)
     counts = resolve_schedule(stage.schedule, keep, num_patches, len(groups), "vision",
-                              f"{layers_used} layers in groups of {g}")
-    return VisionPlan(num_patches, layers_used, groups, counts, stage.aggregation)
+                              f"{used} layers in groups of {g}")
+    return VisionPlan(num_patches, used, groups, counts, stage.aggregation)
 
 
 @dataclass

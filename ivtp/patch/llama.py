@@ -393,14 +393,19 @@ class _PrefillRun:
         count = sel.sum(-1, keepdim=True)  # (B', 1)
         mean = (h * sel[..., None]).sum(1) / count.clamp_min(1)  # (B', D)
         pcls = torch.where(count > 0, mean, self.g.fallback[rows].float()).to(hidden.dtype)  # (B', D)
-        attn = layer.self_attn
-        x = layer.input_layernorm(pcls[:, None])  # (B', 1, D)
-        q = attn.q_proj(x).view(x.shape[0], 1, -1, attn.head_dim).transpose(1, 2)  # (B', H, 1, Dh)
-        k = attn.k_proj(x).view(x.shape[0], 1, -1, attn.head_dim).transpose(1, 2)  # (B', Hkv, 1, Dh)
         last_vis = torch.gather(self.slot_pos[rows], 1, vis_idx).masked_fill(~vis_ok, -1).max(-1).values  # (B',)
         pos = torch.gather(self.full_position_ids[rows], 1, last_vis[:, None]) + 1  # (B', 1)
-        cos, sin = self.model.rotary_emb(x, position_ids=pos)
-        return apply_rotary_pos_emb(q, k, cos, sin)
+        return self._query_key(layer, pcls[:, None], pos)  # (B', H, 1, Dh), (B', Hkv, 1, Dh)
+
+    def _query_key(self, layer, hidden, positions):
+        """A layer's own q and k for tokens outside the sequence: its input norm, projections and RoPE.
+        hidden: (B, n, D), positions: (B, n). Returns (B, H, n, Dh) and (B, Hkv, n, Dh)."""
+        attn = layer.self_attn
+        x = layer.input_layernorm(hidden)
+        b, n = x.shape[:2]
+        q = attn.q_proj(x).view(b, n, -1, attn.head_dim).transpose(1, 2)
+        k = attn.k_proj(x).view(b, n, -1, attn.head_dim).transpose(1, 2)
+        return apply_rotary_pos_emb(q, k, *self.model.rotary_emb(x, position_ids=positions))
 
     # -- pruning ---------------------------------------------------------------------------------------------
     def after_layer(self, idx: int, hidden):
@@ -444,11 +449,9 @@ class _PrefillRun:
         for r in self.rows.tolist():  # rows differ in visual counts; B is small
             vis = torch.nonzero(self.slot_visual[r]).flatten()  # (Nv,) slots, ascending
             prefix = torch.nonzero(self.slot_ok[r] & (self.slot_pos[r] < self.slot_pos[r, vis[0]])).flatten()
-            x = layer.input_layernorm(hidden[r, torch.cat([prefix, vis])][None])  # (1, P + Nv, D)
-            q = attn.q_proj(x).view(1, x.shape[1], -1, attn.head_dim).transpose(1, 2)  # (1, H, P + Nv, Dh)
-            k = attn.k_proj(x).view(1, x.shape[1], -1, attn.head_dim).transpose(1, 2)  # (1, Hkv, P + Nv, Dh)
-            pos = self.full_position_ids[r, self.slot_pos[r, torch.cat([prefix, vis])]][None]
-            q, k = apply_rotary_pos_emb(q, k, *self.model.rotary_emb(x, position_ids=pos))
+            tokens = torch.cat([prefix, vis])
+            pos = self.full_position_ids[r, self.slot_pos[r, tokens]][None]  # (1, P + Nv)
+            q, k = self._query_key(layer, hidden[r, tokens][None], pos)  # (1, H, P + Nv, Dh), (1, Hkv, ...)
             p = len(prefix)
             with torch.no_grad():
                 scores = visiondrop_llm_scores(q[:, :, p:], k[:, :, p:], attn.scaling, prefix_k=k[:, :, :p])

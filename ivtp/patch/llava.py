@@ -33,7 +33,7 @@ from ivtp.ops.sequence import (
     shrink_placeholders,
 )
 from ivtp.methods import VisionRunner, build_vision_runner
-from ivtp.patch.clip import VisionOutput, patch_attention
+from ivtp.patch.clip import VisionOutput, patch_attention, tower_patches
 from ivtp.patch.llama import (
     SUPPORTED_ATTENTION,
     LLMGuidance,
@@ -60,8 +60,7 @@ def language_model(model: LlavaForConditionalGeneration):
 
 
 def num_patches(config) -> int:
-    vc = config.vision_config
-    return (vc.image_size // vc.patch_size) ** 2
+    return tower_patches(config.vision_config)
 
 
 def pad_token_id(config) -> int:
@@ -134,17 +133,19 @@ class PruningState:
         attention_mask: torch.Tensor | None,
         labels: torch.Tensor | None,
         padding_side: str,
+        already_shrunk: bool = False,
     ) -> ShrunkBatch:
-        """Check the placeholders against the images, then shrink each image's run to `tokens_per_image`."""
-        check_placeholders(placeholder_counts(input_ids, self.image_token_id), num_images, self.num_patches)
+        """Check the placeholders against the images, then shrink each image's run to `tokens_per_image`.
+        Input that `shrink` already produced (generate's later calls) must hold the shrunk runs, and passes."""
+        counts = placeholder_counts(input_ids, self.image_token_id)
+        if already_shrunk:
+            check_placeholders(counts, num_images, self.tokens_per_image)
+            return ShrunkBatch(input_ids, attention_mask, labels, None)
+        check_placeholders(counts, num_images, self.num_patches)
         return shrink_placeholders(
             input_ids, self.image_token_id, self.num_patches, self.tokens_per_image,
             attention_mask=attention_mask, labels=labels, pad_token_id=self.pad_token_id, padding_side=padding_side,
         )
-
-    def check_shrunk(self, input_ids: torch.Tensor, num_images: int) -> None:
-        """Input that `shrink` already produced (generate's later calls) must hold the shrunk runs."""
-        check_placeholders(placeholder_counts(input_ids, self.image_token_id), num_images, self.tokens_per_image)
 
     def check_no_placeholders(self, input_ids: torch.Tensor) -> None:
         counts = placeholder_counts(input_ids, self.image_token_id)
@@ -191,17 +192,15 @@ class PrunedLlavaForConditionalGeneration:
                                    past_key_values=past_key_values, inputs_embeds=inputs_embeds, **kwargs)
         if input_ids is None:
             raise ValueError("a pruned LLaVA needs input_ids with pixel_values: the <image> runs are shrunk in input_ids")
-        if ivtp_shrunk:
-            state.check_shrunk(input_ids, pixel_values.shape[0])
-        else:
-            shrunk = state.shrink(input_ids, pixel_values.shape[0], attention_mask, kwargs.get("labels"),
-                                  padding_side=infer_padding_side(attention_mask, default="right"))
-            if shrunk.keep is not None:
-                input_ids, attention_mask = shrunk.input_ids, shrunk.attention_mask
-                if kwargs.get("labels") is not None:
-                    kwargs["labels"] = shrunk.labels
-                if position_ids is not None:  # given for the full-length sequence: rebuild for the shrunk one
-                    position_ids = None if attention_mask is None else _positions_from_mask(attention_mask)
+        shrunk = state.shrink(input_ids, pixel_values.shape[0], attention_mask, kwargs.get("labels"),
+                              padding_side=infer_padding_side(attention_mask, default="right"),
+                              already_shrunk=ivtp_shrunk)
+        if shrunk.keep is not None:
+            input_ids, attention_mask = shrunk.input_ids, shrunk.attention_mask
+            if kwargs.get("labels") is not None:
+                kwargs["labels"] = shrunk.labels
+            if position_ids is not None:  # given for the full-length sequence: rebuild for the shrunk one
+                position_ids = None if attention_mask is None else _positions_from_mask(attention_mask)
         if state.llm_plan is None or not _is_prefill(past_key_values):
             return super().forward(input_ids=input_ids, pixel_values=pixel_values, attention_mask=attention_mask,
                                    position_ids=position_ids, past_key_values=past_key_values,
@@ -285,15 +284,13 @@ class PrunedLlavaForConditionalGeneration:
         pixel_values = kwargs.get("pixel_values")
         state = self.ivtp_state
         if input_ids is not None and pixel_values is not None:
-            if ivtp_shrunk:
-                state.check_shrunk(input_ids, pixel_values.shape[0])
-            else:
-                attention_mask = kwargs.get("attention_mask")
-                shrunk = state.shrink(input_ids, pixel_values.shape[0], attention_mask, None,
-                                      padding_side=infer_padding_side(attention_mask, default="left"))
-                input_ids = shrunk.input_ids
-                if shrunk.attention_mask is not None:
-                    kwargs["attention_mask"] = shrunk.attention_mask
+            attention_mask = kwargs.get("attention_mask")
+            shrunk = state.shrink(input_ids, pixel_values.shape[0], attention_mask, None,
+                                  padding_side=infer_padding_side(attention_mask, default="left"),
+                                  already_shrunk=ivtp_shrunk)
+            input_ids = shrunk.input_ids
+            if shrunk.attention_mask is not None:
+                kwargs["attention_mask"] = shrunk.attention_mask
         elif input_ids is not None:
             state.check_no_placeholders(input_ids)
         if state.llm_plan is not None:
