@@ -30,16 +30,23 @@ def _model_args(p: argparse.ArgumentParser, default_model: str = "tiny-random") 
     p.add_argument("--json", action="store_true", help="print one JSON object instead of text")
 
 
-def _load(args):
-    from ivtp import ConfigError, PruneConfig, apply_pruning
-    from ivtp.models import load_model, preset_aligner
+def _prune_config(args):
+    """The run's PruneConfig (None: unpruned), parsed before any model loads so a bad key costs no loading time."""
+    from ivtp import ConfigError, PruneConfig
 
-    # Parse the config before the model loads, so a bad key costs no loading time.
     config = None if args.prune_config == "none" else PruneConfig.load(args.prune_config)
     if args.method is not None and config is not None:
         if args.prune_config is not None and config.method != args.method:
             raise ConfigError(f"--method {args.method} disagrees with method {config.method!r} of {args.prune_config}")
         config = PruneConfig.for_method(args.method) if args.prune_config is None else config
+    return config
+
+
+def _load(args, config=None):
+    from ivtp import apply_pruning
+    from ivtp.models import load_model, preset_aligner
+
+    config = _prune_config(args) if config is None else config
     model, processor = load_model(args.model, random_weights=args.random_weights,
                                   dtype=DTYPES[args.dtype] if args.dtype else None, device=args.device,
                                   attn_implementation=args.attn_implementation)
@@ -236,6 +243,61 @@ def cmd_bench(args) -> int:
     return 0
 
 
+def _eval_run(args, config, bench) -> dict:
+    """What produced the predictions; a resumed run must match it (ivtp/eval/runner.py)."""
+    model_id = os.path.basename(os.path.normpath(args.model)) + "-" + (config.method if config else "unpruned")
+    return {"benchmark": args.benchmark, "model": args.model, "model_id": args.model_id or model_id,
+            "prune_config": None if config is None else config.to_dict(), "max_new_tokens": args.max_new_tokens or bench.max_new_tokens,
+            "image_aspect_ratio": args.image_aspect_ratio, "random_weights": args.random_weights}
+
+
+def _shard(args) -> tuple[int, int]:
+    """--num-chunks/--chunk-idx, or one chunk per process under torchrun (WORLD_SIZE/RANK)."""
+    if args.num_chunks is not None:
+        return args.num_chunks, args.chunk_idx
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1 and args.device.startswith("cuda"):
+        args.device = f"cuda:{os.environ.get('LOCAL_RANK', '0')}"
+    return world, int(os.environ.get("RANK", "0"))
+
+
+def cmd_eval(args) -> int:
+    from ivtp.eval.benchmarks import get_benchmark
+    from ivtp.eval.runner import check_run, evaluate, finish, load_items
+
+    bench = get_benchmark(args.benchmark)
+    num_chunks, chunk_idx = _shard(args)
+    out = args.out or os.path.join("ivtp_out", "eval", bench.name)
+    items = load_items(bench, args.data, args.limit)  # a bad folder fails before the model loads
+    if args.score_only:
+        with open(os.path.join(out, "run.json")) as f:
+            run = json.load(f)
+        result = finish(bench, args.data, items, out, num_chunks, run)
+        if result is None:
+            raise FileNotFoundError(f"{out}: predictions are missing for some questions; run the missing chunks")
+        summary = {"out": out, "result": result}
+    else:
+        config = _prune_config(args)
+        run = _eval_run(args, config, bench)
+        check_run(out, run)  # a mismatched resume fails before the model loads
+        model, processor, config = _load(args, config)
+        summary = evaluate(model, processor, bench, args.data, out, run, limit=args.limit, num_chunks=num_chunks,
+                           chunk_idx=chunk_idx, batch_size=args.batch_size,
+                           pad=args.image_aspect_ratio == "pad", progress=not args.json)
+    if args.json:
+        json.dump(summary, sys.stdout, indent=2, ensure_ascii=False)
+        sys.stdout.write("\n")
+    elif summary["result"] is None:
+        print(f"chunk {chunk_idx + 1}/{num_chunks} done ({summary['answered_now']} answered); results.json is "
+              "written when the last chunk finishes")
+    else:
+        result = summary["result"]
+        print(f"{result['title']}: {json.dumps(result['metrics'], ensure_ascii=False)}")
+        for path in result["files"]:
+            print(f"wrote {path}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ivtp", description="Instruction-guided visual token pruning for LLaVA-1.5")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -258,6 +320,23 @@ def build_parser() -> argparse.ArgumentParser:
         else:
             p.add_argument("--out", default="ivtp_out")
         p.set_defaults(func=func)
+
+    p = sub.add_parser("eval", help="run a benchmark of IVTP's Table 1 (docs/evaluation.md): batched, resumable, sharded")
+    _model_args(p)
+    from ivtp.eval.benchmarks import BENCHMARKS
+
+    p.add_argument("--benchmark", required=True, choices=sorted(BENCHMARKS))
+    p.add_argument("--data", required=True, help="the benchmark folder (LLaVA-1.5's playground/data/eval/<name>)")
+    p.add_argument("--out", default=None, help="output folder (default ivtp_out/eval/<benchmark>); resumes there")
+    p.add_argument("--limit", type=int, default=None, help="only the first N questions")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--num-chunks", type=int, default=None, help="shards (default: torchrun's WORLD_SIZE, or 1)")
+    p.add_argument("--chunk-idx", type=int, default=0)
+    p.add_argument("--image-aspect-ratio", choices=["pad", "none"], default="pad",
+                   help="pad images to a square of the mean colour first, as LLaVA-1.5 evaluates (default)")
+    p.add_argument("--model-id", default=None, help="name used in submission files")
+    p.add_argument("--score-only", action="store_true", help="merge and score existing predictions; no model")
+    p.set_defaults(func=cmd_eval, max_new_tokens=None)
 
     p = sub.add_parser("flops", help="TFLOPs of a model and method, in the IVTP paper's convention (docs/flops.md)")
     p.add_argument("--model", default="llava-1.5-7b", help="llava-1.5-7b, llava-1.5-13b, cpu-mid, or a llava-hf folder")
@@ -303,12 +382,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     from ivtp.config import ConfigError
+    from ivtp.eval.benchmarks import BenchmarkDataError
     from ivtp.ops.sequence import PlaceholderError
 
     args = build_parser().parse_args(argv)
     try:
         return args.func(args) or 0
-    except (ConfigError, PlaceholderError, FileNotFoundError) as e:
+    except (ConfigError, PlaceholderError, FileNotFoundError, BenchmarkDataError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
 

@@ -1,0 +1,207 @@
+"""`ivtp eval`: batched, resumable, shardable benchmark runs.
+
+Files in the output folder:
+- ``run.json``: what produced the predictions (benchmark, model, prune config, generation length). A resumed run
+  must match it, so predictions of two settings never mix in one file.
+- ``predictions.jsonl`` (one chunk) or ``chunks/{N}_{k}.jsonl`` (chunk k of N, LLaVA's naming): one line per
+  answered question, appended and flushed batch by batch. A run that is interrupted loses at most the batch in
+  flight; started again, it skips the ids already answered.
+- ``results.json``: the merged metrics (local scorers) and the paths of submission or judge files, written by
+  whichever chunk finishes last, or by ``ivtp eval --score-only``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import time
+
+from PIL import Image
+from tqdm import tqdm
+
+from ivtp.eval.benchmarks import Benchmark, BenchmarkDataError, Item
+
+logger = logging.getLogger(__name__)
+COMPARED_RUN_KEYS = ("benchmark", "model", "prune_config", "max_new_tokens", "image_aspect_ratio")
+
+
+def chunk_of(items: list, num_chunks: int, chunk_idx: int) -> list:
+    """Contiguous chunk k of N, sized ceil(len/N) as LLaVA's get_chunk (the last chunks may be short or empty)."""
+    if num_chunks < 1 or not 0 <= chunk_idx < num_chunks:
+        raise ValueError(f"chunk index {chunk_idx} is not in [0, {num_chunks})")
+    size = math.ceil(len(items) / num_chunks)
+    return items[chunk_idx * size : (chunk_idx + 1) * size]
+
+
+def prediction_path(out_dir: str, num_chunks: int, chunk_idx: int) -> str:
+    if num_chunks == 1:
+        return os.path.join(out_dir, "predictions.jsonl")
+    return os.path.join(out_dir, "chunks", f"{num_chunks}_{chunk_idx}.jsonl")
+
+
+def read_predictions(path: str, benchmark: str, repair: bool = False) -> dict[str, dict]:
+    """The predictions already in `path`, by question id. A last line cut off by an interruption is dropped (and,
+    with `repair`, removed from the file so appends stay well-formed); any other bad line is an error."""
+    if not os.path.exists(path):
+        return {}
+    with open(path, "rb") as f:
+        data = f.read()
+    lines = data.split(b"\n")
+    done: dict[str, dict] = {}
+    good_bytes = 0
+    for n, raw in enumerate(lines, 1):
+        if not raw.strip():
+            good_bytes += len(raw) + 1
+            continue
+        try:
+            row = json.loads(raw)
+        except json.JSONDecodeError:
+            if n == len(lines):  # the interrupted final write: no newline after it
+                logger.warning("%s: dropping an incomplete last line (an interrupted write)", path)
+                if repair:
+                    with open(path, "r+b") as f:
+                        f.truncate(good_bytes)
+                break
+            raise BenchmarkDataError(f"{path} line {n} is not valid JSON; it is not a predictions file of ivtp "
+                                     "eval, or it was edited") from None
+        if not isinstance(row, dict) or "question_id" not in row or "text" not in row:
+            raise BenchmarkDataError(f"{path} line {n} is not an ivtp eval prediction (needs question_id, text)")
+        if row.get("benchmark") != benchmark:
+            raise BenchmarkDataError(f"{path} holds predictions for benchmark {row.get('benchmark')!r}, not "
+                                     f"{benchmark!r}: use another --out folder")
+        done[str(row["question_id"])] = row
+        good_bytes += len(raw) + 1
+    return done
+
+
+def check_run(out_dir: str, run: dict) -> None:
+    """Write run.json, or check that an existing one describes the same run."""
+    path = os.path.join(out_dir, "run.json")
+    if os.path.exists(path):
+        with open(path) as f:
+            old = json.load(f)
+        diff = [k for k in COMPARED_RUN_KEYS if old.get(k) != run.get(k)]
+        if diff:
+            raise BenchmarkDataError(f"{out_dir} holds a run with other settings ({', '.join(diff)} differ, see "
+                                     f"{path}); use another --out folder, or delete it to start over")
+        return
+    os.makedirs(out_dir, exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(run, f, indent=2)
+
+
+def open_image(item: Item, pad_fill: tuple[int, int, int] | None) -> Image.Image | None:
+    """The item's image as RGB, padded to a square of the processor's mean colour (LLaVA-1.5's 'pad')."""
+    from ivtp.data.llava import expand_to_square
+    from ivtp.inference import load_image
+
+    if item.image is None:
+        return None
+    image = item.image() if callable(item.image) else load_image(item.image)
+    return image if pad_fill is None else expand_to_square(image.convert("RGB"), pad_fill)
+
+
+def run_chunk(model, processor, bench: Benchmark, items: list[Item], out_dir: str, *, num_chunks: int = 1,
+              chunk_idx: int = 0, batch_size: int = 8, max_new_tokens: int | None = None, pad: bool = True,
+              progress: bool = True) -> int:
+    """Answer this chunk's unanswered items, appending each batch to its predictions file; the count answered."""
+    from ivtp.inference import Sample, generate
+
+    path = prediction_path(out_dir, num_chunks, chunk_idx)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    done = read_predictions(path, bench.name, repair=True)
+    todo = [it for it in chunk_of(items, num_chunks, chunk_idx) if it.id not in done]
+    # A missing image should fail now, not hours in: check paths before any compute.
+    missing = [it.image for it in todo if isinstance(it.image, str) and not os.path.isfile(it.image)]
+    if missing:
+        raise BenchmarkDataError(f"{bench.name}: {len(missing)} image(s) missing, e.g. {missing[0]}")
+    mean = getattr(processor.image_processor, "image_mean", None)
+    fill = tuple(int(255 * m) for m in mean) if pad and mean is not None else None
+    max_new = max_new_tokens or bench.max_new_tokens
+    bar = tqdm(total=len(todo), desc=f"{bench.name} {chunk_idx + 1}/{num_chunks}", disable=not progress)
+    with open(path, "a", encoding="utf-8") as out:
+        for start in range(0, len(todo), batch_size):
+            batch = todo[start : start + batch_size]
+            samples = [Sample(it.prompt, open_image(it, fill)) for it in batch]
+            results = generate(model, processor, samples, max_new_tokens=max_new, batch_size=len(batch))
+            for it, r in zip(batch, results):
+                out.write(json.dumps({"benchmark": bench.name, "question_id": it.id, "prompt": it.prompt,
+                                      "text": r.answer, "visual_tokens": r.visual_tokens}, ensure_ascii=False)
+                          + "\n")
+            out.flush()
+            os.fsync(out.fileno())  # a finished batch survives a crash or a pre-empted job
+            bar.update(len(batch))
+    bar.close()
+    return len(todo)
+
+
+def collect(bench: Benchmark, items: list[Item], out_dir: str, num_chunks: int) -> dict[str, dict] | None:
+    """All predictions of the run if every chunk is complete, else None. Merges chunk files into
+    predictions.jsonl (in question order), as LLaVA's scripts do with cat."""
+    merged: dict[str, dict] = {}
+    for k in range(num_chunks):
+        merged.update(read_predictions(prediction_path(out_dir, num_chunks, k), bench.name))
+    if any(it.id not in merged for it in items):
+        return None
+    if num_chunks > 1:
+        path = prediction_path(out_dir, 1, 0)
+        tmp = path + ".tmp"
+        with open(tmp, "w", encoding="utf-8") as f:
+            for it in items:
+                f.write(json.dumps(merged[it.id], ensure_ascii=False) + "\n")
+        os.replace(tmp, path)  # atomic: two chunks finishing together write the same file
+    return merged
+
+
+def finish(bench: Benchmark, root: str, items: list[Item], out_dir: str, num_chunks: int, run: dict) -> dict | None:
+    """Score the merged predictions and write submission files; None while chunks are still missing."""
+    rows = collect(bench, items, out_dir, num_chunks)
+    if rows is None:
+        return None
+    predictions = {k: v["text"] for k, v in rows.items() if k in {it.id for it in items}}
+    model_id = run.get("model_id") or "ivtp"
+    finals = [r["visual_tokens"][-1] for r in rows.values() if r.get("visual_tokens")]
+    result = {
+        "benchmark": bench.name,
+        "title": bench.title,
+        "model": run.get("model"),
+        "prune_config": run.get("prune_config"),
+        "questions": len(items),
+        "metrics": bench.score(root, items, predictions),
+        "files": bench.write_outputs(root, items, predictions, out_dir, model_id),
+        "mean_final_visual_tokens": round(sum(finals) / len(finals), 2) if finals else None,
+    }
+    with open(os.path.join(out_dir, "results.json"), "w", encoding="utf-8") as f:
+        json.dump(result, f, indent=2, ensure_ascii=False)
+    return result
+
+
+def evaluate(model, processor, bench: Benchmark, root: str, out_dir: str, run: dict, *, limit: int | None = None,
+             num_chunks: int = 1, chunk_idx: int = 0, batch_size: int = 8, pad: bool = True,
+             progress: bool = True) -> dict:
+    """One chunk of a benchmark run; then, if all chunks are done, the merged result. Returns a summary dict
+    (``result`` is None while other chunks are still running)."""
+    t0 = time.time()
+    items = load_items(bench, root, limit)
+    check_run(out_dir, run)
+    answered = run_chunk(model, processor, bench, items, out_dir, num_chunks=num_chunks, chunk_idx=chunk_idx,
+                         batch_size=batch_size, max_new_tokens=run.get("max_new_tokens"), pad=pad,
+                         progress=progress)
+    result = finish(bench, root, items, out_dir, num_chunks, run)
+    return {"out": out_dir, "answered_now": answered, "chunk": [chunk_idx, num_chunks],
+            "seconds": round(time.time() - t0, 2), "result": result}
+
+
+def load_items(bench: Benchmark, root: str, limit: int | None) -> list[Item]:
+    items = bench.load(root)
+    ids = [it.id for it in items]
+    if len(set(ids)) != len(ids):
+        dup = next(i for i in ids if ids.count(i) > 1)
+        raise BenchmarkDataError(f"{bench.name}: question id {dup!r} appears twice in {root}")
+    if limit is not None:
+        if limit < 1:
+            raise ValueError(f"--limit must be positive, got {limit}")
+        items = items[:limit]
+    return items

@@ -1,0 +1,4 @@
+#!/usr/bin/env bash
+# mme with IVTP (or METHOD) at TOKENS visual tokens; see run.sh for the environment variables.
+# Usage: bash scripts/v1_5/eval/mme.sh TOKENS [extra ivtp eval args...]
+exec bash "$(dirname "$0")/run.sh" mme "$@"
