@@ -8,13 +8,12 @@ small English word list, with LLaVA's special tokens. Re-running this script rep
 
 import itertools
 import os
-import string
 import sys
 
-from tokenizers import SentencePieceBPETokenizer, processors
-from transformers import PreTrainedTokenizerFast
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-SPECIALS = ["<unk>", "<s>", "</s>", "<image>", "<pad>"]
+from ivtp.data.tokenizer import train_tokenizer  # noqa: E402
+
 WORDS = """a an the is are was were be this that these those what which who where when why how many much
 there here it its of in on at to from with without by for and or not no yes left right top bottom middle
 center above below next behind front image picture photo object objects shape shapes colour color colours
@@ -32,19 +31,7 @@ def corpus():
 
 
 def main(out_dir: str) -> None:
-    tok = SentencePieceBPETokenizer(unk_token="<unk>", add_prefix_space=True)
-    # Every printable ASCII character (and newline) is in the alphabet, so no ASCII text maps to <unk>.
-    alphabet = sorted(set(string.printable) - set(" \t\r\x0b\x0c"))
-    tok.train_from_iterator(
-        corpus(), vocab_size=640, min_frequency=2, special_tokens=SPECIALS, initial_alphabet=alphabet
-    )
-    tok.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A $B", special_tokens=[("<s>", 1)])
-    fast = PreTrainedTokenizerFast(
-        tokenizer_object=tok._tokenizer, bos_token="<s>", eos_token="</s>", unk_token="<unk>",
-        pad_token="<pad>", extra_special_tokens={"image_token": "<image>"}, padding_side="left",
-    )
-    os.makedirs(out_dir, exist_ok=True)
-    fast.save_pretrained(out_dir)
+    fast = train_tokenizer(corpus(), out_dir, vocab_size=640)
     print(f"wrote {out_dir}: vocab {len(fast)}")
 
 
