@@ -164,3 +164,22 @@ def test_pretraining_assembles_llava_from_an_llm_and_a_clip_tower(tmp_path):
     with torch.no_grad():
         torch.testing.assert_close(model.eval()(input_ids=ids).logits[..., :100], llm(input_ids=ids).logits)
         torch.testing.assert_close(model.model.vision_tower(pixels).pooler_output, clip(pixels).pooler_output)
+
+
+@pytest.mark.parametrize("script", ["pretrain.sh", "finetune.sh", "finetune_lora.sh"])
+def test_launcher_flags_are_training_arguments(script):
+    """Every --flag in scripts/v1_5/*.sh is an argument of train/*.py (transformers 5 dropped --warmup_ratio,
+    for one: a launcher with such a flag would fail only on the cluster)."""
+    import dataclasses
+    import re
+
+    from ivtp.training import DataArguments, ModelArguments, TrainingArguments
+
+    known = {f.name for cls in (ModelArguments, DataArguments, TrainingArguments) for f in dataclasses.fields(cls)}
+    known |= {"prune-config", "deepspeed", "hostfile"}
+    text = open(os.path.join(os.path.dirname(__file__), "..", "scripts", "v1_5", script)).read()
+    body = text.split("train/", 1)[-1] if "train/" in text else text  # the flags given to the training script
+    flags = re.findall(r"(?<![\w-])--([A-Za-z][\w-]*)", body)
+    assert len(flags) >= 4
+    unknown = sorted(set(flags) - known)
+    assert unknown == [], f"{script}: not training arguments: {unknown}"

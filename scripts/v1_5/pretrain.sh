@@ -17,7 +17,7 @@ deepspeed ${HOSTFILE:+--hostfile $HOSTFILE} train/pretrain.py \
     --output_dir checkpoints/llava-v1.5-7b-pretrain-ivtp \
     --num_train_epochs 1 \
     --per_device_train_batch_size 32 --gradient_accumulation_steps 1 \
-    --learning_rate 1e-3 --weight_decay 0. --warmup_ratio 0.03 --lr_scheduler_type cosine \
+    --learning_rate 1e-3 --weight_decay 0. --warmup_steps 0.03 --lr_scheduler_type cosine \
     --model_max_length 2048 --gradient_checkpointing True \
     --save_strategy steps --save_steps 24000 --save_total_limit 1 \
     --dataloader_num_workers 4 --logging_steps 1 --report_to wandb "$@"
