@@ -10,7 +10,7 @@ import time
 
 import torch
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+from ivtp.models import DTYPES
 
 
 def _model_args(p: argparse.ArgumentParser, default_model: str = "tiny-random") -> None:
@@ -31,27 +31,17 @@ def _model_args(p: argparse.ArgumentParser, default_model: str = "tiny-random") 
 
 
 def _prune_config(args):
-    """The run's PruneConfig (None: unpruned), parsed before any model loads so a bad key costs no loading time."""
-    from ivtp import ConfigError, PruneConfig
+    from ivtp.models import resolve_prune_config
 
-    config = None if args.prune_config == "none" else PruneConfig.load(args.prune_config)
-    if args.method is not None and config is not None:
-        if args.prune_config is not None and config.method != args.method:
-            raise ConfigError(f"--method {args.method} disagrees with method {config.method!r} of {args.prune_config}")
-        config = PruneConfig.for_method(args.method) if args.prune_config is None else config
-    return config
+    return resolve_prune_config(args.prune_config, args.method, args.model)
 
 
 def _load(args, config=None):
-    from ivtp import apply_pruning
-    from ivtp.models import load_model, preset_aligner
+    from ivtp.models import load_for_inference
 
     config = _prune_config(args) if config is None else config
-    model, processor = load_model(args.model, random_weights=args.random_weights,
-                                  dtype=DTYPES[args.dtype] if args.dtype else None, device=args.device,
-                                  attn_implementation=args.attn_implementation)
-    if config is not None:
-        apply_pruning(model, config, aligner=preset_aligner(args.model), tokenizer=processor.tokenizer)
+    model, processor = load_for_inference(args.model, config, random_weights=args.random_weights, dtype=args.dtype,
+                                          device=args.device, attn_implementation=args.attn_implementation)
     return model, processor, config
 
 
@@ -298,6 +288,27 @@ def cmd_eval(args) -> int:
     return 0
 
 
+def cmd_ablate(args) -> int:
+    from ivtp.testbed.ablate import ablate, headline, write_reports
+
+    suites = [s for s in args.suites.split(",") if s]
+    budgets = [int(b) for b in args.budgets.split(",") if b]
+    out = args.out or os.path.join(args.testbed, "ablate")
+    rows = ablate(args.testbed, out, suites=suites, budgets=budgets, limit=args.limit, batch_size=args.batch_size,
+                  progress=not args.json)
+    paths = write_reports(rows, out)
+    if args.json:
+        json.dump({"rows": [r.__dict__ for r in rows], "files": paths}, sys.stdout, indent=2)
+        sys.stdout.write("\n")
+    else:
+        for r in rows:
+            acc, f1 = headline(r)
+            print(f"{r.suite:12s} {r.model:10s} {r.name:28s} tokens {str(r.tokens):5s} GQA-layout {acc:5.1f}"
+                  + ("" if f1 is None else f"  POPE F1 {f1:5.1f}"))
+        print("wrote " + ", ".join(paths.values()))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ivtp", description="Instruction-guided visual token pruning for LLaVA-1.5")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -337,6 +348,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model-id", default=None, help="name used in submission files")
     p.add_argument("--score-only", action="store_true", help="merge and score existing predictions; no model")
     p.set_defaults(func=cmd_eval, max_new_tokens=None)
+
+    from ivtp.testbed.ablate import DEFAULT_BUDGETS, SUITES
+
+    p = sub.add_parser("ablate", help="methods and IVTP ablations on the trained testbed (docs/testbed.md)")
+    p.add_argument("--testbed", default="ivtp_out/testbed", help="the output folder of `make testbed`")
+    p.add_argument("--out", default=None, help="default: <testbed>/ablate")
+    p.add_argument("--suites", default=",".join(SUITES), help=f"comma-separated subset of {','.join(SUITES)}")
+    p.add_argument("--budgets", default=",".join(map(str, DEFAULT_BUDGETS)),
+                   help="visual tokens per image (of 64) for the methods suite")
+    p.add_argument("--limit", type=int, default=None, help="only the first N questions of each split")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_ablate)
 
     p = sub.add_parser("flops", help="TFLOPs of a model and method, in the IVTP paper's convention (docs/flops.md)")
     p.add_argument("--model", default="llava-1.5-7b", help="llava-1.5-7b, llava-1.5-13b, cpu-mid, or a llava-hf folder")

@@ -6,6 +6,7 @@ Presets:
   8-layer CLIP tower and a narrow 32-layer Llama (as deep as Vicuna-7B); seconds on a CPU. Deterministic (seeded).
 - ``llava-1.5-7b`` / ``llava-1.5-13b``: the llava-hf checkpoints; with ``random_weights=True`` the same
   architectures with random weights, built directly on the target device.
+- ``testbed``: the trained miniature LLaVA shipped in ivtp/assets/testbed (docs/testbed.md), with its aligner.
 """
 
 from __future__ import annotations
@@ -30,6 +31,8 @@ logger = logging.getLogger(__name__)
 
 ASSETS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets")
 TINY_TOKENIZER = os.path.join(ASSETS, "tiny-tokenizer")
+# The testbed's trained LLaVA (docs/testbed.md), shipped in the package: `ivtp demo`'s default model.
+TESTBED_MODEL = os.path.join(ASSETS, "testbed", "llava-ivtp")
 OPENAI_CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]
 OPENAI_CLIP_STD = [0.26862954, 0.26130258, 0.27577711]
 
@@ -132,11 +135,28 @@ def tiny_aligner(seed: int = 0, model: str = "ivtp-tiny-clip"):
 
 
 PRESET_ALIGNERS = {"tiny-random": "ivtp-tiny-clip", "cpu-mid": "ivtp-cpu-mid-clip"}
+# A checkpoint folder may carry the aligner its stage 2 was trained with (the testbed's do): the weights, and a
+# JSON naming the open_clip model config they fit.
+ALIGNER_FILE, ALIGNER_META = "aligner.safetensors", "aligner.json"
 
 
 def preset_aligner(name: str):
-    """The aligner a preset brings along, or None when the prune config's own `llm.aligner` applies."""
-    return tiny_aligner(model=PRESET_ALIGNERS[name]) if name in PRESET_ALIGNERS else None
+    """The aligner a preset or checkpoint folder brings along, or None when the prune config's own
+    `llm.aligner` applies."""
+    if name in PRESET_ALIGNERS:
+        return tiny_aligner(model=PRESET_ALIGNERS[name])
+    folder = TESTBED_MODEL if name == "testbed" else name
+    meta = os.path.join(folder, ALIGNER_META)
+    if not os.path.isfile(meta):
+        return None
+    import json
+
+    from ivtp.aligner import Aligner
+    from ivtp.config import AlignerConfig
+
+    with open(meta) as f:
+        model = json.load(f)["model"]
+    return Aligner.from_config(AlignerConfig(model=model, pretrained=os.path.join(folder, ALIGNER_FILE))).eval()
 
 
 def random_model(name: str, dtype: torch.dtype = torch.bfloat16, device: str | torch.device = "cpu",
@@ -177,6 +197,10 @@ def load_model(
     if name_or_path == "tiny-random":
         model, processor = tiny_random()
         return model.to(device=device, dtype=dtype or torch.float32), processor
+    if name_or_path == "testbed":
+        if not os.path.isfile(os.path.join(TESTBED_MODEL, "config.json")):
+            raise FileNotFoundError(f"the testbed model is not in {TESTBED_MODEL}; build it with `make testbed`")
+        name_or_path, dtype = TESTBED_MODEL, dtype or torch.float32  # shipped in fp16, run in fp32 on a CPU
     if random_weights:
         return random_model(name_or_path, dtype=dtype or torch.bfloat16, device=device,
                             attn_implementation=attn_implementation or "sdpa")
@@ -189,6 +213,49 @@ def load_model(
     model = _from_local_or_cache(LlavaForConditionalGeneration, source, cache_dir, **kwargs).to(device).eval()
     processor = _from_local_or_cache(AutoProcessor, source, cache_dir)
     return model, processor
+
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def resolve_prune_config(prune_config=None, method: str | None = None, model: str | None = None):
+    """The PruneConfig of a run, parsed before any model loads (a bad key costs no loading time).
+
+    prune_config: 'none' (unpruned), a YAML/JSON path, a checkpoint folder, or None. method: a method at its
+    defaults (or a check against the config's method). With neither, the config saved beside the model's weights
+    (ivtp_config.json: a retrained checkpoint carries its own) or else PruneConfig(), the paper's setting.
+    """
+    from ivtp.config import CONFIG_NAME, ConfigError, PruneConfig
+
+    if prune_config == "none":
+        return None
+    if prune_config is None and method is None and model is not None:
+        folder = TESTBED_MODEL if model == "testbed" else model
+        if os.path.isfile(os.path.join(folder, CONFIG_NAME)):
+            return PruneConfig.from_pretrained(folder)
+    config = PruneConfig.load(prune_config)
+    if method is not None:
+        if prune_config is not None and config.method != method:
+            raise ConfigError(f"--method {method} disagrees with method {config.method!r} of {prune_config}")
+        config = PruneConfig.for_method(method) if prune_config is None else config
+    return config
+
+
+def load_for_inference(name: str, config=None, *, random_weights: bool = False, dtype: "str | torch.dtype | None" = None,
+                       device: str | torch.device = "cpu", attn_implementation: str | None = None):
+    """(model, processor) ready for generation: loaded as `load_model` does, then pruned in place with `config`
+    (None: unpruned) and the aligner the preset or checkpoint folder brings, if any."""
+    from ivtp import apply_pruning
+
+    if isinstance(dtype, str):
+        if dtype not in DTYPES:
+            raise ValueError(f"dtype {dtype!r}: choose one of {', '.join(sorted(DTYPES))}")
+        dtype = DTYPES[dtype]
+    model, processor = load_model(name, random_weights=random_weights, dtype=dtype, device=device,
+                                  attn_implementation=attn_implementation)
+    if config is not None:
+        apply_pruning(model, config, aligner=preset_aligner(name), tokenizer=processor.tokenizer)
+    return model.eval(), processor
 
 
 def _check_llava_folder(path: str) -> None:

@@ -17,6 +17,7 @@ import logging
 import math
 import os
 import time
+from typing import Callable
 
 from PIL import Image
 from tqdm import tqdm
@@ -105,8 +106,11 @@ def open_image(item: Item, pad_fill: tuple[int, int, int] | None) -> Image.Image
 
 def run_chunk(model, processor, bench: Benchmark, items: list[Item], out_dir: str, *, num_chunks: int = 1,
               chunk_idx: int = 0, batch_size: int = 8, max_new_tokens: int | None = None, pad: bool = True,
-              progress: bool = True) -> int:
-    """Answer this chunk's unanswered items, appending each batch to its predictions file; the count answered."""
+              progress: bool = True, use_images: bool = True,
+              before_batch: Callable[[list[Item]], None] | None = None) -> int:
+    """Answer this chunk's unanswered items, appending each batch to its predictions file; the count answered.
+    use_images=False asks the questions without their images (a floor for what the image adds); before_batch
+    sees each batch's items before it runs (the testbed's oracle sets the patches to keep from them)."""
     from ivtp.inference import Sample, generate
 
     path = prediction_path(out_dir, num_chunks, chunk_idx)
@@ -124,7 +128,9 @@ def run_chunk(model, processor, bench: Benchmark, items: list[Item], out_dir: st
     with open(path, "a", encoding="utf-8") as out:
         for start in range(0, len(todo), batch_size):
             batch = todo[start : start + batch_size]
-            samples = [Sample(it.prompt, open_image(it, fill)) for it in batch]
+            samples = [Sample(it.prompt, open_image(it, fill) if use_images else None) for it in batch]
+            if before_batch is not None:
+                before_batch(batch)
             results = generate(model, processor, samples, max_new_tokens=max_new, batch_size=len(batch))
             for it, r in zip(batch, results):
                 out.write(json.dumps({"benchmark": bench.name, "question_id": it.id, "prompt": it.prompt,
@@ -180,7 +186,7 @@ def finish(bench: Benchmark, root: str, items: list[Item], out_dir: str, num_chu
 
 def evaluate(model, processor, bench: Benchmark, root: str, out_dir: str, run: dict, *, limit: int | None = None,
              num_chunks: int = 1, chunk_idx: int = 0, batch_size: int = 8, pad: bool = True,
-             progress: bool = True) -> dict:
+             progress: bool = True, **chunk_options) -> dict:
     """One chunk of a benchmark run; then, if all chunks are done, the merged result. Returns a summary dict
     (``result`` is None while other chunks are still running)."""
     t0 = time.time()
@@ -188,7 +194,7 @@ def evaluate(model, processor, bench: Benchmark, root: str, out_dir: str, run: d
     check_run(out_dir, run)
     answered = run_chunk(model, processor, bench, items, out_dir, num_chunks=num_chunks, chunk_idx=chunk_idx,
                          batch_size=batch_size, max_new_tokens=run.get("max_new_tokens"), pad=pad,
-                         progress=progress)
+                         progress=progress, **chunk_options)
     result = finish(bench, root, items, out_dir, num_chunks, run)
     return {"out": out_dir, "answered_now": answered, "chunk": [chunk_idx, num_chunks],
             "seconds": round(time.time() - t0, 2), "result": result}
@@ -196,9 +202,9 @@ def evaluate(model, processor, bench: Benchmark, root: str, out_dir: str, run: d
 
 def load_items(bench: Benchmark, root: str, limit: int | None) -> list[Item]:
     items = bench.load(root)
-    ids = [it.id for it in items]
-    if len(set(ids)) != len(ids):
-        dup = next(i for i in ids if ids.count(i) > 1)
+    seen: set[str] = set()
+    dup = next((it.id for it in items if it.id in seen or seen.add(it.id)), None)
+    if dup is not None:
         raise BenchmarkDataError(f"{bench.name}: question id {dup!r} appears twice in {root}")
     if limit is not None:
         if limit < 1:

@@ -1,0 +1,1 @@
+"""Optional integrations with other tools; the core package never imports them."""
