@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test train-smoke clean
+.PHONY: install demo test test-lmms train-smoke testbed testbed-smoke clean
 
 $(STAMP): setup.cfg pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -20,6 +20,20 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(PY) -m pytest -q
 
+# The lmms-eval plugin in a venv of its own (.[lmms] pins lmms-eval, whose dependencies stay out of .venv).
+LMMS_VENV := .venv-lmms
+LMMS_PY := $(LMMS_VENV)/bin/python
+LMMS_STAMP := $(LMMS_VENV)/.installed
+
+$(LMMS_STAMP): setup.cfg pyproject.toml
+	$(PYTHON) -m venv $(LMMS_VENV)
+	$(LMMS_PY) -m pip install --upgrade pip
+	$(LMMS_PY) -m pip install -e ".[lmms,dev]"
+	touch $(LMMS_STAMP)
+
+test-lmms: $(LMMS_STAMP)
+	$(LMMS_PY) -m pytest -q tests/integrations
+
 # A few DeepSpeed ZeRO-2 steps on CPU: tiny-random model, fixture data, IVTP pruning active in the forward.
 train-smoke: $(STAMP)
 	$(VENV)/bin/deepspeed --num_gpus 1 train/finetune.py --deepspeed configs/deepspeed/zero2.json \
@@ -29,5 +43,19 @@ train-smoke: $(STAMP)
 		--learning_rate 1e-3 --use_cpu True --report_to none --save_strategy no --logging_steps 1
 	test -f ivtp_out/train-smoke/ivtp_config.json && test -f ivtp_out/train-smoke/model.safetensors
 
+# The CPU-trainable miniature (docs/testbed.md): data, tiny CLIP, tiny LLaVA trained unpruned and IVTP-retrained
+# through train/*.py with DeepSpeed, every method and ablation evaluated, the models shipped as the demo's default.
+testbed: $(STAMP)
+	$(PY) -m ivtp.testbed.pipeline --out ivtp_out/testbed
+	$(VENV)/bin/ivtp ablate --testbed ivtp_out/testbed
+	$(PY) -m ivtp.testbed.pipeline --out ivtp_out/testbed --ship ivtp/assets/testbed
+
+# Every testbed stage on a few samples (CI): checks that the pipeline runs end to end, not what it learns.
+testbed-smoke: $(STAMP)
+	$(PY) -m ivtp.testbed.pipeline --out ivtp_out/testbed-smoke --smoke
+	$(VENV)/bin/ivtp ablate --testbed ivtp_out/testbed-smoke --suites methods,stages --budgets 7 --limit 8 \
+		--out ivtp_out/testbed-smoke/ablate
+	test -f ivtp_out/testbed-smoke/ablate/ablate.md && test -f ivtp_out/testbed-smoke/ablate/ablate_methods.png
+
 clean:
-	rm -rf $(VENV) ivtp_out .pytest_cache
+	rm -rf $(VENV) $(LMMS_VENV) ivtp_out .pytest_cache
