@@ -125,17 +125,32 @@ def _samples_from_args(args):
 
 
 def cmd_demo(args) -> None:
-    from ivtp.data.shapes import draw_scene
+    """One generated scene, one question about one object among several, the answer and where the kept
+    patches went. On the testbed model (the default when it is shipped) the answer is meant to be right and the
+    kept patches to gather on the object; on tiny-random both are noise, but the pruning and counts are real."""
+    import random
+
+    from ivtp.data.shapes import ask_colour, ask_shape, render, scene_for, target_patches
     from ivtp.inference import Sample, generate
 
     t0 = time.time()
     model, processor, config = _load(args)
-    image, objects = draw_scene(seed=args.seed)
-    target = objects[0]
-    question = f"Where is the {target.colour} {target.shape}?"
-    results = generate(model, processor, [Sample(question, image)], max_new_tokens=args.max_new_tokens)
+    size = processor.image_processor.crop_size["height"]
+    scene = scene_for(args.seed, "demo", 0, size)
+    rng = random.Random(args.seed)
+    question = ask_colour(scene, rng) or ask_shape(scene, rng)
+    prompt = question["question"] + "\nAnswer the question using a single word or phrase."
+    results = generate(model, processor, [Sample(prompt, render(scene))], max_new_tokens=args.max_new_tokens)
     paths = _write_overlays(results, model, args.out, "demo_")
-    extra = {"overlays": paths, "seconds": round(time.time() - t0, 2)}
+    # Patch indices at the tower's resolution (the processor resizes to `size`: the scene is drawn at it).
+    target = set(target_patches(scene, question))
+    kept = set(results[0].kept_patches)
+    extra = {"overlays": paths, "question": question["question"], "expected": question["answer"],
+             "correct": results[0].answer.strip().rstrip(".").lower() == question["answer"],
+             "target_patches": sorted(target), "target_patches_kept": len(target & kept),
+             "kept_on_target_share": round(len(target & kept) / max(1, len(kept)), 3),
+             "target_share_of_image": round(len(target) / results[0].visual_tokens[0], 3),  # chance level
+             "seconds": round(time.time() - t0, 2)}
     if args.model == "tiny-random":
         extra["note"] = "tiny-random has random weights: the answer is noise; the pruning and counts are real"
     _report(args, model, config, results, extra)
@@ -314,7 +329,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("demo", help="prune and answer on the embedded default model and a generated image")
-    _model_args(p)
+    from ivtp.models import TESTBED_MODEL
+
+    _model_args(p, "testbed" if os.path.isfile(os.path.join(TESTBED_MODEL, "config.json")) else "tiny-random")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="ivtp_out")
     p.set_defaults(func=cmd_demo)

@@ -1,0 +1,279 @@
+"""The testbed: a miniature of the whole IVTP pipeline that trains on 2 CPU cores (docs/testbed.md).
+
+    python -m ivtp.testbed.pipeline --out ivtp_out/testbed            # `make testbed`: data, CLIP, LLaVA, eval
+    python -m ivtp.testbed.pipeline --out /tmp/tb --smoke              # minutes: every stage on a few samples
+
+Stages, each skipped when its output exists (``--force STAGE`` redoes one and what follows):
+1. data      ivtp.data.shapes.generate_testbed: 112 px scenes (64 patches), captions, QA, GQA/POPE-layout evals
+2. clip      a tiny open_clip CLIP trained contrastively on the captions; exported as an HF vision tower and
+             as the aligner (text tower + visual projection) for IVTP's pseudo-CLS
+3. llm_init  a small Llama with random weights and a tokenizer trained on the testbed's text
+4. pretrain  train/pretrain.py (DeepSpeed ZeRO-2 on CPU): projector and LLM on the captions, plain template
+5. finetune  train/finetune.py: projector + LLM on the QA, vicuna_v1 template, unpruned
+6. retrain   train/finetune.py from the finetuned model with IVTP pruning active (the paper's retraining mode)
+
+The same code paths as for LLaVA-1.5-7B: only the sizes differ, and they all live in `TestbedConfig`, which is
+saved as testbed.json in the output folder.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+STAGES = ("data", "clip", "llm_init", "pretrain", "finetune", "retrain")
+ALIGNER_FILE, ALIGNER_META = "aligner.safetensors", "aligner.json"
+
+
+@dataclass
+class TestbedConfig:
+    """Every size and step count of a testbed run (the one place they are set)."""
+
+    seed: int = 0
+    n_train: int = 16000  # training images; each gives one caption and about six questions
+    n_eval: int = 300  # images per eval split (GQA-layout questions, POPE-layout questions)
+    image_size: int = 112  # 8 x 8 patches of 14 px: 64 visual tokens, so 7 kept is the paper's 1/9
+    clip_epochs: float = 3.0
+    clip_batch: int = 256
+    vocab_size: int = 600
+    # The LLM is sized for 2 CPU cores: a training step costs about 6 x params FLOPs per token, and a finetuning
+    # sequence is 64 visual + ~260 text tokens.
+    llm_hidden: int = 128
+    llm_layers: int = 6
+    llm_heads: int = 4
+    llm_intermediate: int = 384
+    batch_size: int = 32
+    pretrain_epochs: float = 1.0
+    pretrain_lr: float = 1e-3
+    finetune_epochs: float = 1.0
+    finetune_lr: float = 1e-3
+    retrain_epochs: float = 0.3
+    retrain_lr: float = 3e-4
+    max_length: int = 352  # tokens per training sequence (64 visual + a ~6-turn conversation)
+    retrain_method: str = "ivtp"
+    retrain_tokens: int = 7
+
+    @classmethod
+    def smoke(cls) -> "TestbedConfig":
+        """Every stage on a handful of samples: a check that the pipeline runs, not a model."""
+        return cls(n_train=64, n_eval=12, clip_epochs=1, clip_batch=32, vocab_size=300, llm_hidden=64, llm_layers=6,
+                   llm_intermediate=128, batch_size=8, pretrain_epochs=1, finetune_epochs=1, retrain_epochs=1)
+
+
+def llm_config(cfg: TestbedConfig, vocab: int) -> dict:
+    return dict(hidden_size=cfg.llm_hidden, intermediate_size=cfg.llm_intermediate,
+                num_hidden_layers=cfg.llm_layers, num_attention_heads=cfg.llm_heads,
+                num_key_value_heads=cfg.llm_heads, max_position_embeddings=512, rms_norm_eps=1e-5,
+                vocab_size=vocab, tie_word_embeddings=False)
+
+
+# ------------------------------------------------------------------------------------------------------ stages
+def stage_data(cfg: TestbedConfig, out: str) -> None:
+    from ivtp.data.shapes import generate_testbed
+
+    generate_testbed(os.path.join(out, "data"), cfg.n_train, cfg.n_eval, cfg.seed, image_size=cfg.image_size)
+
+
+def stage_clip(cfg: TestbedConfig, out: str) -> None:
+    from ivtp.testbed.clip import export_aligner, export_vision_tower, train_clip
+
+    data, clip_dir = os.path.join(out, "data"), os.path.join(out, "clip")
+    model, metrics = train_clip(os.path.join(data, "clip_train.tsv"), clip_dir, epochs=cfg.clip_epochs,
+                                batch_size=cfg.clip_batch, seed=cfg.seed)
+    export_vision_tower(model, os.path.join(clip_dir, "vision"))
+    export_aligner(model, os.path.join(clip_dir, ALIGNER_FILE), testbed_texts(data))
+    _write_json({"model": "ivtp-testbed-clip"}, os.path.join(clip_dir, ALIGNER_META))
+
+
+def testbed_texts(data: str):
+    """Every string the testbed's models read or write: captions, questions, answers, the chat template."""
+    from ivtp.data.templates import VICUNA_V1_SYSTEM
+
+    yield f"{VICUNA_V1_SYSTEM} USER: ASSISTANT:"
+    for name in ("pretrain.json", "finetune.json"):
+        with open(os.path.join(data, name)) as f:
+            for record in json.load(f):
+                for turn in record["conversations"]:
+                    yield turn["value"].replace("<image>", "")
+
+
+def stage_llm_init(cfg: TestbedConfig, out: str) -> None:
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from ivtp.data.tokenizer import train_tokenizer
+
+    path = os.path.join(out, "llm-init")
+    tokenizer = train_tokenizer(testbed_texts(os.path.join(out, "data")), path, vocab_size=cfg.vocab_size)
+    torch.manual_seed(cfg.seed)
+    config = LlamaConfig(bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                         pad_token_id=tokenizer.pad_token_id, **llm_config(cfg, len(tokenizer)))
+    LlamaForCausalLM(config).save_pretrained(path)
+
+
+def train_command(cfg: TestbedConfig, script: str, args: dict) -> list[str]:
+    """A DeepSpeed ZeRO-2 CPU run of train/<script>.py, as `make train-smoke` and the 8-GPU recipes run it."""
+    deepspeed = os.path.join(os.path.dirname(sys.executable), "deepspeed")
+    common = {"deepspeed": os.path.join(REPO, "configs", "deepspeed", "zero2.json"),
+              "per_device_train_batch_size": cfg.batch_size, "warmup_steps": 0.05, "lr_scheduler_type": "cosine",
+              "weight_decay": 0.0, "model_max_length": cfg.max_length, "use_cpu": True, "report_to": "none",
+              "save_strategy": "no", "logging_steps": 25, "seed": cfg.seed, "dataloader_num_workers": 1,
+              "disable_tqdm": False}
+    argv = [deepspeed, "--num_gpus", "1", os.path.join(REPO, "train", f"{script}.py")]
+    for key, value in {**common, **args}.items():
+        argv += [f"--{key}", str(value)]
+    return argv
+
+
+def stage_pretrain(cfg: TestbedConfig, out: str) -> None:
+    data = os.path.join(out, "data")
+    _run(train_command(cfg, "pretrain", {
+        "model_name_or_path": os.path.join(out, "llm-init"), "vision_tower": os.path.join(out, "clip", "vision"),
+        "data_path": os.path.join(data, "pretrain.json"), "image_folder": data, "output_dir": os.path.join(out,
+                                                                                                             "pretrain"),
+        "num_train_epochs": cfg.pretrain_epochs, "learning_rate": cfg.pretrain_lr,
+        # LLaVA-1.5 pretrains the projector alone because Vicuna already speaks; the testbed's LLM starts from
+        # random weights, so here the captions also teach it the language.
+        "tune": "projector+llm"}))
+
+
+def stage_finetune(cfg: TestbedConfig, out: str) -> None:
+    data = os.path.join(out, "data")
+    _run(train_command(cfg, "finetune", {
+        "model_name_or_path": os.path.join(out, "pretrain"), "data_path": os.path.join(data, "finetune.json"),
+        "image_folder": data, "output_dir": os.path.join(out, "llava"), "num_train_epochs": cfg.finetune_epochs,
+        "learning_rate": cfg.finetune_lr, "group_by_modality_length": True}))
+    attach_aligner(out, "llava")
+
+
+def stage_retrain(cfg: TestbedConfig, out: str) -> None:
+    from ivtp.testbed.configs import fit_prune_config, write_yaml
+
+    data = os.path.join(out, "data")
+    config_path = os.path.join(out, "configs", f"retrain_{cfg.retrain_method}_{cfg.retrain_tokens}.yaml")
+    write_yaml(fit_prune_config(cfg.retrain_method, cfg.retrain_tokens, cfg.llm_layers,
+                                    aligner=os.path.join(out, "clip", ALIGNER_FILE)), config_path)
+    _run(train_command(cfg, "finetune", {
+        "model_name_or_path": os.path.join(out, "llava"), "prune_config": config_path,
+        "data_path": os.path.join(data, "finetune.json"), "image_folder": data,
+        "output_dir": os.path.join(out, "llava-ivtp"), "num_train_epochs": cfg.retrain_epochs,
+        "learning_rate": cfg.retrain_lr, "group_by_modality_length": True}))
+    attach_aligner(out, "llava-ivtp")
+
+
+def attach_aligner(out: str, model_dir: str) -> None:
+    """Put the aligner beside the model's weights: a testbed checkpoint carries its own (ivtp.models)."""
+    for name in (ALIGNER_FILE, ALIGNER_META):
+        shutil.copy(os.path.join(out, "clip", name), os.path.join(out, model_dir, name))
+
+
+STAGE_FUNCS = {"data": stage_data, "clip": stage_clip, "llm_init": stage_llm_init, "pretrain": stage_pretrain,
+               "finetune": stage_finetune, "retrain": stage_retrain}
+STAGE_OUTPUTS = {"data": "data/manifest.json", "clip": f"clip/{ALIGNER_META}", "llm_init": "llm-init/config.json",
+                 "pretrain": "pretrain/config.json", "finetune": f"llava/{ALIGNER_META}",
+                 "retrain": f"llava-ivtp/{ALIGNER_META}"}
+
+
+def run(out: str, cfg: TestbedConfig, stages=STAGES, force: str | None = None) -> dict:
+    """Run the stages whose outputs are missing (or from `force` on); returns seconds per stage."""
+    os.makedirs(out, exist_ok=True)
+    saved = os.path.join(out, "testbed.json")
+    if os.path.exists(saved):
+        with open(saved) as f:
+            old = json.load(f)
+        if old != dataclasses.asdict(cfg) and force is None:
+            raise SystemExit(f"{out} was built with other settings ({saved}); use another --out or --force data")
+    _write_json(dataclasses.asdict(cfg), saved)
+    redo = set(STAGES[STAGES.index(force):]) if force else set()
+    timings = {}
+    for stage in stages:
+        done = os.path.exists(os.path.join(out, STAGE_OUTPUTS[stage]))
+        if done and stage not in redo:
+            print(f"[testbed] {stage}: done already ({STAGE_OUTPUTS[stage]})", flush=True)
+            continue
+        print(f"[testbed] {stage} ...", flush=True)
+        t0 = time.time()
+        STAGE_FUNCS[stage](cfg, out)
+        timings[stage] = round(time.time() - t0, 1)
+        print(f"[testbed] {stage}: {timings[stage]} s", flush=True)
+    _write_json(timings, os.path.join(out, f"timings_{int(time.time())}.json"))
+    return timings
+
+
+def ship(out: str, dest: str, dtype: str = "float16") -> dict[str, int]:
+    """Copy the trained models into the package (`dest`, ivtp/assets/testbed) in fp16, each with its tokenizer,
+    processor, prune config and aligner, so that `ivtp demo` and `--model testbed` use them. Returns file sizes."""
+    import torch
+    from transformers import AutoProcessor, LlavaForConditionalGeneration
+
+    sizes = {}
+    for name in ("llava", "llava-ivtp"):
+        src, dst = os.path.join(out, name), os.path.join(dest, name)
+        if not os.path.isdir(src):
+            continue
+        shutil.rmtree(dst, ignore_errors=True)
+        model = LlavaForConditionalGeneration.from_pretrained(src, dtype=getattr(torch, dtype))
+        model.save_pretrained(dst)
+        AutoProcessor.from_pretrained(src).save_pretrained(dst)
+        for extra in ("ivtp_config.json", ALIGNER_FILE, ALIGNER_META):
+            if os.path.exists(os.path.join(src, extra)):
+                shutil.copy(os.path.join(src, extra), os.path.join(dst, extra))
+        for root, _, files in os.walk(dst):
+            for f in files:
+                sizes[os.path.relpath(os.path.join(root, f), dest)] = os.path.getsize(os.path.join(root, f))
+    for report in ("ablate/ablate.json",):
+        if os.path.exists(os.path.join(out, report)):
+            shutil.copy(os.path.join(out, report), os.path.join(dest, os.path.basename(report)))
+    return sizes
+
+
+def _run(argv: list[str]) -> None:
+    env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    subprocess.run(argv, check=True, env=env, cwd=REPO)
+
+
+def _write_json(obj, path: str) -> None:
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(obj, f, indent=2)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", default="ivtp_out/testbed")
+    p.add_argument("--smoke", action="store_true", help="tiny sizes: checks that every stage runs")
+    p.add_argument("--stages", default=",".join(STAGES), help=f"comma-separated subset of {','.join(STAGES)}")
+    p.add_argument("--force", choices=STAGES, default=None, help="redo this stage and the ones after it")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a TestbedConfig field")
+    p.add_argument("--ship", default=None, metavar="DIR",
+                   help="only copy the trained models, in fp16, into DIR (make testbed: ivtp/assets/testbed)")
+    args = p.parse_args(argv)
+    if args.ship:
+        sizes = ship(args.out, args.ship)
+        print(json.dumps(sizes, indent=1))
+        print(f"shipped {sum(sizes.values()) / 2**20:.1f} MiB to {args.ship}")
+        return 0
+    cfg = TestbedConfig.smoke() if args.smoke else TestbedConfig()
+    for item in args.set:
+        key, _, value = item.partition("=")
+        if key not in {f.name for f in dataclasses.fields(cfg)}:
+            raise SystemExit(f"--set {key}: not a TestbedConfig field")
+        setattr(cfg, key, type(getattr(cfg, key))(value))
+    stages = [s for s in args.stages.split(",") if s]
+    unknown = [s for s in stages if s not in STAGES]
+    if unknown:
+        raise SystemExit(f"unknown stage(s) {unknown}; stages: {', '.join(STAGES)}")
+    run(args.out, cfg, stages, args.force)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

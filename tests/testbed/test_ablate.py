@@ -1,0 +1,87 @@
+"""The testbed's configs and ablation runner: layer scaling, the oracle baseline, the POPE subset, reports."""
+
+import json
+import os
+
+import pytest
+import torch
+
+from ivtp import PruneConfig, apply_pruning
+from ivtp.testbed.ablate import OracleRunner, Row, markdown, plan_rows, pope_subset, write_reports
+from ivtp.testbed.configs import TESTBED_METHODS, scale_layer, fit_prune_config
+
+
+def test_layers_scale_to_the_testbed_llm():
+    assert [scale_layer(layer, 6) for layer in (2, 8, 12, 16, 24, 31)] == [1, 2, 2, 3, 4, 5]
+    vd = fit_prune_config("visiondrop", 7, 6).visiondrop.llm
+    assert [stage[0] for stage in vd] == [2, 3, 4]  # 8/16/24 of 32 -> strictly increasing layers of 6
+    ivtp = fit_prune_config("ivtp", 7, 6, aligner="/x/aligner.safetensors")
+    assert (ivtp.vision.keep, ivtp.llm.keep, ivtp.llm.layers, ivtp.llm.group_size) == (14, 7, 3, 3)
+    assert ivtp.llm.aligner.pretrained == "/x/aligner.safetensors"
+    assert fit_prune_config("ivtp", 7, 6, vision={"group_size": 2}).vision.group_size == 2
+    assert "sparsevlm" not in TESTBED_METHODS
+    with pytest.raises(ValueError, match="sparsevlm: not run on the testbed"):
+        fit_prune_config("sparsevlm", 7, 6)
+
+
+def test_plan_covers_every_suite_with_valid_configs():
+    rows = plan_rows(("methods", "group", "tau", "aggregation", "guidance", "stages"), (4, 7), "/x/a.safetensors",
+                     6, retrained=True)
+    names = {(r.suite, r.name, r.model, r.tokens) for r in rows}
+    assert ("methods", "ivtp", "retrained", 7) in names and ("methods", "oracle", "finetuned", 4) in names
+    assert {n for s, n, _, _ in names if s == "group"} == {f"group_size={g}" for g in (1, 2, 3, 4, 6)}
+    for r in rows:
+        if r.config is not None:
+            PruneConfig.from_dict(r.config)  # every config is valid
+    stages = {r.name: PruneConfig.from_dict(r.config) for r in rows if r.suite == "stages"}
+    assert not stages["vision_only"].llm.enabled and stages["vision_only"].vision.keep == 7
+    assert not stages["llm_only"].vision.enabled and stages["two_stage"].llm.enabled
+
+
+def test_oracle_keeps_the_target_patches_then_tops_up(small_llava):
+    model, processor = small_llava()  # 112 px: 64 patches
+    config = PruneConfig.for_method("topk", 5)
+    apply_pruning(model, config)
+    mc = model.config
+    oracle = OracleRunner(config.topk, mc.vision_config, mc.vision_feature_layer)
+    model.ivtp_state.vision = oracle
+    oracle.targets = [[9, 10, 17], list(range(20, 30))]
+    pixels = torch.randn(2, 3, 112, 112)
+    out = oracle.run(model.model.vision_tower, pixels, want_final_cls=False)
+    kept = out.trace.kept.tolist()
+    assert {9, 10, 17} <= set(kept[0]) and len(kept[0]) == 5 and kept[0] == sorted(kept[0])
+    assert kept[1] == [20, 21, 22, 23, 24]  # more targets than budget: the first five
+
+
+def test_pope_subset_keeps_all_three_settings(tmp_path):
+    pope = tmp_path / "data" / "pope"
+    (pope / "coco").mkdir(parents=True)
+    (pope / "val2014").mkdir()
+    qid, lines = 0, []
+    for cat in ("adversarial", "popular", "random"):  # the settings one after another, as the generator writes
+        for image in ("p0.png", "p1.png", "p2.png"):
+            qid += 1
+            lines.append(json.dumps({"question_id": qid, "image": image, "text": "q", "category": cat}))
+    (pope / "llava_pope_test.jsonl").write_text("\n".join(lines) + "\n")
+    dst = pope_subset(str(tmp_path / "data"), str(tmp_path / "out"), images=2)
+    rows = [json.loads(line) for line in open(os.path.join(dst, "llava_pope_test.jsonl"))]
+    assert [(r["category"], r["image"]) for r in rows] == [(c, i) for c in ("adversarial", "popular", "random")
+                                                           for i in ("p0.png", "p1.png")]
+    assert os.path.isdir(os.path.join(dst, "coco")) and os.path.isdir(os.path.join(dst, "val2014"))
+
+
+def test_reports_write_tables_and_plots(tmp_path):
+    def row(suite, name, tokens, acc, model="finetuned"):
+        return Row(suite, name, model, tokens, metrics={"gqa": {"accuracy": acc}, "gqa_by_type": {"colour": acc},
+                                                        "pope": {"overall": {"f1": 70.0, "f1_category_mean": 71.0}}})
+
+    rows = [row("methods", "unpruned", None, 80.0), row("methods", "no_image", 0, 30.0),
+            row("methods", "ivtp", 7, 60.0), row("methods", "ivtp", 14, 70.0), row("methods", "topk", 7, 50.0),
+            row("methods", "ivtp", 7, 65.0, "retrained"), row("group", "group_size=2", 7, 55.0)]
+    paths = write_reports(rows, str(tmp_path))
+    text = open(paths["md"]).read()
+    assert "| finetuned | ivtp | 7 | 60.0 | 75% | 60.0 |" in text  # 60 / 80 of the unpruned accuracy retained
+    assert "| retrained | ivtp | 7 | 65.0 | 81% |" in text and "## group" in text
+    assert os.path.getsize(paths["methods_png"]) > 10000 and os.path.exists(paths["ablations_png"])
+    assert json.load(open(paths["json"]))[2]["name"] == "ivtp"
+    assert markdown(rows).count("## ") == 2
