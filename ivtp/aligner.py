@@ -64,15 +64,19 @@ class Aligner(nn.Module):
         if os.path.isfile(shipped):  # the small configs this package ships for its random-weight presets
             open_clip.add_model_config(shipped)
         pretrained = cfg.pretrained
+        local = False
         if pretrained is None:
             warnings.warn(f"aligner {cfg.model}: pretrained is null, using RANDOM weights (for tests only)")
         elif os.path.sep in pretrained or pretrained.endswith((".bin", ".pt", ".pth", ".safetensors")):
             if not os.path.isfile(pretrained):
                 raise FileNotFoundError(f"aligner checkpoint not found: {pretrained}")
-        try:
-            model = open_clip.create_model(cfg.model, pretrained=pretrained)
+            local = True
+        try:  # a local file: random weights first, then our loader (it accepts text-tower-only checkpoints)
+            model = open_clip.create_model(cfg.model, pretrained=None if local else pretrained)
         except RuntimeError as e:  # open_clip reports unknown names and unreachable weights this way
             raise ConfigError(f"llm.aligner: cannot build {cfg.model!r} with pretrained={pretrained!r}: {e}") from e
+        if local:
+            load_text_tower(model, pretrained, cfg.model)
         visual_proj = model.visual.proj
         if visual_proj is None:
             raise ConfigError(f"llm.aligner: {cfg.model} has no visual projection (visual.proj)")
@@ -108,6 +112,65 @@ class Aligner(nn.Module):
             image = torch.nn.functional.normalize(self.image_features(cls_final.to(device)).float(), dim=-1)
             cos = torch.einsum("bce,be->bc", text, image)  # (B, C)
         return [(spans, cos[b, 1 : 1 + len(spans)].cpu()) for b, (_, spans) in enumerate(tokenized)]
+
+
+EMBED_ROWS, EMBED_IDS = "token_embedding.rows", "token_embedding.ids"  # a partial embedding table (see below)
+
+
+def _read_state_dict(path: str) -> dict[str, torch.Tensor]:
+    if path.endswith(".safetensors"):
+        from safetensors.torch import load_file
+
+        sd = load_file(path)
+    else:
+        sd = torch.load(path, map_location="cpu", weights_only=True)
+        if isinstance(sd, dict) and isinstance(sd.get("state_dict"), dict):  # an open_clip training checkpoint
+            sd = sd["state_dict"]
+    if not isinstance(sd, dict):
+        raise ConfigError(f"llm.aligner: {path} does not hold a state dict")
+    if sd and all(k.startswith("module.") for k in sd):  # saved from DistributedDataParallel
+        sd = {k[len("module."):]: v for k, v in sd.items()}
+    return sd
+
+
+def load_text_tower(model: nn.Module, path: str, name: str = "the model") -> None:
+    """Load the aligner's weights from a local checkpoint (safetensors, or a torch file) into an open_clip CLIP.
+
+    Every text-tower tensor and `visual.proj` must be there; the vision tower's may be absent (LLaVA's own tower
+    supplies the image side, so they are not used). The token embedding is either `token_embedding.weight` or a
+    partial table, `token_embedding.rows` (k, W) with the BPE ids they belong to in `token_embedding.ids` (k,):
+    ids outside it get a zero embedding (the testbed's aligner stores only the ids its texts use).
+    """
+    sd = _read_state_dict(path)
+    expected = model.state_dict()
+    if EMBED_ROWS in sd or EMBED_IDS in sd:
+        if EMBED_ROWS not in sd or EMBED_IDS not in sd:
+            raise ConfigError(f"llm.aligner: {path} has only one of {EMBED_ROWS} and {EMBED_IDS}")
+        rows, ids = sd.pop(EMBED_ROWS), sd.pop(EMBED_IDS).long()
+        table = expected["token_embedding.weight"]
+        if rows.ndim != 2 or rows.shape[1] != table.shape[1] or ids.shape != (rows.shape[0],) or (
+                ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= table.shape[0])):
+            raise ConfigError(f"llm.aligner: {path}: {EMBED_ROWS} {tuple(rows.shape)} / {EMBED_IDS} "
+                              f"{tuple(ids.shape)} do not fit a token embedding of {tuple(table.shape)}")
+        weight = torch.zeros_like(table)
+        weight[ids] = rows.to(weight.dtype)
+        sd["token_embedding.weight"] = weight
+    needed = [k for k in expected if not k.startswith("visual.") and k not in ("logit_scale", "logit_bias")]
+    needed.append("visual.proj")
+    missing = [k for k in needed if k not in sd]
+    if missing:
+        groups: dict[str, list[str]] = {}
+        for k in missing:
+            groups.setdefault(k.split(".")[0], []).append(k)
+        shown = ", ".join(", ".join(g) if len(g) <= 2 else f"{p}.* ({len(g)} tensors)" for p, g in groups.items())
+        raise ConfigError(f"llm.aligner: {path} lacks the aligner weights of {name} (the text tower and "
+                          f"visual.proj): missing {shown}")
+    wrong = [f"{k} {tuple(sd[k].shape)} (expected {tuple(expected[k].shape)})" for k in needed
+             if sd[k].shape != expected[k].shape]
+    wrong += [f"unexpected {k}" for k in sd if k not in expected and not k.startswith("visual.")]
+    if wrong:
+        raise ConfigError(f"llm.aligner: {path} does not match {name}: {'; '.join(wrong[:8])}")
+    model.load_state_dict({k: sd[k] for k in needed}, strict=False)  # the vision tower keeps random weights
 
 
 def clip_tokens_with_offsets(tokenizer, text: str, max_tokens: int) -> tuple[list[int], list[Span]]:

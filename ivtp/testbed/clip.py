@@ -1,0 +1,417 @@
+"""The testbed's tiny CLIP: trained contrastively on the shapes captions, then exported twice.
+
+- `build_clip`: the open_clip model of the shipped config `ivtp-testbed-clip` (112 px, patch 14: 64 patches; a
+  7-layer ViT 192 wide, so LLaVA's feature layer -2 leaves 6 layers for group-wise pruning; a 4-layer text tower
+  128 wide with a context of 32; a joint space of 128).
+- `train_clip`: open_clip's `ClipLoss` with a learnable logit scale, AdamW with linear warmup and cosine decay, on
+  the `filepath<TAB>title` file that `ivtp.data.shapes.generate_testbed` writes. The last rows are held out and
+  scored: image->text and text->image top-1 retrieval, and the token-level relevance that IVTP relies on (the
+  aligner's per-token joint-space cosine of "a red" at "red" to the image, present vs absent colours, as an AUC).
+- `export_vision_tower`: an HF `CLIPVisionModel` folder (plus its `CLIPImageProcessor`) holding exactly the open_clip
+  visual tower's weights, for LLaVA (`ivtp.training.build_from_parts`).
+- `export_aligner`: a small fp16 safetensors file with the text tower and `visual.proj`, which
+  `ivtp.aligner.Aligner.from_config(AlignerConfig(model="ivtp-testbed-clip", pretrained=path))` loads.
+"""
+
+from __future__ import annotations
+
+import copy
+import csv
+import json
+import math
+import os
+import time
+from typing import Iterable
+
+import numpy as np
+import torch
+from torch import nn
+
+MODEL_NAME = "ivtp-testbed-clip"
+_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "assets", "open_clip",
+                       f"{MODEL_NAME}.json")
+ROWS_KEY, IDS_KEY = "token_embedding.rows", "token_embedding.ids"  # the aligner file's partial embedding table
+
+
+def _register() -> None:
+    import open_clip
+
+    if MODEL_NAME not in open_clip.list_models():
+        open_clip.add_model_config(_CONFIG)
+
+
+def build_clip(seed: int = 0) -> nn.Module:
+    """The testbed CLIP (open_clip `CLIP`, fp32, train mode) with seeded random weights."""
+    import open_clip
+
+    _register()
+    torch.manual_seed(seed)
+    return open_clip.create_model(MODEL_NAME, pretrained=None)
+
+
+def get_tokenizer():
+    """open_clip's BPE tokenizer with the config's context length (32)."""
+    import open_clip
+
+    _register()
+    return open_clip.get_tokenizer(MODEL_NAME)
+
+
+# ---- data ------------------------------------------------------------------------------------------------------
+def read_tsv(path: str) -> list[tuple[str, str]]:
+    """(image path, caption) rows of a `filepath<TAB>title` file; relative paths are taken from the file's folder."""
+    base = os.path.dirname(os.path.abspath(path))
+    with open(path, newline="") as f:
+        reader = csv.DictReader(f, delimiter="\t")
+        if reader.fieldnames is None or not {"filepath", "title"} <= set(reader.fieldnames):
+            raise ValueError(f"{path}: expected the columns filepath and title, found {reader.fieldnames}")
+        return [(os.path.join(base, r["filepath"]), r["title"]) for r in reader]
+
+
+def load_images(paths: list[str], size: int, progress: bool = False) -> torch.Tensor:
+    """uint8 (N, 3, size, size): RGB, shortest side resized to `size` (bicubic) and centre-cropped when needed,
+    as the exported `CLIPImageProcessor` does. About 37 KB per 112 px image in memory."""
+    from PIL import Image
+    from tqdm import tqdm
+
+    out = torch.empty(len(paths), 3, size, size, dtype=torch.uint8)
+    for i, path in enumerate(tqdm(paths, desc="loading images", disable=not progress, leave=False)):
+        with Image.open(path) as im:
+            im = im.convert("RGB")
+            if im.size != (size, size):
+                w, h = im.size
+                scale = size / min(w, h)
+                im = im.resize((max(size, round(w * scale)), max(size, round(h * scale))), Image.BICUBIC)
+                left, top = (im.width - size) // 2, (im.height - size) // 2
+                im = im.crop((left, top, left + size, top + size))
+            out[i] = torch.from_numpy(np.array(im)).permute(2, 0, 1)
+    return out
+
+
+def normalize_images(x: torch.Tensor) -> torch.Tensor:
+    """uint8 (N, 3, H, W) -> float, scaled to [0, 1] and normalised with OpenAI CLIP's mean and std."""
+    from open_clip import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
+
+    mean = torch.tensor(OPENAI_DATASET_MEAN).view(1, 3, 1, 1)
+    std = torch.tensor(OPENAI_DATASET_STD).view(1, 3, 1, 1)
+    return (x.float() / 255 - mean) / std
+
+
+# ---- training --------------------------------------------------------------------------------------------------
+def _param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    """open_clip's convention: no decay for gains, biases, 1-d parameters and the logit scale."""
+    decay, rest = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        excluded = p.ndim < 2 or "bn" in name or "ln" in name or "bias" in name or "logit_scale" in name
+        (rest if excluded else decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": rest, "weight_decay": 0.0}]
+
+
+def lr_lambda(warmup: int, total: int):
+    """Linear warmup over `warmup` steps, then cosine decay to 0 at `total`."""
+
+    def f(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        t = (step - warmup) / max(1, total - warmup)
+        return 0.5 * (1 + math.cos(math.pi * min(1.0, t)))
+
+    return f
+
+
+def train_clip(tsv: str, out_dir: str, *, epochs: float | None = None, steps: int | None = None,
+               batch_size: int = 64, lr: float = 5e-4, weight_decay: float = 0.1, warmup: float = 0.05,
+               eval_rows: int = 256, seed: int = 0, threads: int | None = None, precision: str = "fp32",
+               progress: bool = True) -> tuple[nn.Module, dict]:
+    """Train the testbed CLIP on `tsv` and return (model in eval mode, metrics); metrics.json goes to out_dir.
+
+    Length: `steps` optimiser steps, or `epochs` passes over the training rows (default 1 epoch); give one. Batches
+    are drawn without replacement from a seeded permutation per epoch (the last partial batch of an epoch is
+    dropped). Schedule: AdamW (betas 0.9/0.98, eps 1e-6, decay on matrices only), linear warmup over a `warmup`
+    fraction of the steps, then cosine to 0; the logit scale is clamped to at most 100 as open_clip does.
+
+    Batch 64 at 5e-4 by default: on this 7-layer ViT, batch 256 at 1e-3 (and 128 at 2e-3) collapsed to the chance
+    loss log(batch) for the first tens of steps, which a CPU budget of a few hundred steps cannot afford; at equal
+    images seen (10k), batch 64 / 5e-4 never collapsed and reached 10% image->text top-1 where 128 / 1e-3 had 2%.
+
+    The last `eval_rows` rows (at most a quarter of the file) are held out; see `evaluate_clip` for the metrics.
+    Images are loaded into memory once (uint8). Seeded; on CPU with a fixed thread count, runs repeat exactly.
+    threads: torch's intra-op threads for the run (restored afterwards); on a shared 2-core machine 1 can be
+    faster than 2. precision: "fp32", or "bf16" for bf16 autocast of the forward pass (weights, optimiser and loss
+    stay fp32; about 1.5x faster on CPUs with AVX512-BF16, slower on those without).
+    """
+    from open_clip.loss import ClipLoss
+    from tqdm import tqdm
+
+    if epochs is not None and steps is not None:
+        raise ValueError("give epochs or steps, not both")
+    if precision not in ("fp32", "bf16"):
+        raise ValueError(f"precision: fp32 or bf16, not {precision!r}")
+    old_threads = torch.get_num_threads()
+    if threads:
+        torch.set_num_threads(threads)
+    try:
+        rows = read_tsv(tsv)
+        n_eval = min(eval_rows, len(rows) // 4)
+        train_rows, eval_rows_ = rows[: len(rows) - n_eval], rows[len(rows) - n_eval:]
+        model = build_clip(seed)
+        size = model.visual.image_size[0]
+        tokenizer = get_tokenizer()
+        t0 = time.time()
+        images = load_images([p for p, _ in train_rows], size, progress)
+        texts = tokenizer([c for _, c in train_rows])
+        load_s = time.time() - t0
+
+        n = len(train_rows)
+        batch_size = min(batch_size, n)
+        per_epoch = n // batch_size
+        total = int(steps) if steps is not None else max(1, math.ceil((1.0 if epochs is None else epochs) * per_epoch))
+        warmup_steps = max(1, round(warmup * total))
+        optimizer = torch.optim.AdamW(_param_groups(model, weight_decay), lr=lr, betas=(0.9, 0.98), eps=1e-6)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(warmup_steps, total))
+        loss_fn = ClipLoss()
+        gen = torch.Generator().manual_seed(seed)
+        losses: list[float] = []
+        model.train()
+        t0 = time.time()
+        bar = tqdm(total=total, desc="clip", disable=not progress)
+        order, pos, smooth = torch.randperm(n, generator=gen), 0, None
+        for step in range(total):
+            if pos + batch_size > n:
+                order, pos = torch.randperm(n, generator=gen), 0
+            idx = order[pos: pos + batch_size]
+            pos += batch_size
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
+                image_features, text_features, scale = model(normalize_images(images[idx]), texts[idx])
+            loss = loss_fn(image_features.float(), text_features.float(), scale.float())
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            scheduler.step()
+            with torch.no_grad():
+                model.logit_scale.clamp_(0, math.log(100))
+            losses.append(loss.item())
+            smooth = losses[-1] if smooth is None else 0.9 * smooth + 0.1 * losses[-1]
+            bar.set_postfix(loss=f"{smooth:.3f}", scale=f"{scale.item():.1f}")
+            bar.update()
+        bar.close()
+        train_s = time.time() - t0
+        model.eval()
+        del images
+        every = max(1, total // 20)  # the loss curve in metrics: 20 means
+        metrics = {
+            "model": MODEL_NAME, "seed": seed, "n_train": n, "n_eval": n_eval, "steps": total,
+            "epochs": round(total * batch_size / n, 3), "batch_size": batch_size, "lr": lr,
+            "weight_decay": weight_decay, "warmup_steps": warmup_steps, "precision": precision,
+            "threads": torch.get_num_threads(),
+            "load_seconds": round(load_s, 1), "train_seconds": round(train_s, 1),
+            "images_per_second": round(total * batch_size / max(train_s, 1e-9), 1),
+            "loss_first": losses[0], "loss_last10": float(np.mean(losses[-10:])),
+            "loss_curve": {str(i): round(float(np.mean(losses[i: i + every])), 4) for i in range(0, total, every)},
+            "logit_scale": model.logit_scale.exp().item(),
+        }
+        if n_eval:
+            eval_images = load_images([p for p, _ in eval_rows_], size)
+            metrics.update(evaluate_clip(model, eval_images, [c for _, c in eval_rows_]))
+        os.makedirs(out_dir, exist_ok=True)
+        with open(os.path.join(out_dir, "metrics.json"), "w") as f:
+            json.dump(metrics, f, indent=1)
+            f.write("\n")
+        return model, metrics
+    finally:
+        torch.set_num_threads(old_threads)
+
+
+# ---- evaluation ------------------------------------------------------------------------------------------------
+def auc(positive: torch.Tensor, negative: torch.Tensor) -> float:
+    """P(a positive scores above a negative), ties counting half (the Mann-Whitney AUC)."""
+    if positive.numel() == 0 or negative.numel() == 0:
+        return float("nan")
+    d = positive.reshape(-1, 1) - negative.reshape(1, -1)
+    return float((d > 0).double().mean() + 0.5 * (d == 0).double().mean())
+
+
+def _article(word: str) -> str:
+    return f"{'an' if word[0] in 'aeiou' else 'a'} {word}"
+
+
+def word_relevance(model: nn.Module, images: torch.Tensor, words: list[str], template: str = "{a} {w}") -> torch.Tensor:
+    """(N images, len(words)): the joint-space cosine of each word's token(s) in `template` ("{a} {w}": "a red",
+    "an orange") to each image: the aligner's `token_features` against the projected [CLS], as IVTP's eq. 6 rates
+    instruction tokens (a word of several BPE tokens: their mean)."""
+    from ivtp.aligner import Aligner
+
+    tokenizer = get_tokenizer()
+    aligner = Aligner(copy.deepcopy(model), model.visual.proj, tokenizer).eval()  # a copy: Aligner freezes it
+    with torch.no_grad():
+        image = nn.functional.normalize(model.encode_image(normalize_images(images)).float(), dim=-1)  # (N, E)
+        out = []
+        for w in words:
+            text = template.format(a=_article(w).split()[0], w=w)
+            seq = [tokenizer.sot_token_id] + tokenizer.encode(text) + [tokenizer.eot_token_id]
+            piece = tokenizer.encode(w)
+            start = next(i for i in range(len(seq)) if seq[i: i + len(piece)] == piece)
+            feats = aligner.token_features(tokenizer([text]))[0, start: start + len(piece)]
+            out.append((image @ nn.functional.normalize(feats.float(), dim=-1).T).mean(dim=1))
+    return torch.stack(out, dim=1)
+
+
+def relevance_aucs(cos: torch.Tensor, present: torch.Tensor) -> tuple[float, float]:
+    """(per-image AUC, pooled AUC) of cosines (N, W) against presence (N, W, bool). Per image: words present vs
+    absent in that image, averaged over the images that have both (what a threshold on one instruction meets);
+    pooled: all (image, word) pairs together (it also needs the cosine's level to agree across images)."""
+    per = [auc(cos[i][present[i]], cos[i][~present[i]]) for i in range(len(cos)) if 0 < int(present[i].sum()) <
+           present.shape[1]]
+    return (float(np.mean(per)) if per else float("nan")), auc(cos[present], cos[~present])
+
+
+def evaluate_clip(model: nn.Module, images: torch.Tensor, captions: list[str]) -> dict:
+    """Held-out metrics. images: uint8 (N, 3, H, W); captions: their `short_caption`s.
+
+    - i2t_top1 / t2i_top1: how often an image's own caption is the closest of the N (and the reverse); chance 1/N.
+    - relevance_auc_colour / _shape: token-level relevance as IVTP uses it. For every image and each of the 6
+      colours (3 shapes), the cosine of the word's token in "a <word>" to the image; present (named in the
+      caption, which names every object) vs absent, per image (see `relevance_aucs`); `_pooled`: over all pairs.
+      relevance_auc_colour_question: the same at the colour in "What shape is the <colour> object?".
+    """
+    from ivtp.data.shapes import COLOURS, SHAPES
+
+    tokenizer = get_tokenizer()
+    model.eval()
+    with torch.no_grad():
+        img = nn.functional.normalize(model.encode_image(normalize_images(images)), dim=-1)
+        txt = nn.functional.normalize(model.encode_text(tokenizer(captions)), dim=-1)
+        sim = img @ txt.T
+        target = torch.arange(len(captions))
+        out = {"i2t_top1": float((sim.argmax(1) == target).float().mean()),
+               "t2i_top1": float((sim.argmax(0) == target).float().mean()), "chance": 1 / len(captions)}
+    words_in = [set(c.replace(",", " ").split()) for c in captions]
+    for kind, words, template in (("colour", list(COLOURS), "{a} {w}"), ("shape", list(SHAPES), "{a} {w}"),
+                                  ("colour_question", list(COLOURS), "What shape is the {w} object?")):
+        cos = word_relevance(model, images, words, template)
+        present = torch.tensor([[w in ws for w in words] for ws in words_in])
+        out[f"relevance_auc_{kind}"], out[f"relevance_auc_{kind}_pooled"] = relevance_aucs(cos, present)
+    return out
+
+
+# ---- exports ---------------------------------------------------------------------------------------------------
+def vision_config(model: nn.Module):
+    """The HF `CLIPVisionConfig` equivalent to the open_clip visual tower."""
+    from open_clip.transformer import QuickGELU
+    from transformers import CLIPVisionConfig
+
+    v = model.visual
+    block = v.transformer.resblocks[0]
+    if getattr(v, "attn_pool", None) is not None or getattr(v, "pool_type", "tok") != "tok" or v.final_ln_after_pool:
+        raise ValueError("only class-token pooling maps onto HF CLIPVisionModel")
+    if not isinstance(v.ln_pre, nn.LayerNorm) or not isinstance(block.ls_1, nn.Identity):
+        raise ValueError("the tower must have ln_pre and no layer scale to map onto HF CLIPVisionModel")
+    return CLIPVisionConfig(
+        hidden_size=v.conv1.out_channels, intermediate_size=block.mlp.c_fc.out_features,
+        num_hidden_layers=len(v.transformer.resblocks), num_attention_heads=block.attn.num_heads,
+        image_size=v.image_size[0], patch_size=v.patch_size[0], projection_dim=v.proj.shape[1], num_channels=3,
+        hidden_act="quick_gelu" if isinstance(block.mlp.gelu, QuickGELU) else "gelu", layer_norm_eps=v.ln_pre.eps,
+    )
+
+
+def vision_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The visual tower's weights under HF `CLIPVisionTransformer` names (no prefix)."""
+    v = model.visual
+    sd = {
+        "embeddings.class_embedding": v.class_embedding,
+        "embeddings.patch_embedding.weight": v.conv1.weight,
+        "embeddings.position_embedding.weight": v.positional_embedding,
+        "pre_layrnorm.weight": v.ln_pre.weight, "pre_layrnorm.bias": v.ln_pre.bias,
+        "post_layernorm.weight": v.ln_post.weight, "post_layernorm.bias": v.ln_post.bias,
+    }
+    for i, block in enumerate(v.transformer.resblocks):
+        p = f"encoder.layers.{i}."
+        qw, kw, vw = block.attn.in_proj_weight.chunk(3, dim=0)
+        qb, kb, vb = block.attn.in_proj_bias.chunk(3, dim=0)
+        sd.update({
+            p + "self_attn.q_proj.weight": qw, p + "self_attn.q_proj.bias": qb,
+            p + "self_attn.k_proj.weight": kw, p + "self_attn.k_proj.bias": kb,
+            p + "self_attn.v_proj.weight": vw, p + "self_attn.v_proj.bias": vb,
+            p + "self_attn.out_proj.weight": block.attn.out_proj.weight,
+            p + "self_attn.out_proj.bias": block.attn.out_proj.bias,
+            p + "layer_norm1.weight": block.ln_1.weight, p + "layer_norm1.bias": block.ln_1.bias,
+            p + "mlp.fc1.weight": block.mlp.c_fc.weight, p + "mlp.fc1.bias": block.mlp.c_fc.bias,
+            p + "mlp.fc2.weight": block.mlp.c_proj.weight, p + "mlp.fc2.bias": block.mlp.c_proj.bias,
+            p + "layer_norm2.weight": block.ln_2.weight, p + "layer_norm2.bias": block.ln_2.bias,
+        })
+    return {k: t.detach().clone() for k, t in sd.items()}
+
+
+def to_hf_vision(model: nn.Module):
+    """An HF `CLIPVisionModel` (fp32, eval) with the open_clip visual tower's weights, copied exactly."""
+    from transformers import CLIPVisionModel
+
+    tower = CLIPVisionModel(vision_config(model))
+    keys = tower.state_dict().keys()
+    prefix = "vision_model." if any(k.startswith("vision_model.") for k in keys) else ""
+    state = {prefix + k: t.float() for k, t in vision_state_dict(model).items()}
+    missing, unexpected = tower.load_state_dict(state, strict=False)
+    missing = [k for k in missing if not k.endswith("position_ids")]
+    if missing or unexpected:
+        raise RuntimeError(f"vision tower export: missing {missing}, unexpected {unexpected}")
+    return tower.eval()
+
+
+def image_processor(size: int):
+    """Shortest side to `size` (bicubic), centre crop `size`, OpenAI CLIP mean/std: what LLaVA-1.5's tower uses."""
+    from open_clip import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
+    from transformers import CLIPImageProcessor
+
+    return CLIPImageProcessor(size={"shortest_edge": size}, crop_size={"height": size, "width": size},
+                              do_resize=True, do_center_crop=True, resample=3, image_mean=list(OPENAI_DATASET_MEAN),
+                              image_std=list(OPENAI_DATASET_STD))
+
+
+def export_vision_tower(model: nn.Module, out_dir: str, dtype: torch.dtype = torch.float32) -> str:
+    """Save the visual tower as an HF `CLIPVisionModel` folder (`from_pretrained(out_dir)`) with its
+    `CLIPImageProcessor`. dtype: torch.float32 (exact) or torch.float16 (half the size). Returns out_dir."""
+    tower = to_hf_vision(model).to(dtype)
+    os.makedirs(out_dir, exist_ok=True)
+    tower.save_pretrained(out_dir)
+    image_processor(tower.config.image_size).save_pretrained(out_dir)
+    return out_dir
+
+
+def text_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """What the aligner needs from an open_clip CLIP: every text-tower tensor and `visual.proj`."""
+    sd = {k: t for k, t in model.state_dict().items()
+          if not k.startswith("visual.") and k not in ("logit_scale", "logit_bias")}
+    sd["visual.proj"] = model.visual.proj
+    return sd
+
+
+def vocabulary_ids(texts: Iterable[str], tokenizer) -> list[int]:
+    """Sorted CLIP BPE ids occurring in `texts`, plus the start and end tokens."""
+    ids = {tokenizer.sot_token_id, tokenizer.eot_token_id}
+    for text in set(texts):
+        ids.update(tokenizer.encode(text))
+    return sorted(ids)
+
+
+def export_aligner(model: nn.Module, path: str, vocabulary_texts: Iterable[str],
+                   model_name: str = MODEL_NAME) -> dict:
+    """Save what `ivtp.aligner.Aligner` needs as fp16 safetensors: the text tower, `text_projection` and
+    `visual.proj`, with only the `token_embedding` rows of the BPE ids that occur in `vocabulary_texts` (and
+    <start>/<end>): `token_embedding.rows` (fp16 [k, W]) and `token_embedding.ids` (int64 [k]) replace
+    `token_embedding.weight`. On loading, every other id gets a ZERO embedding, so text outside that vocabulary
+    (new words) is rated from position and context only. Returns {"path", "bytes", "vocabulary"}."""
+    from safetensors.torch import save_file
+
+    ids = vocabulary_ids(vocabulary_texts, get_tokenizer())
+    sd = text_state_dict(model)
+    weight = sd.pop("token_embedding.weight")
+    tensors = {k: t.detach().to(torch.float16).contiguous() for k, t in sd.items()}
+    index = torch.tensor(ids, dtype=torch.int64)
+    tensors[ROWS_KEY] = weight.detach()[index].to(torch.float16).contiguous()
+    tensors[IDS_KEY] = index
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    save_file(tensors, path, metadata={"format": "ivtp-aligner", "model": model_name,
+                                       "vocab_size": str(weight.shape[0])})
+    return {"path": path, "bytes": os.path.getsize(path), "vocabulary": len(ids)}

@@ -1,0 +1,151 @@
+"""The testbed CLIP: exact export to HF CLIPVisionModel, the aligner file round trip, and a short training run."""
+
+import copy
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+from transformers import CLIPImageProcessor, CLIPVisionModel
+
+from ivtp.aligner import Aligner
+from ivtp.config import AlignerConfig, ConfigError
+from ivtp.testbed.clip import (MODEL_NAME, build_clip, export_aligner, export_vision_tower, get_tokenizer,
+                               normalize_images, text_state_dict, train_clip)
+
+VOCAB = ["What colour is the circle?", "Is there a red square in the image?", "a blue triangle"]
+
+
+@pytest.fixture(scope="module")
+def clip():
+    """The testbed CLIP with random weights, every parameter perturbed (so zero biases and unit gains cannot hide
+    a wrong mapping)."""
+    model = build_clip(seed=0).eval()
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn(p.shape, generator=g))
+    return model
+
+
+def test_config_shapes(clip):
+    v, t = clip.visual, clip
+    assert v.image_size == (112, 112) and v.patch_size == (14, 14) and v.conv1.out_channels == 192
+    assert len(v.transformer.resblocks) == 7 and v.transformer.resblocks[0].attn.num_heads == 4
+    assert tuple(v.proj.shape) == (192, 128) and tuple(t.text_projection.shape) == (128, 128)
+    assert tuple(t.positional_embedding.shape) == (32, 128) and len(t.transformer.resblocks) == 4
+    assert get_tokenizer().context_length == 32
+
+
+def test_vision_tower_export_is_exact(clip, tmp_path):
+    out = export_vision_tower(clip, str(tmp_path / "vision"))
+    tower = CLIPVisionModel.from_pretrained(out).eval()
+    c = tower.config
+    assert (c.hidden_size, c.intermediate_size, c.num_hidden_layers, c.num_attention_heads) == (192, 768, 7, 4)
+    assert (c.image_size, c.patch_size, c.projection_dim, c.hidden_act, c.layer_norm_eps) == (
+        112, 14, 128, "quick_gelu", 1e-5)
+    x = torch.randn(3, 3, 112, 112)
+    with torch.no_grad():
+        hf = tower(pixel_values=x, output_hidden_states=True)
+        torch.testing.assert_close(hf.pooler_output @ clip.visual.proj, clip.encode_image(x), rtol=0, atol=1e-5)
+        h = clip.visual._embeds(x)  # patches + [CLS] + positions, ln_pre
+        torch.testing.assert_close(hf.hidden_states[0], h, rtol=0, atol=1e-5)
+        assert len(hf.hidden_states) == 8
+        for i, block in enumerate(clip.visual.transformer.resblocks):
+            h = block(h)
+            torch.testing.assert_close(hf.hidden_states[i + 1], h, rtol=0, atol=1e-5)
+
+    processor = CLIPImageProcessor.from_pretrained(out)
+    pixels = (np.random.RandomState(0).rand(112, 112, 3) * 255).astype("uint8")
+    got = processor(images=pixels, return_tensors="pt")["pixel_values"]
+    expected = normalize_images(torch.from_numpy(pixels).permute(2, 0, 1)[None])
+    torch.testing.assert_close(got, expected, rtol=0, atol=1e-5)  # 112 px in: no resampling, same normalisation
+    wide = processor(images=np.zeros((112, 150, 3), "uint8"), return_tensors="pt")["pixel_values"]
+    assert tuple(wide.shape) == (1, 3, 112, 112)
+
+    half = CLIPVisionModel.from_pretrained(export_vision_tower(clip, str(tmp_path / "half"), torch.float16))
+    assert half.dtype == torch.float16
+
+
+def test_aligner_round_trip(clip, tmp_path):
+    path = str(tmp_path / "aligner.safetensors")
+    info = export_aligner(clip, path, VOCAB)
+    tok = get_tokenizer()
+    vocab = sorted({tok.sot_token_id, tok.eot_token_id} | {i for t in VOCAB for i in tok.encode(t)})
+    assert info["vocabulary"] == len(vocab) == 16  # 14 words and punctuation, <start>, <end>
+    stored = load_file(path)
+    assert stored["token_embedding.ids"].tolist() == vocab
+    assert stored["token_embedding.rows"].dtype == torch.float16 and stored["token_embedding.rows"].shape == (16, 128)
+    assert "token_embedding.weight" not in stored and "logit_scale" not in stored
+    assert not [k for k in stored if k.startswith("visual.") and k != "visual.proj"]
+    assert info["bytes"] < 2_000_000
+
+    original = Aligner(copy.deepcopy(clip), clip.visual.proj, tok)  # (a copy: Aligner freezes what it holds)
+    loaded = Aligner.from_config(AlignerConfig(model=MODEL_NAME, pretrained=path))
+    assert loaded.context_length == 32 and loaded.vision_width == 192
+    torch.testing.assert_close(loaded.visual_proj, clip.visual.proj.half().float(), rtol=0, atol=0)
+    ids = tok(VOCAB[:2])  # in the vocabulary; compared up to <end> (the padding id 0, "!", is not in it)
+    real = torch.arange(32) <= (ids == tok.eot_token_id).int().argmax(1, keepdim=True)  # (2, 32)
+    assert real.sum(1).tolist() == [8, 11]
+    with torch.no_grad():
+        want, got = original.token_features(ids)[real], loaded.token_features(ids)[real]
+    assert want.abs().max() > 0.5
+    torch.testing.assert_close(got, want, rtol=2e-2, atol=2e-2)  # fp16 storage
+    assert (got - want).abs().max() < 0.05 * want.abs().max()
+
+    table = loaded.text.token_embedding.weight
+    oov = tok.encode("zebra")
+    assert oov and not set(oov) & set(vocab)
+    assert torch.equal(table[oov], torch.zeros(len(oov), 128))  # outside the vocabulary: zeros
+    assert int((table.abs().sum(1) > 0).sum()) == 16
+    torch.testing.assert_close(table[vocab], clip.token_embedding.weight[vocab].half().float(), rtol=0, atol=0)
+
+
+def test_aligner_checkpoint_errors(clip, tmp_path):
+    full = {k: v.contiguous() for k, v in clip.state_dict().items()}
+    vision_only = {k: v for k, v in full.items() if k.startswith("visual.")}
+    save_file(vision_only, str(tmp_path / "vision.safetensors"))
+    missing = (r"lacks the aligner weights .* missing positional_embedding, text_projection, "
+               r"transformer\.\* \(48 tensors\), token_embedding\.weight, ln_final\.weight, ln_final\.bias$")
+    with pytest.raises(ConfigError, match=missing):  # a vision-only checkpoint (visual.proj is there)
+        Aligner.from_config(AlignerConfig(model=MODEL_NAME, pretrained=str(tmp_path / "vision.safetensors")))
+    no_proj = text_state_dict(clip)
+    del no_proj["visual.proj"], no_proj["ln_final.bias"]
+    torch.save(no_proj, tmp_path / "no_proj.pt")
+    with pytest.raises(ConfigError, match=r"missing ln_final\.bias, visual\.proj$"):
+        Aligner.from_config(AlignerConfig(model=MODEL_NAME, pretrained=str(tmp_path / "no_proj.pt")))
+    # A whole open_clip checkpoint (open_clip's training format, DDP prefix) loads: vision keys are ignored.
+    torch.save({"epoch": 1, "state_dict": {f"module.{k}": v for k, v in full.items()}}, tmp_path / "full.pt")
+    aligner = Aligner.from_config(AlignerConfig(model=MODEL_NAME, pretrained=str(tmp_path / "full.pt")))
+    assert torch.equal(aligner.text.token_embedding.weight, clip.token_embedding.weight)
+    with pytest.raises(ConfigError, match="does not match ivtp-tiny-clip"):  # another architecture
+        Aligner.from_config(AlignerConfig(model="ivtp-tiny-clip", pretrained=str(tmp_path / "full.pt")))
+
+
+def test_a_few_training_steps_lower_the_loss(tmp_path):
+    from open_clip.loss import ClipLoss
+
+    from ivtp.data.shapes import write_clip_captions
+    from ivtp.testbed.clip import load_images, read_tsv
+
+    tsv = write_clip_captions(str(tmp_path / "clip.tsv"), 32, seed=0, image_dir=str(tmp_path / "images"),
+                              write_image_files=True)
+    rows = read_tsv(tsv)[:24]  # train_clip holds out the last 8 (a quarter)
+    images = normalize_images(load_images([p for p, _ in rows], 112))
+    texts = get_tokenizer()([c for _, c in rows])
+
+    def loss(model):
+        with torch.no_grad():
+            return float(ClipLoss()(*model.eval()(images, texts)))
+
+    before = loss(build_clip(seed=0))
+    model, metrics = train_clip(tsv, str(tmp_path / "out"), steps=8, batch_size=24, lr=1e-3, seed=0, threads=1,
+                                progress=False)
+    after = loss(model)
+    assert before == pytest.approx(3.595, abs=2e-3)  # seeded init (chance level is log 24 = 3.18)
+    assert after == pytest.approx(3.222, abs=0.05)  # after 8 steps on these 24 images
+    assert after < before - 0.3
+    assert (metrics["n_train"], metrics["n_eval"], metrics["steps"], metrics["batch_size"]) == (24, 8, 8, 24)
+    for key in ("i2t_top1", "t2i_top1", "relevance_auc_colour", "relevance_auc_shape"):
+        assert 0.0 <= metrics[key] <= 1.0
+    assert (tmp_path / "out" / "metrics.json").is_file()
