@@ -45,9 +45,14 @@ train-smoke: $(STAMP)
 
 # The CPU-trainable miniature (docs/testbed.md): data, tiny CLIP, tiny LLaVA trained unpruned and IVTP-retrained
 # through train/*.py with DeepSpeed, every method and ablation evaluated, the models shipped as the demo's default.
+# The two ablate sweeps run side by side on one thread each; the third call only gathers their cached runs.
+TESTBED_ABLATE := $(VENV)/bin/ivtp ablate --testbed ivtp_out/testbed --limit 700 --pope-images 50
 testbed: $(STAMP)
 	$(PY) -m ivtp.testbed.pipeline --out ivtp_out/testbed
-	$(VENV)/bin/ivtp ablate --testbed ivtp_out/testbed
+	$(TESTBED_ABLATE) --suites methods --threads 1 > ivtp_out/testbed/ablate_methods.log 2>&1 & pid=$$!; \
+	$(TESTBED_ABLATE) --suites group,tau,aggregation,guidance,stages --threads 1 > ivtp_out/testbed/ablate_rest.log 2>&1; \
+	wait $$pid
+	$(TESTBED_ABLATE)
 	$(PY) -m ivtp.testbed.pipeline --out ivtp_out/testbed --ship ivtp/assets/testbed
 
 # Every testbed stage on a few samples (CI): checks that the pipeline runs end to end, not what it learns.

@@ -72,9 +72,13 @@ class Aligner(nn.Module):
                 raise FileNotFoundError(f"aligner checkpoint not found: {pretrained}")
             local = True
         try:  # a local file: random weights first, then our loader (it accepts text-tower-only checkpoints)
+            if local:  # open_clip would log "initialized randomly", which is true only until the load below
+                logging.disable(logging.WARNING)
             model = open_clip.create_model(cfg.model, pretrained=None if local else pretrained)
         except RuntimeError as e:  # open_clip reports unknown names and unreachable weights this way
             raise ConfigError(f"llm.aligner: cannot build {cfg.model!r} with pretrained={pretrained!r}: {e}") from e
+        finally:
+            logging.disable(logging.NOTSET)
         if local:
             load_text_tower(model, pretrained, cfg.model)
         visual_proj = model.visual.proj

@@ -308,9 +308,11 @@ def cmd_ablate(args) -> int:
 
     suites = [s for s in args.suites.split(",") if s]
     budgets = [int(b) for b in args.budgets.split(",") if b]
+    if args.threads:
+        torch.set_num_threads(args.threads)
     out = args.out or os.path.join(args.testbed, "ablate")
     rows = ablate(args.testbed, out, suites=suites, budgets=budgets, limit=args.limit, batch_size=args.batch_size,
-                  progress=not args.json)
+                  pope_images=args.pope_images, progress=not args.json)
     paths = write_reports(rows, out)
     if args.json:
         json.dump({"rows": [r.__dict__ for r in rows], "files": paths}, sys.stdout, indent=2)
@@ -374,8 +376,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--suites", default=",".join(SUITES), help=f"comma-separated subset of {','.join(SUITES)}")
     p.add_argument("--budgets", default=",".join(map(str, DEFAULT_BUDGETS)),
                    help="visual tokens per image (of 64) for the methods suite")
-    p.add_argument("--limit", type=int, default=None, help="only the first N questions of each split")
+    p.add_argument("--limit", type=int, default=None, help="only the first N questions of the GQA-layout split")
+    p.add_argument("--pope-images", type=int, default=100, help="POPE-layout images (each with its 3 settings)")
     p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--threads", type=int, default=None, help="torch threads (two 1-thread sweeps beat one 2-thread)")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_ablate)
 

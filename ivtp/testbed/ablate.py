@@ -28,7 +28,7 @@ from ivtp.testbed.configs import TESTBED_METHODS, fit_prune_config
 
 SUITES = ("methods", "group", "tau", "aggregation", "guidance", "stages")
 QTYPES = ("colour", "shape", "position", "count", "existence")
-DEFAULT_BUDGETS = (4, 7, 14, 28)
+DEFAULT_BUDGETS = (4, 7, 14)
 MAIN_TOKENS = 7  # 1/9 of the 64 patches: the paper's 576 -> 64
 
 
@@ -151,8 +151,8 @@ def run_row(row: Row, model_dir: str, data: str, out: str, limit: int | None, ba
         run = {"benchmark": bench_name, "model": model_dir, "prune_config": row.config, "max_new_tokens": 4,
                "image_aspect_ratio": "pad", "baseline": row.baseline}
         root = os.path.join(data, "gqa") if bench_name == "gqa" else pope_subset(data, out, pope_images)
-        summary = evaluate(model, processor, bench, root, run_dir, run, limit=limit, batch_size=batch_size,
-                           progress=False, **options)
+        summary = evaluate(model, processor, bench, root, run_dir, run, limit=limit if bench_name == "gqa" else None,
+                           batch_size=batch_size, progress=False, **options)
         result = summary["result"]
         metrics[bench_name] = result["metrics"]
         if bench_name == "gqa":
