@@ -54,6 +54,7 @@ testbed: $(STAMP)
 	wait $$pid
 	$(TESTBED_ABLATE)
 	$(PY) -m ivtp.testbed.pipeline --out ivtp_out/testbed --ship ivtp/assets/testbed
+	mkdir -p docs/testbed && cp ivtp_out/testbed/ablate/ablate.md ivtp_out/testbed/ablate/*.png docs/testbed/
 
 # Every testbed stage on a few samples (CI): checks that the pipeline runs end to end, not what it learns.
 testbed-smoke: $(STAMP)

@@ -212,14 +212,18 @@ def run(out: str, cfg: TestbedConfig, stages=STAGES, force: str | None = None) -
     return timings
 
 
-def ship(out: str, dest: str, dtype: str = "float16") -> dict[str, int]:
-    """Copy the trained models into the package (`dest`, ivtp/assets/testbed) in fp16, each with its tokenizer,
-    processor, prune config and aligner, so that `ivtp demo` and `--model testbed` use them. Returns file sizes."""
+SHIPPED = ("llava-ivtp",)  # ~11 MB in fp16 with its aligner; both models would exceed the 20 MB the repo allows
+
+
+def ship(out: str, dest: str, dtype: str = "float16", models=SHIPPED) -> dict[str, int]:
+    """Copy the trained IVTP-retrained model into the package (`dest`, ivtp/assets/testbed) in fp16, with its
+    tokenizer, processor, prune config and aligner, so that `ivtp demo` and `--model testbed` use it. The
+    unpruned-trained model stays in the testbed folder. Returns file sizes."""
     import torch
     from transformers import AutoProcessor, LlavaForConditionalGeneration
 
     sizes = {}
-    for name in ("llava", "llava-ivtp"):
+    for name in models:
         src, dst = os.path.join(out, name), os.path.join(dest, name)
         if not os.path.isdir(src):
             continue
@@ -227,9 +231,17 @@ def ship(out: str, dest: str, dtype: str = "float16") -> dict[str, int]:
         model = LlavaForConditionalGeneration.from_pretrained(src, dtype=getattr(torch, dtype))
         model.save_pretrained(dst)
         AutoProcessor.from_pretrained(src).save_pretrained(dst)
-        for extra in ("ivtp_config.json", ALIGNER_FILE, ALIGNER_META):
-            if os.path.exists(os.path.join(src, extra)):
-                shutil.copy(os.path.join(src, extra), os.path.join(dst, extra))
+        for extra in (ALIGNER_FILE, ALIGNER_META):
+            shutil.copy(os.path.join(src, extra), os.path.join(dst, extra))
+        if os.path.exists(os.path.join(src, "ivtp_config.json")):
+            # The retraining config named the aligner by its path on this machine; the shipped folder carries
+            # the aligner beside the weights (ivtp.models.preset_aligner), so name that file instead.
+            from ivtp.config import PruneConfig
+
+            config = PruneConfig.from_pretrained(src)
+            if config.method == "ivtp":
+                config.llm.aligner.pretrained = ALIGNER_FILE
+            config.save_pretrained(dst)
         for root, _, files in os.walk(dst):
             for f in files:
                 sizes[os.path.relpath(os.path.join(root, f), dest)] = os.path.getsize(os.path.join(root, f))

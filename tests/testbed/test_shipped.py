@@ -1,0 +1,42 @@
+"""The testbed model shipped in ivtp/assets/testbed (`make testbed` writes it): it loads as `--model testbed`
+with its own prune config and aligner, answers colour questions well above chance at 7 of 64 visual tokens,
+and keeps patches on the object asked about more often than their share of the image."""
+
+import os
+import random
+
+import pytest
+import torch
+
+from ivtp.data.shapes import ask_colour, render, scene_for, target_patches
+from ivtp.inference import Sample, generate
+from ivtp.models import TESTBED_MODEL, load_for_inference, resolve_prune_config
+
+pytestmark = pytest.mark.skipif(not os.path.isfile(os.path.join(TESTBED_MODEL, "config.json")),
+                                reason="no shipped testbed model (make testbed)")
+
+
+def test_shipped_model_answers_and_keeps_the_object():
+    config = resolve_prune_config(None, None, "testbed")  # the ivtp_config.json saved with the weights
+    assert config.method == "ivtp" and config.llm.keep == 7 and config.vision.keep == 14
+    torch.manual_seed(0)
+    model, processor = load_for_inference("testbed", config)
+    assert model.ivtp_state.aligner is not None  # the checkpoint's own aligner, not the config's path
+    scenes, questions = [], []
+    for i in range(60):  # scenes no training or eval split contains
+        scene = scene_for(123, "kept", i, 112)
+        q = ask_colour(scene, random.Random(i))
+        if q is not None:
+            scenes.append(scene)
+            questions.append(q)
+    samples = [Sample(q["question"] + "\nAnswer the question using a single word or phrase.", render(s))
+               for s, q in zip(scenes, questions)]
+    results = generate(model, processor, samples, max_new_tokens=3, batch_size=32)
+    assert all(r.visual_tokens[0] == 64 and r.visual_tokens[-1] == 7 for r in results)
+    accuracy = sum(r.answer.strip().lower() == q["answer"] for r, q in zip(results, questions)) / len(results)
+    on_target = [len(set(target_patches(s, q)) & set(r.kept_patches)) / len(r.kept_patches)
+                 for s, q, r in zip(scenes, questions, results)]
+    area = [len(target_patches(s, q)) / 64 for s, q in zip(scenes, questions)]
+    # Measured when shipped: accuracy 0.49 (chance 1/6), 17% of kept patches on the object (its area: 6.4%).
+    assert accuracy > 2 / 6
+    assert sum(on_target) / len(on_target) > 2 * sum(area) / len(area)
