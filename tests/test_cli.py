@@ -60,11 +60,28 @@ def test_generate_unpruned_reference(capsys, image_files):
 
 
 def test_demo_writes_an_overlay(capsys, tmp_path):
-    out = run_json(capsys, ["demo", "--out", str(tmp_path), "--max-new-tokens", "4", "--json"])
+    out = run_json(capsys, ["demo", "--model", "tiny-random", "--out", str(tmp_path), "--max-new-tokens", "4",
+                            "--json"])
     assert out["visual_tokens"] == [[576, 427, 277, 128, 112, 96, 80, 64]]
     (path,) = out["overlays"]
     with Image.open(path) as im:
         assert im.size[0] == 2 * 336 + 10
+
+
+def test_demo_defaults_to_the_shipped_testbed_model(capsys, tmp_path):
+    """`make demo`: the trained testbed model with its own prune config (64 -> 14 in the ViT -> 7 in the LLM)
+    answers the generated one-object question (tests/testbed/test_shipped.py measures it on many scenes)."""
+    from ivtp.models import TESTBED_MODEL
+
+    if not os.path.isfile(os.path.join(TESTBED_MODEL, "config.json")):
+        pytest.skip("no shipped testbed model")
+    out = run_json(capsys, ["demo", "--out", str(tmp_path), "--json"])
+    assert out["model"] == "testbed" and out["visual_tokens"] == [[64, 39, 14, 7]]
+    assert out["correct"] is True and out["answers"] == [out["expected"]]
+    assert out["target_patches_kept"] == len(out["target_patches"])  # seed 0: both patches of the square kept
+    (path,) = out["overlays"]
+    with Image.open(path) as im:
+        assert im.size[0] == 2 * 224 + 10  # 112 px, upscaled 2x
 
 
 def test_visualize_writes_one_png_per_image(capsys, tmp_path, image_files):
