@@ -286,7 +286,7 @@ def cmd_eval(args) -> int:
         run = _eval_run(args, config, bench)
         check_run(out, run)  # a mismatched resume fails before the model loads
         model, processor, config = _load(args, config)
-        summary = evaluate(model, processor, bench, args.data, out, run, limit=args.limit, num_chunks=num_chunks,
+        summary = evaluate(model, processor, bench, args.data, out, run, items=items, num_chunks=num_chunks,
                            chunk_idx=chunk_idx, batch_size=args.batch_size,
                            pad=args.image_aspect_ratio == "pad", progress=not args.json)
     if args.json:

@@ -166,9 +166,9 @@ def finish(bench: Benchmark, root: str, items: list[Item], out_dir: str, num_chu
     rows = collect(bench, items, out_dir, num_chunks)
     if rows is None:
         return None
-    predictions = {k: v["text"] for k, v in rows.items() if k in {it.id for it in items}}
+    predictions = {it.id: rows[it.id]["text"] for it in items}  # collect() checked every item has a row
     model_id = run.get("model_id") or "ivtp"
-    finals = [r["visual_tokens"][-1] for r in rows.values() if r.get("visual_tokens")]
+    finals = [rows[it.id]["visual_tokens"][-1] for it in items if rows[it.id].get("visual_tokens")]
     result = {
         "benchmark": bench.name,
         "title": bench.title,
@@ -186,11 +186,11 @@ def finish(bench: Benchmark, root: str, items: list[Item], out_dir: str, num_chu
 
 def evaluate(model, processor, bench: Benchmark, root: str, out_dir: str, run: dict, *, limit: int | None = None,
              num_chunks: int = 1, chunk_idx: int = 0, batch_size: int = 8, pad: bool = True,
-             progress: bool = True, **chunk_options) -> dict:
+             progress: bool = True, items: list[Item] | None = None, **chunk_options) -> dict:
     """One chunk of a benchmark run; then, if all chunks are done, the merged result. Returns a summary dict
-    (``result`` is None while other chunks are still running)."""
+    (``result`` is None while other chunks are still running). `items`: the benchmark already loaded."""
     t0 = time.time()
-    items = load_items(bench, root, limit)
+    items = load_items(bench, root, limit) if items is None else items
     check_run(out_dir, run)
     answered = run_chunk(model, processor, bench, items, out_dir, num_chunks=num_chunks, chunk_idx=chunk_idx,
                          batch_size=batch_size, max_new_tokens=run.get("max_new_tokens"), pad=pad,
