@@ -360,30 +360,29 @@ def _q(question: str, answer: str, qtype: str, targets: list[int], target: int |
             **extra}
 
 
-def ask_colour(scene: Scene, rng) -> dict | None:
-    """What colour is the <shape>? Only of a shape that is unique in the image; None when there is none."""
+def _ask_named_by_unique(scene: Scene, rng, known: str, asked: str, templates: tuple[str, ...]) -> dict | None:
+    """A question that names an object by its `known` attribute (only when no other object shares it) and asks
+    for its `asked` attribute; None when no object's `known` attribute is unique."""
     rng = _as_rng(rng)
-    unique = [i for i, o in enumerate(scene.objects) if len(scene.find(shape=o.shape)) == 1]
+    unique = [i for i, o in enumerate(scene.objects) if len(scene.find(**{known: getattr(o, known)})) == 1]
     if not unique:
         return None
     i = rng.choice(unique)
-    shape = scene.objects[i].shape
-    text = rng.choice(("What colour is the {s}?", "What is the colour of the {s}?", "Which colour is the {s}?",
-                       "What color is the {s}?")).format(s=shape)
-    return _q(text, scene.objects[i].colour, "colour", [i], i)
+    text = rng.choice(templates).format(getattr(scene.objects[i], known))
+    return _q(text, getattr(scene.objects[i], asked), asked, [i], i)
+
+
+def ask_colour(scene: Scene, rng) -> dict | None:
+    """What colour is the <shape>? Only of a shape that is unique in the image; None when there is none."""
+    return _ask_named_by_unique(scene, rng, "shape", "colour", (
+        "What colour is the {}?", "What is the colour of the {}?", "Which colour is the {}?", "What color is the {}?"))
 
 
 def ask_shape(scene: Scene, rng) -> dict | None:
     """What shape is the <colour> object? Only of a colour that is unique in the image; None when none is."""
-    rng = _as_rng(rng)
-    unique = [i for i, o in enumerate(scene.objects) if len(scene.find(colour=o.colour)) == 1]
-    if not unique:
-        return None
-    i = rng.choice(unique)
-    colour = scene.objects[i].colour
-    text = rng.choice(("What shape is the {c} object?", "What is the shape of the {c} object?",
-                       "Which shape is {c}?", "What shape is the {c} one?")).format(c=colour)
-    return _q(text, scene.objects[i].shape, "shape", [i], i)
+    return _ask_named_by_unique(scene, rng, "colour", "shape", (
+        "What shape is the {} object?", "What is the shape of the {} object?", "Which shape is {}?",
+        "What shape is the {} one?"))
 
 
 def ask_position(scene: Scene, rng) -> dict | None:
