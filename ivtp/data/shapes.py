@@ -48,7 +48,6 @@ from __future__ import annotations
 
 import csv
 import hashlib
-import json
 import math
 import os
 import random
@@ -60,6 +59,8 @@ from functools import lru_cache
 
 import numpy as np
 from PIL import Image, ImageDraw
+
+from ivtp.data.jsonio import dump_json, dump_jsonl
 
 COLOURS = {"red": (220, 40, 40), "green": (40, 170, 60), "blue": (40, 80, 220),
            "yellow": (230, 210, 40), "purple": (140, 60, 170), "orange": (240, 140, 30)}
@@ -594,19 +595,6 @@ def write_images(scenes: list[Scene], names: list[str], image_dir: str, workers:
             _render_one(job)
 
 
-def _dump_json(obj, path: str, indent: int | None = None) -> None:
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with open(path, "w") as f:  # dumps, not dump: only dumps uses the C encoder
-        f.write(json.dumps(obj, indent=indent, ensure_ascii=False) + "\n")
-
-
-def _dump_jsonl(rows: list[dict], path: str) -> None:
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with open(path, "w") as f:
-        for row in rows:
-            f.write(json.dumps(row, ensure_ascii=False) + "\n")
-
-
 def pretrain_records(scenes: list[Scene], seed: int, split: str = "train", image_prefix: str = "images/") -> list[dict]:
     """LLaVA-558K style caption records (the plain template supervises only the caption)."""
     out = []
@@ -650,7 +638,7 @@ def write_llava_split(out_dir: str, n_images: int, seed: int, kind: str, size: i
     records = pretrain_records(scenes, seed, split) if kind == "pretrain" else finetune_records(scenes, seed, split,
                                                                                                counts=counts)
     path = os.path.join(out_dir, f"{kind}.json")
-    _dump_json(records, path)
+    dump_json(records, path)
     return path
 
 
@@ -731,8 +719,8 @@ def write_gqa_eval(out_dir: str, n_images: int, seed: int, size: int = 112, spli
             "isBalanced": True, "target_patches": target_patches(scenes[i], q), "targets": q["targets"],
         }
         counts[q["qtype"]] += 1
-    _dump_jsonl(rows, os.path.join(root, "llava_gqa_testdev_balanced.jsonl"))
-    _dump_json(official, os.path.join(root, "testdev_balanced_questions.json"))
+    dump_jsonl(rows, os.path.join(root, "llava_gqa_testdev_balanced.jsonl"))
+    dump_json(official, os.path.join(root, "testdev_balanced_questions.json"))
     return dict(sorted(counts.items()))
 
 
@@ -764,9 +752,9 @@ def write_pope_eval(out_dir: str, n_images: int, seed: int, size: int = 112, spl
                 labels.append({"question_id": qid, "image": name, "text": q["question"], "label": q["answer"],
                                "target_patches": target_patches(scene, q)})
                 counts[setting][q["answer"]] += 1
-        _dump_jsonl(labels, os.path.join(root, "coco", f"coco_pope_{setting}.json"))
+        dump_jsonl(labels, os.path.join(root, "coco", f"coco_pope_{setting}.json"))
         counts[setting] = dict(sorted(counts[setting].items()))
-    _dump_jsonl(rows, os.path.join(root, "llava_pope_test.jsonl"))
+    dump_jsonl(rows, os.path.join(root, "llava_pope_test.jsonl"))
     return counts
 
 
@@ -792,10 +780,10 @@ def generate_testbed(out_dir: str, n_train: int, n_eval: int, seed: int, image_s
     write_images(scenes, [image_name("train", i) for i in range(n_train)], os.path.join(out_dir, "images"),
                  workers, progress, "train images")
     pre = pretrain_records(scenes, seed)
-    _dump_json(pre, os.path.join(out_dir, "pretrain.json"))
+    dump_json(pre, os.path.join(out_dir, "pretrain.json"))
     ft_counts: Counter = Counter()
     ft = finetune_records(scenes, seed, counts=counts, qtype_counter=ft_counts)
-    _dump_json(ft, os.path.join(out_dir, "finetune.json"))
+    dump_json(ft, os.path.join(out_dir, "finetune.json"))
     _write_tsv(os.path.join(out_dir, "clip_train.tsv"),
                clip_rows(scenes, seed, os.path.abspath(os.path.join(out_dir, "images"))))
     eval_dir = os.path.join(out_dir, "eval")
@@ -815,5 +803,5 @@ def generate_testbed(out_dir: str, n_train: int, n_eval: int, seed: int, image_s
         "backgrounds": dict(sorted(Counter(s.background for s in scenes).items())),
         "finetune_counts": counts,
     }
-    _dump_json(manifest, os.path.join(out_dir, "manifest.json"), indent=1)
+    dump_json(manifest, os.path.join(out_dir, "manifest.json"), indent=1)
     return manifest

@@ -20,6 +20,7 @@ from typing import Callable
 
 from PIL import Image
 
+from ivtp.data.jsonio import dump_json, dump_jsonl
 from ivtp.eval import metrics
 
 SHORT_ANSWER = "Answer the question using a single word or phrase."
@@ -213,7 +214,7 @@ class VQAv2(Benchmark):
         ids = ([r["question_id"] for r in read_jsonl(full, self.name, ("question_id",))] if os.path.exists(full)
                else [it.meta["question_id"] for it in items])
         rows = [{"question_id": q, "answer": metrics.normalize_vqa_answer(predictions.get(str(q), ""))} for q in ids]
-        return [_dump_json(rows, os.path.join(out_dir, "answers_upload", f"{model_id}.json"))]
+        return [dump_json(rows, os.path.join(out_dir, "answers_upload", f"{model_id}.json"))]
 
 
 class GQA(Benchmark):
@@ -235,7 +236,7 @@ class GQA(Benchmark):
     def write_outputs(self, root, items, predictions, out_dir, model_id):
         # The input of GQA's eval.py: [{questionId, prediction}], as LLaVA's convert_gqa_for_eval writes it.
         rows = [{"questionId": k, "prediction": v.rstrip(".").lower()} for k, v in predictions.items()]
-        return [_dump_json(rows, os.path.join(out_dir, "testdev_balanced_predictions.json"))]
+        return [dump_json(rows, os.path.join(out_dir, "testdev_balanced_predictions.json"))]
 
 
 class VizWiz(Benchmark):
@@ -264,7 +265,7 @@ class VizWiz(Benchmark):
     def write_outputs(self, root, items, predictions, out_dir, model_id):
         rows = [{"image": it.meta["image"], "answer": metrics.normalize_vqa_answer(predictions.get(it.id, ""))}
                 for it in items]
-        return [_dump_json(rows, os.path.join(out_dir, "answers_upload", f"{model_id}.json"))]
+        return [dump_json(rows, os.path.join(out_dir, "answers_upload", f"{model_id}.json"))]
 
 
 class TextVQA(Benchmark):
@@ -501,7 +502,7 @@ class SEED(Benchmark):
 
     def write_outputs(self, root, items, predictions, out_dir, model_id):
         rows = [{"question_id": it.id, "prediction": predictions[it.id]} for it in items if it.id in predictions]
-        return [_dump_jsonl(rows, os.path.join(out_dir, "answers_upload", f"{model_id}.jsonl"))]
+        return [dump_jsonl(rows, os.path.join(out_dir, "answers_upload", f"{model_id}.jsonl"))]
 
 
 class LLaVABench(Benchmark):
@@ -523,7 +524,7 @@ class LLaVABench(Benchmark):
         rows = [{"question_id": it.meta["question_id"], "prompt": it.prompt, "text": predictions[it.id],
                  "answer_id": f"{model_id}-{it.id}", "model_id": model_id, "metadata": {}}
                 for it in items if it.id in predictions]
-        return [_dump_jsonl(rows, os.path.join(out_dir, "answers", f"{model_id}.jsonl"))]
+        return [dump_jsonl(rows, os.path.join(out_dir, "answers", f"{model_id}.jsonl"))]
 
 
 class MMVet(Benchmark):
@@ -540,7 +541,7 @@ class MMVet(Benchmark):
 
     def write_outputs(self, root, items, predictions, out_dir, model_id):
         result = {it.id: predictions[it.id] for it in items if it.id in predictions}
-        return [_dump_json(result, os.path.join(out_dir, "results", f"{model_id}.json"))]
+        return [dump_json(result, os.path.join(out_dir, "results", f"{model_id}.json"))]
 
 
 BENCHMARKS: dict[str, Benchmark] = {b.name: b for b in (
@@ -575,18 +576,3 @@ def _check_ids(predictions: dict, truth: dict, path: str, bench: str) -> None:
     if missing:
         raise BenchmarkDataError(f"{bench}: {len(missing)} predicted question(s) are not in {path}, e.g. "
                                  f"{missing[:3]}")
-
-
-def _dump_json(obj, path: str) -> str:
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    with open(path, "w", encoding="utf-8") as f:
-        json.dump(obj, f, ensure_ascii=False)
-    return path
-
-
-def _dump_jsonl(rows: list[dict], path: str) -> str:
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    with open(path, "w", encoding="utf-8") as f:
-        for r in rows:
-            f.write(json.dumps(r, ensure_ascii=False) + "\n")
-    return path

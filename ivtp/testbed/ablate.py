@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 import torch
 from tqdm import tqdm
 
+from ivtp.data.jsonio import dump_jsonl
 from ivtp.methods.peers import PeerRunner
 from ivtp.testbed.configs import TESTBED_METHODS, fit_prune_config
 
@@ -114,9 +115,8 @@ def pope_subset(data: str, out: str, images: int) -> str:
         os.makedirs(dst)
         with open(os.path.join(src, "llava_pope_test.jsonl")) as f:
             rows = [json.loads(line) for line in f]
-        names = sorted({r["image"] for r in rows})[:images]
-        with open(os.path.join(dst, "llava_pope_test.jsonl"), "w") as f:
-            f.writelines(json.dumps(r) + "\n" for r in rows if r["image"] in set(names))
+        names = set(sorted({r["image"] for r in rows})[:images])
+        dump_jsonl([r for r in rows if r["image"] in names], os.path.join(dst, "llava_pope_test.jsonl"))
         for sub in ("coco", "val2014"):
             os.symlink(os.path.abspath(os.path.join(src, sub)), os.path.join(dst, sub))
     return dst

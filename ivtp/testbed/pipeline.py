@@ -28,6 +28,8 @@ import sys
 import time
 from dataclasses import dataclass
 
+from ivtp.data.jsonio import dump_json
+
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 STAGES = ("data", "clip", "llm_init", "pretrain", "finetune", "retrain")
 ALIGNER_FILE, ALIGNER_META = "aligner.safetensors", "aligner.json"
@@ -94,7 +96,7 @@ def stage_clip(cfg: TestbedConfig, out: str) -> None:
                           precision=cfg.clip_precision, seed=cfg.seed)
     export_vision_tower(model, os.path.join(clip_dir, "vision"))
     export_aligner(model, os.path.join(clip_dir, ALIGNER_FILE), testbed_texts(data))
-    _write_json({"model": "ivtp-testbed-clip"}, os.path.join(clip_dir, ALIGNER_META))
+    dump_json({"model": "ivtp-testbed-clip"}, os.path.join(clip_dir, ALIGNER_META))
 
 
 def testbed_texts(data: str):
@@ -195,7 +197,7 @@ def run(out: str, cfg: TestbedConfig, stages=STAGES, force: str | None = None) -
             old = json.load(f)
         if old != dataclasses.asdict(cfg) and force is None:
             raise SystemExit(f"{out} was built with other settings ({saved}); use another --out or --force data")
-    _write_json(dataclasses.asdict(cfg), saved)
+    dump_json(dataclasses.asdict(cfg), saved, indent=2)
     redo = set(STAGES[STAGES.index(force):]) if force else set()
     timings = {}
     for stage in stages:
@@ -208,7 +210,7 @@ def run(out: str, cfg: TestbedConfig, stages=STAGES, force: str | None = None) -
         STAGE_FUNCS[stage](cfg, out)
         timings[stage] = round(time.time() - t0, 1)
         print(f"[testbed] {stage}: {timings[stage]} s", flush=True)
-    _write_json(timings, os.path.join(out, f"timings_{int(time.time())}.json"))
+    dump_json(timings, os.path.join(out, f"timings_{int(time.time())}.json"), indent=2)
     return timings
 
 
@@ -254,12 +256,6 @@ def ship(out: str, dest: str, dtype: str = "float16", models=SHIPPED) -> dict[st
 def _run(argv: list[str]) -> None:
     env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
     subprocess.run(argv, check=True, env=env, cwd=REPO)
-
-
-def _write_json(obj, path: str) -> None:
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    with open(path, "w") as f:
-        json.dump(obj, f, indent=2)
 
 
 def main(argv=None) -> int:
