@@ -137,10 +137,29 @@ class GTPLlamaAttention(nn.Module):
         if ivtp_probe is None:
             return super().forward(hidden_states, position_embeddings, attention_mask, past_key_values, **kwargs)
         input_shape = hidden_states.shape[:-1]
+        b, length = input_shape
         hidden_shape = (*input_shape, -1, self.head_dim)
-        query = self.q_proj(hidden_states).view(hidden_shape).transpose(1, 2)  # (B, H, L, Dh)
-        key = self.k_proj(hidden_states).view(hidden_shape).transpose(1, 2)  # (B, Hkv, L, Dh)
         value = self.v_proj(hidden_states).view(hidden_shape).transpose(1, 2)  # (B, Hkv, L, Dh)
+        pcls_x = ivtp_probe.get("pcls_x")  # (B', 1, D), already through this layer's input norm
+        if pcls_x is None:
+            query = self.q_proj(hidden_states)  # (B, L, H * Dh)
+            key = self.k_proj(hidden_states)  # (B, L, Hkv * Dh)
+        else:
+            # The pseudo-CLS rides along as one more column of the layer's own q/k projections: one GEMM each,
+            # instead of a second pass over the weights for a single token (which costs a CPU as much as
+            # ~50 sequence tokens do, since a one-token product is bound by reading the weights).
+            rows = ivtp_probe["rows"]
+            extra = hidden_states.new_zeros(b, 1, hidden_states.shape[-1])
+            extra[rows] = pcls_x.to(hidden_states.dtype)
+            joint = torch.cat([hidden_states, extra], dim=1)  # (B, L + 1, D)
+            query, key = self.q_proj(joint), self.k_proj(joint)  # (B, L + 1, H * Dh), (B, L + 1, Hkv * Dh)
+            pcls_q = query[rows, length:].view(len(rows), 1, -1, self.head_dim).transpose(1, 2)  # (B', H, 1, Dh)
+            pcls_k = key[rows, length:].view(len(rows), 1, -1, self.head_dim).transpose(1, 2)  # (B', Hkv, 1, Dh)
+            ivtp_probe["pcls_q"], ivtp_probe["pcls_k"] = apply_rotary_pos_emb(pcls_q, pcls_k,
+                                                                              *ivtp_probe["pcls_rope"])
+            query, key = query[:, :length], key[:, :length]
+        query = query.reshape(hidden_shape).transpose(1, 2)  # (B, H, L, Dh)
+        key = key.reshape(hidden_shape).transpose(1, 2)  # (B, Hkv, L, Dh)
         cos, sin = position_embeddings
         query, key = apply_rotary_pos_emb(query, key, cos, sin)
         with torch.no_grad(), torch.profiler.record_function("ivtp.score"):  # a decision: no graph kept
@@ -165,7 +184,7 @@ def _probe_scores(attn, probe: dict, query, key, value) -> None:
     neg = torch.finfo(torch.float32).min
 
     def take(x, index=idx):  # (B, h, L, Dh) -> (B', h, n, Dh)
-        x = x[rows]
+        x = x if probe["all_rows"] else x[rows]
         return torch.gather(x, 2, index[:, None, :, None].expand(-1, x.shape[1], -1, x.shape[-1]))
 
     if "rater_idx" in probe:  # SparseVLM: the raters' attention over the whole causal sequence, visual columns
@@ -335,6 +354,7 @@ class _PrefillRun:
         self.pruned = False
         self.mask = self.position_ids = self.position_embeddings = None
         self.rows = torch.nonzero(guidance.images > 0).flatten()  # rows that have visual tokens
+        self.all_rows = len(self.rows) == b  # then x[rows] is x itself: skip the copies
         self.segments: list[tuple[int, torch.Tensor]] = []
         per_image = [int(guidance.visual[r].sum()) // int(guidance.images[r]) for r in self.rows.tolist()]
         if any(n != self.plan.tokens_in for n in per_image):
@@ -345,6 +365,7 @@ class _PrefillRun:
         self.lower: list[torch.Tensor] = []
         self.rows_seen: list[torch.Tensor] = []
         self.last_probe: dict | None = None
+        self._vis_slots: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def _group_of(self, idx: int):
         for g, (lo, hi) in enumerate(self.plan.groups):
@@ -363,13 +384,9 @@ class _PrefillRun:
         if mode is None:
             return None
         rows = self.rows
-        vis = self.slot_visual[rows]  # (B', S)
-        n_vis = vis.sum(-1)  # (B',)
-        width = int(n_vis.max())
-        # Visual slots in ascending order; short rows end in entries marked not ok.
-        vis_idx = torch.sort((~vis).to(torch.int8), dim=-1, stable=True).indices[:, :width]  # (B', Nv)
-        vis_ok = torch.arange(width, device=vis.device)[None] < n_vis[:, None]  # (B', Nv)
-        self.last_probe = {"mode": mode, "rows": rows, "vis_idx": vis_idx, "vis_ok": vis_ok}
+        vis_idx, vis_ok = self._visual_slots()
+        self.last_probe = {"mode": mode, "rows": rows, "all_rows": self.all_rows, "vis_idx": vis_idx,
+                           "vis_ok": vis_ok}
         if self.plan.scorer == "sparsevlm":  # the raters, as slots; short rows padded and marked
             raters = torch.gather(self.g.text_select[rows], 1, self.slot_pos[rows]) & self.slot_real[rows]
             n_r = raters.sum(-1).clamp_min(1)
@@ -380,22 +397,34 @@ class _PrefillRun:
             target = self.g.last_prompt[rows][:, None]  # (B', 1)
             self.last_probe["query_slot"] = (self.slot_pos[rows] == target).float().argmax(-1)  # (B',)
         else:
-            self.last_probe["pcls_q"], self.last_probe["pcls_k"] = self._pseudo_cls(layer, hidden, rows, vis_idx,
-                                                                                     vis_ok)
+            self.last_probe.update(self._pseudo_cls(layer, hidden, rows, vis_idx, vis_ok))
         return self.last_probe
 
+    def _visual_slots(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The scored rows' visual slots in ascending order (B', Nv), and which are real (B', Nv): short rows end
+        in entries marked not ok. Cached until the next drop changes the slots."""
+        if self._vis_slots is None:
+            vis = self.slot_visual[self.rows]  # (B', S)
+            n_vis = vis.sum(-1)  # (B',)
+            width = int(n_vis.max())
+            vis_idx = torch.sort((~vis).to(torch.int8), dim=-1, stable=True).indices[:, :width]  # (B', Nv)
+            self._vis_slots = vis_idx, torch.arange(width, device=vis.device)[None] < n_vis[:, None]
+        return self._vis_slots
+
     @torch.profiler.record_function("ivtp.score")
-    def _pseudo_cls(self, layer, hidden, rows, vis_idx, vis_ok):
-        """Eq. 8 at this layer: mean hidden state of the selected instruction tokens, or the fallback; then the
-        layer's own input norm, q/k projections and RoPE at the position right after the last visual token."""
+    def _pseudo_cls(self, layer, hidden, rows, vis_idx, vis_ok) -> dict:
+        """Eq. 8 at this layer: mean hidden state of the selected instruction tokens, or the fallback, through the
+        layer's own input norm; and the RoPE of the position right after the last visual token. The layer's
+        attention projects it with its own q/k weights (GTPLlamaAttention.forward)."""
         sel = torch.gather(self.g.text_select[rows], 1, self.slot_pos[rows]) & self.slot_real[rows]  # (B', S)
-        h = hidden[rows].float()  # (B', S, D)
+        h = hidden if self.all_rows else hidden[rows]  # (B', S, D)
         count = sel.sum(-1, keepdim=True)  # (B', 1)
-        mean = (h * sel[..., None]).sum(1) / count.clamp_min(1)  # (B', D)
+        mean = torch.bmm(sel[:, None].float(), h.float())[:, 0] / count.clamp_min(1)  # (B', D)
         pcls = torch.where(count > 0, mean, self.g.fallback[rows].float()).to(hidden.dtype)  # (B', D)
         last_vis = torch.gather(self.slot_pos[rows], 1, vis_idx).masked_fill(~vis_ok, -1).max(-1).values  # (B',)
         pos = torch.gather(self.full_position_ids[rows], 1, last_vis[:, None]) + 1  # (B', 1)
-        return self._query_key(layer, pcls[:, None], pos)  # (B', H, 1, Dh), (B', Hkv, 1, Dh)
+        x = layer.input_layernorm(pcls[:, None])  # (B', 1, D)
+        return {"pcls_x": x, "pcls_rope": self.model.rotary_emb(x, position_ids=pos)}
 
     def _query_key(self, layer, hidden, positions):
         """A layer's own q and k for tokens outside the sequence: its input norm, projections and RoPE.
@@ -510,6 +539,7 @@ class _PrefillRun:
         self.slot_real = kept
         self.slot_ok = torch.gather(self.slot_ok, 1, order) & kept
         self.slot_visual = torch.gather(self.slot_visual, 1, order) & kept
+        self._vis_slots = None
         self.pruned = True
         self.position_ids = torch.gather(self.full_position_ids, 1, self.slot_pos)
         self.position_embeddings = tuple(torch.gather(e, 1, self.slot_pos[..., None].expand(-1, -1, e.shape[-1]))
