@@ -23,7 +23,7 @@ def head_mean_attention(
     query: (B, H, Nq, Dh), key: (B, H, Nk, Dh), mask: additive, broadcastable to (B, H, Nq, Nk) or None.
     Returns (B, Nq, Nk); each row sums to 1.
     """
-    logits = torch.matmul(query.float(), key.float().transpose(-1, -2)) * scale  # (B, H, Nq, Nk)
+    logits = torch.matmul(query.float() * scale, key.float().transpose(-1, -2))  # (B, H, Nq, Nk)
     if mask is not None:
         logits = logits + mask.float()
     return logits.softmax(dim=-1).mean(dim=1)  # (B, Nq, Nk)
@@ -49,11 +49,11 @@ def rollout_query_row(lower: list[torch.Tensor], top_row: torch.Tensor, query_in
     # e_q^T norm(A(l2) + I)
     row = _add_identity_row(top_row.float(), query_index)  # (B, N)
     # ... norm(A(l) + I) for l2 > l > l1, pushed down one layer at a time: row @ norm(A + I).
+    # With s_i = 1 + sum_j A[i, j], row @ norm(A + I) = (row / s) @ A + row / s: no N x N temporary.
     for attn in reversed(lower[1:]):
         attn = attn.float()  # (B, N, N)
-        eye_plus = attn + torch.eye(attn.shape[-1], device=attn.device, dtype=attn.dtype)
-        eye_plus = eye_plus / eye_plus.sum(dim=-1, keepdim=True)
-        row = torch.bmm(row.unsqueeze(1), eye_plus).squeeze(1)  # (B, N)
+        row = row / (attn.sum(dim=-1) + 1.0)  # (B, N)
+        row = torch.bmm(row.unsqueeze(1), attn).squeeze(1) + row  # (B, N)
     # ... A(l1): the bottom layer enters without the identity.
     return torch.bmm(row.unsqueeze(1), lower[0].float()).squeeze(1)  # (B, N)
 

@@ -52,7 +52,7 @@ class GTPAttention(nn.Module):
             # A lower layer of a rollout group needs every row of its attention anyway: compute the weights once,
             # in float32, and take both the output and the head mean from them (no second pass through SDPA).
             # This replaces the layer's own attention, so only the head mean counts as scoring.
-            weights = (torch.matmul(query.float(), key.float().transpose(-1, -2)) * self.scale).softmax(-1)
+            weights = torch.matmul(query.float() * self.scale, key.float().transpose(-1, -2)).softmax(-1)
             if self.training and self.dropout:
                 weights = nn.functional.dropout(weights, p=self.dropout)
             out = torch.matmul(weights.to(value.dtype), value).transpose(1, 2)  # (B, N, H, Dh)
