@@ -245,10 +245,13 @@ def vispruner_split(
         return important.sort(-1).values, residual[:, :0]
 
     unit = F.normalize(features.float(), dim=-1)  # (B, N, D)
+    # Every round compares tokens of the same set, so the cosines are computed once (one GEMM over all patches,
+    # fewer FLOPs than the rounds' products together) and each round only gathers its (Ra, Rb) block.
+    cos = unit @ unit.transpose(-1, -2)  # (B, N, N)
     while residual.shape[1] > n_div:
         r = min(8, residual.shape[1] - n_div)
         a_idx, b_idx = residual[:, 0::2], residual[:, 1::2]  # (B, Ra), (B, Rb); Rb >= 1 because R >= 2 here
-        sim = gather_tokens(unit, a_idx) @ gather_tokens(unit, b_idx).transpose(-1, -2)  # (B, Ra, Rb)
+        sim = torch.gather(gather_tokens(cos, a_idx), 2, b_idx[:, None, :].expand(-1, a_idx.shape[1], -1))  # (B, Ra, Rb)
         cover = sim.max(dim=-1).values  # (B, Ra)
         by_cover = torch.sort(-cover, dim=-1, stable=True).indices  # (B, Ra) most redundant first
         kept_a = torch.gather(a_idx, 1, by_cover[:, r:])  # (B, Ra - min(r, Ra))
