@@ -245,6 +245,10 @@ def cmd_bench(args) -> int:
               f"(FLOPs predict x{result['flops_speedup']:.2f}, {100 * result['prefill_vs_flops']:.0f}%), decode "
               f"x{result['speedup_decode']:.2f}, KV cache x{result['kv_cache_ratio']:.2f}"
               + (f", scoring {100 * overhead['scoring_share']:.1f}% of pruned prefill" if overhead else ""))
+        vit, llm = result["stages"]["before_llm"], result["stages"]["llm"]
+        print(f"  before the LLM (tower, projector, aligner): x{vit['speedup']:.2f} (ViT FLOPs "
+              f"x{vit['flops_speedup_vit']:.2f}); LLM decoder: x{llm['speedup']:.2f} (LLM FLOPs "
+              f"x{llm['flops_speedup_llm']:.2f})")
     return 0
 
 

@@ -1,7 +1,8 @@
 """`ivtp bench`: latency and memory of a pruned model against the unpruned one, measured in the same run.
 
 For one image and a realistic prompt it measures
-- prefill latency (time to first token: the vision tower, the projector and the LLM over the prompt),
+- prefill latency (time to first token: the vision tower, the projector and the LLM over the prompt), and the
+  share of it inside the LLM decoder, so that a gap to the FLOPs prediction can be placed,
 - decode speed (tokens per second over a fixed number of new tokens, after prefill),
 - the KV cache the prefill leaves (bytes), and on a GPU the peak memory,
 for the stock model and for the same weights pruned, and reports the ratios beside the FLOPs-predicted prefill
@@ -50,9 +51,32 @@ def _kv_bytes(cache) -> int:
     return total
 
 
+class _DecoderClock:
+    """Seconds spent inside the LLM decoder (model.model.language_model) during one call, from forward hooks: the
+    rest of a prefill is the vision tower, the projector, the aligner and the embedding merge."""
+
+    def __init__(self, model, device):
+        self.device, self.seconds, self._start = device, 0.0, None
+        decoder = model.model.language_model
+        self._handles = [decoder.register_forward_pre_hook(self._enter), decoder.register_forward_hook(self._leave)]
+
+    def _enter(self, *_):
+        _sync(self.device)
+        self._start = time.perf_counter()
+
+    def _leave(self, *_):
+        _sync(self.device)
+        self.seconds += time.perf_counter() - self._start
+
+    def remove(self):
+        for h in self._handles:
+            h.remove()
+
+
 @torch.no_grad()
 def measure(model, inputs: dict, new_tokens: int, repeats: int, prompt_len: int) -> dict:
-    """Median prefill seconds over `repeats` (after a warm-up), decode tokens/s, KV-cache bytes, peak memory."""
+    """Median prefill seconds over `repeats` (after a warm-up), split into the LLM decoder and what runs before it;
+    decode tokens/s, KV-cache bytes, peak memory."""
     device = next(model.parameters()).device
 
     def prefill():
@@ -61,7 +85,13 @@ def measure(model, inputs: dict, new_tokens: int, repeats: int, prompt_len: int)
     prefill()  # warm-up: allocator, kernels, lazy init
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    times = [_timed(prefill, device) for _ in range(repeats)]
+    clock = _DecoderClock(model, device)
+    times, llm_times = [], []
+    for _ in range(repeats):
+        clock.seconds = 0.0
+        times.append(_timed(prefill, device))
+        llm_times.append(clock.seconds)
+    clock.remove()
     out = prefill()
     kv = _kv_bytes(out.past_key_values)
     peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
@@ -80,6 +110,8 @@ def measure(model, inputs: dict, new_tokens: int, repeats: int, prompt_len: int)
 
     decode_s = statistics.median(decode() for _ in range(repeats))
     return {"prefill_s": statistics.median(times), "prefill_runs_s": times,
+            "prefill_llm_s": statistics.median(llm_times),
+            "prefill_before_llm_s": statistics.median(t - llm for t, llm in zip(times, llm_times)),
             "decode_tokens_per_s": new_tokens / decode_s, "kv_cache_bytes": kv, "peak_memory_bytes": peak,
             "prompt_tokens": prompt_len}
 
@@ -192,5 +224,15 @@ def bench(preset: str, method: str, visual_tokens: int, device: str = "cpu", dty
         "flops_speedup": f_base["total"] / f_ours["total"],
         "prefill_vs_flops": (base["prefill_s"] / ours["prefill_s"]) / (f_base["total"] / f_ours["total"]),
         "llm_equivalent_visual_tokens": f_ours["llm_equivalent_visual_tokens"],
+        # Where the gap to the FLOPs prediction sits: the part before the LLM (vision tower with stage 1, projector,
+        # aligner) against the ViT's FLOPs, and the LLM decoder (with stage 2's scoring) against the LLM's.
+        "stages": {
+            "before_llm": {"unpruned_s": base["prefill_before_llm_s"], "pruned_s": ours["prefill_before_llm_s"],
+                           "speedup": base["prefill_before_llm_s"] / ours["prefill_before_llm_s"],
+                           "flops_speedup_vit": f_base["vit"] / f_ours["vit"]},
+            "llm": {"unpruned_s": base["prefill_llm_s"], "pruned_s": ours["prefill_llm_s"],
+                    "speedup": base["prefill_llm_s"] / ours["prefill_llm_s"],
+                    "flops_speedup_llm": f_base["llm"] / f_ours["llm"]},
+        },
         "scoring_overhead": overhead,
     }

@@ -50,3 +50,10 @@ def test_bench_reports_pruned_against_unpruned(capsys):
     assert out["pruned"]["kv_cache_bytes"] < out["unpruned"]["kv_cache_bytes"]  # fewer tokens cached
     assert out["flops_pruned_tflops"] < out["flops_unpruned_tflops"]
     assert 0 <= out["scoring_overhead"]["scoring_share"] <= 1
+    for run in ("unpruned", "pruned"):  # the split adds up to the prefill and both parts took time
+        r = out[run]
+        assert 0 < r["prefill_llm_s"] < r["prefill_s"] and r["prefill_before_llm_s"] > 0
+        assert r["prefill_llm_s"] + r["prefill_before_llm_s"] == pytest.approx(r["prefill_s"])  # one repeat
+    llm = out["stages"]["llm"]
+    assert llm["speedup"] == pytest.approx(llm["unpruned_s"] / llm["pruned_s"])
+    assert out["stages"]["before_llm"]["flops_speedup_vit"] > 1  # GTP prunes inside the ViT
