@@ -391,7 +391,7 @@ class _PrefillRun:
             raters = torch.gather(self.g.text_select[rows], 1, self.slot_pos[rows]) & self.slot_real[rows]
             n_r = raters.sum(-1).clamp_min(1)
             self.last_probe["rater_idx"] = torch.sort((~raters).to(torch.int8), dim=-1, stable=True).indices[:, : int(n_r.max())]
-            self.last_probe["rater_ok"] = torch.arange(int(n_r.max()), device=vis.device)[None] < raters.sum(-1)[:, None]
+            self.last_probe["rater_ok"] = torch.arange(int(n_r.max()), device=raters.device)[None] < raters.sum(-1)[:, None]
             self.last_probe["key_ok"] = self.slot_ok[rows]
         elif self.plan.scorer == "fastv":  # the prompt's last token: the slot still holding that position
             target = self.g.last_prompt[rows][:, None]  # (B', 1)
