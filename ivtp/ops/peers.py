@@ -251,7 +251,8 @@ def vispruner_split(
     while residual.shape[1] > n_div:
         r = min(8, residual.shape[1] - n_div)
         a_idx, b_idx = residual[:, 0::2], residual[:, 1::2]  # (B, Ra), (B, Rb); Rb >= 1 because R >= 2 here
-        sim = torch.gather(gather_tokens(cos, a_idx), 2, b_idx[:, None, :].expand(-1, a_idx.shape[1], -1))  # (B, Ra, Rb)
+        rows_a = gather_tokens(cos, a_idx)  # (B, Ra, N)
+        sim = torch.gather(rows_a, 2, b_idx[:, None, :].expand(-1, a_idx.shape[1], -1))  # (B, Ra, Rb)
         cover = sim.max(dim=-1).values  # (B, Ra)
         by_cover = torch.sort(-cover, dim=-1, stable=True).indices  # (B, Ra) most redundant first
         kept_a = torch.gather(a_idx, 1, by_cover[:, r:])  # (B, Ra - min(r, Ra))
