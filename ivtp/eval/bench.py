@@ -73,47 +73,76 @@ class _DecoderClock:
             h.remove()
 
 
-@torch.no_grad()
-def measure(model, inputs: dict, new_tokens: int, repeats: int, prompt_len: int) -> dict:
-    """Median prefill seconds over `repeats` (after a warm-up), split into the LLM decoder and what runs before it;
-    decode tokens/s, KV-cache bytes, peak memory."""
-    device = next(model.parameters()).device
+class _Subject:
+    """One model under measurement, with the inputs of the prefill it is timed on."""
 
-    def prefill():
-        return model(**inputs, use_cache=True, logits_to_keep=1)
+    def __init__(self, model, inputs: dict):
+        self.model, self.inputs = model, inputs
+        self.device = next(model.parameters()).device
+        self.times: list[float] = []  # prefill seconds, per repeat
+        self.llm_times: list[float] = []  # of which inside the LLM decoder
+        self.decode_times: list[float] = []
 
-    prefill()  # warm-up: allocator, kernels, lazy init
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-    clock = _DecoderClock(model, device)
-    times, llm_times = [], []
-    for _ in range(repeats):
-        clock.seconds = 0.0
-        times.append(_timed(prefill, device))
-        llm_times.append(clock.seconds)
-    clock.remove()
-    out = prefill()
-    kv = _kv_bytes(out.past_key_values)
-    peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
+    def prefill(self):
+        return self.model(**self.inputs, use_cache=True, logits_to_keep=1)
 
-    def decode():
+    def time_prefill(self) -> None:
+        clock = _DecoderClock(self.model, self.device)
+        try:
+            self.times.append(_timed(self.prefill, self.device))
+        finally:
+            clock.remove()
+        self.llm_times.append(clock.seconds)
+
+    def time_decode(self, new_tokens: int) -> None:
         # Greedy steps on the cache the prefill left, one token at a time: the decode cost alone.
-        step = prefill()
+        step = self.prefill()
         cache, token = step.past_key_values, step.logits[:, -1:].argmax(-1)
-        _sync(device)
+        _sync(self.device)
         start = time.perf_counter()
         for _ in range(new_tokens):
-            step = model(input_ids=token, past_key_values=cache, use_cache=True)
+            step = self.model(input_ids=token, past_key_values=cache, use_cache=True)
             cache, token = step.past_key_values, step.logits[:, -1:].argmax(-1)
-        _sync(device)
-        return time.perf_counter() - start
+        _sync(self.device)
+        self.decode_times.append(time.perf_counter() - start)
 
-    decode_s = statistics.median(decode() for _ in range(repeats))
-    return {"prefill_s": statistics.median(times), "prefill_runs_s": times,
-            "prefill_llm_s": statistics.median(llm_times),
-            "prefill_before_llm_s": statistics.median(t - llm for t, llm in zip(times, llm_times)),
-            "decode_tokens_per_s": new_tokens / decode_s, "kv_cache_bytes": kv, "peak_memory_bytes": peak,
-            "prompt_tokens": prompt_len}
+    def memory(self) -> tuple[int, int | None]:
+        """KV-cache bytes a prefill leaves, and on a GPU the peak memory of one prefill."""
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+        out = self.prefill()
+        peak = torch.cuda.max_memory_allocated(self.device) if self.device.type == "cuda" else None
+        return _kv_bytes(out.past_key_values), peak
+
+
+@torch.no_grad()
+def measure(models: dict, inputs: dict, new_tokens: int, repeats: int, prompt_len: int) -> dict:
+    """For each named model: median prefill seconds over `repeats` (after a warm-up), split into the LLM decoder
+    and what runs before it; decode tokens/s; KV-cache bytes; peak memory on a GPU.
+
+    The models take turns (A B A B ...), so that a machine whose speed drifts during the run (shared cores,
+    clock changes: on the 2-core CPU the unpruned prefill alone varied by 25% between runs) shifts all of them
+    alike; blocks of repeats per model would turn such drift into a false speedup or slowdown.
+    """
+    subjects = {name: _Subject(model, inputs) for name, model in models.items()}
+    for sub in subjects.values():
+        sub.prefill()  # warm-up: allocator, kernels, lazy init
+    memory = {name: sub.memory() for name, sub in subjects.items()}
+    for _ in range(repeats):
+        for sub in subjects.values():
+            sub.time_prefill()
+    for _ in range(repeats):
+        for sub in subjects.values():
+            sub.time_decode(new_tokens)
+    out = {}
+    for name, sub in subjects.items():
+        kv, peak = memory[name]
+        out[name] = {"prefill_s": statistics.median(sub.times), "prefill_runs_s": sub.times,
+                     "prefill_llm_s": statistics.median(sub.llm_times),
+                     "prefill_before_llm_s": statistics.median(t - llm for t, llm in zip(sub.times, sub.llm_times)),
+                     "decode_tokens_per_s": new_tokens / statistics.median(sub.decode_times),
+                     "kv_cache_bytes": kv, "peak_memory_bytes": peak, "prompt_tokens": prompt_len}
+    return out
 
 
 @torch.no_grad()
@@ -202,10 +231,9 @@ def bench(preset: str, method: str, visual_tokens: int, device: str = "cpu", dty
     n_visual = pruned.ivtp_state.num_patches
     text_tokens = inputs["input_ids"].shape[1] - n_visual
 
-    steps = tqdm(total=3, desc=f"bench {preset} {method}@{visual_tokens}", disable=not progress)
-    base = measure(stock, inputs, new_tokens, repeats, inputs["input_ids"].shape[1])
-    steps.update()
-    ours = measure(pruned, inputs, new_tokens, repeats, inputs["input_ids"].shape[1])
+    steps = tqdm(total=2, desc=f"bench {preset} {method}@{visual_tokens}", disable=not progress)
+    runs = measure({"unpruned": stock, "pruned": pruned}, inputs, new_tokens, repeats, inputs["input_ids"].shape[1])
+    base, ours = runs["unpruned"], runs["pruned"]
     steps.update()
     overhead = scoring_share(pruned, inputs) if method in ("ivtp", "topk+", "tome+") else None
     steps.update()
@@ -218,6 +246,9 @@ def bench(preset: str, method: str, visual_tokens: int, device: str = "cpu", dty
         "prune_config": config.to_dict(),
         "unpruned": base, "pruned": ours,
         "speedup_prefill": base["prefill_s"] / ours["prefill_s"],
+        # the median over repeats of unpruned / pruned measured back to back: less sensitive to drift
+        "speedup_prefill_paired": statistics.median(a / b for a, b in zip(base["prefill_runs_s"],
+                                                                           ours["prefill_runs_s"])),
         "speedup_decode": ours["decode_tokens_per_s"] / base["decode_tokens_per_s"],
         "kv_cache_ratio": ours["kv_cache_bytes"] / base["kv_cache_bytes"],
         "flops_unpruned_tflops": f_base["total"], "flops_pruned_tflops": f_ours["total"],
