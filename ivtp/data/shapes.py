@@ -652,6 +652,13 @@ def clip_rows(scenes: list[Scene], seed: int, image_dir: str, split: str = "trai
     return rows
 
 
+def shape_regions(seed: int, n_images: int, size: int = 112, split: str = "train") -> list[list[tuple[int, list[int]]]]:
+    """Per image of a split (the rows of clip_rows with one caption each): its objects as (index in SHAPES, the
+    patches their boxes overlap), the labels of train_clip's auxiliary region loss."""
+    return [[(SHAPES.index(o.shape), patches_of(o, size)) for o in scene_for(seed, split, i, size).objects]
+            for i in range(n_images)]
+
+
 def write_clip_captions(out_csv: str, n_images: int, seed: int, image_dir: str, size: int = 112,
                         split: str = "train", captions_per_image: int = 1, write_image_files: bool = False,
                         workers: int = 1, progress: bool = False) -> str:

@@ -124,8 +124,16 @@ def lr_lambda(warmup: int, total: int):
 def train_clip(tsv: str, out_dir: str, *, epochs: float | None = None, steps: int | None = None,
                batch_size: int = 64, lr: float = 5e-4, weight_decay: float = 0.1, warmup: float = 0.05,
                eval_rows: int = 256, seed: int = 0, threads: int | None = None, precision: str = "fp32",
+               regions: list[list[tuple[int, list[int]]]] | None = None, region_weight: float = 0.0,
                progress: bool = True) -> tuple[nn.Module, dict]:
     """Train the testbed CLIP on `tsv` and return (model in eval mode, metrics); metrics.json goes to out_dir.
+
+    regions / region_weight: an optional auxiliary loss that makes the tower's patch features name what lies
+    under them. `regions[i]` lists, for TSV row i, its objects as (class, patch indices); a linear head (trained,
+    never exported) classifies each object from the mean of its patches at the feature layer LLaVA reads (-2),
+    and `region_weight` times its cross-entropy joins the contrastive loss. The testbed needs it for shapes:
+    its captions can be told apart by colour alone, so contrastive training alone leaves shape out of the tower
+    (docs/testbed.md).
 
     Length: `steps` optimiser steps, or `epochs` passes over the training rows (default 1 epoch); give one. Batches
     are drawn without replacement from a seeded permutation per epoch (the last partial batch of an epoch is
@@ -169,7 +177,15 @@ def train_clip(tsv: str, out_dir: str, *, epochs: float | None = None, steps: in
         per_epoch = n // batch_size
         total = int(steps) if steps is not None else max(1, math.ceil((1.0 if epochs is None else epochs) * per_epoch))
         warmup_steps = max(1, round(warmup * total))
-        optimizer = torch.optim.AdamW(_param_groups(model, weight_decay), lr=lr, betas=(0.9, 0.98), eps=1e-6)
+        groups = _param_groups(model, weight_decay)
+        region = None
+        if region_weight:
+            if regions is None or len(regions) != len(rows):
+                raise ValueError(f"region_weight needs regions for each of the {len(rows)} rows of {tsv}")
+            region = _RegionHead(model, regions[: len(train_rows)])
+            groups[0]["params"].append(region.head.weight)  # decayed like the other matrices
+            groups[1]["params"].append(region.head.bias)
+        optimizer = torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.98), eps=1e-6)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(warmup_steps, total))
         loss_fn = ClipLoss()
         gen = torch.Generator().manual_seed(seed)
@@ -186,6 +202,8 @@ def train_clip(tsv: str, out_dir: str, *, epochs: float | None = None, steps: in
             with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
                 image_features, text_features, scale = model(normalize_images(images[idx]), texts[idx])
             loss = loss_fn(image_features.float(), text_features.float(), scale.float())
+            if region is not None:
+                loss = loss + region_weight * region.loss(idx)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -212,6 +230,10 @@ def train_clip(tsv: str, out_dir: str, *, epochs: float | None = None, steps: in
             "loss_curve": {str(i): round(float(np.mean(losses[i: i + every])), 4) for i in range(0, total, every)},
             "logit_scale": model.logit_scale.exp().item(),
         }
+        if region is not None:
+            region.remove()
+            metrics.update({"region_weight": region_weight,
+                            "region_train_acc_last50": float(np.mean(region.accuracy[-50:]))})
         if n_eval:
             eval_images = load_images([p for p, _ in eval_rows_], size)
             metrics.update(evaluate_clip(model, eval_images, [c for _, c in eval_rows_]))
@@ -222,6 +244,42 @@ def train_clip(tsv: str, out_dir: str, *, epochs: float | None = None, steps: in
         return model, metrics
     finally:
         torch.set_num_threads(old_threads)
+
+
+class _RegionHead:
+    """The auxiliary object classifier of train_clip: a hook keeps the feature layer's output, `loss` classifies
+    each object of a batch from the mean of its patches there."""
+
+    def __init__(self, model: nn.Module, regions: list[list[tuple[int, list[int]]]]):
+        blocks = model.visual.transformer.resblocks
+        width = blocks[-2].ln_1.normalized_shape[0]
+        self.regions = regions
+        self.head = nn.Linear(width, 1 + max(c for objs in regions for c, _ in objs))
+        self.accuracy: list[float] = []
+        self._out = None
+        self._handle = blocks[-2].register_forward_hook(self._keep)  # LLaVA's feature layer: hidden_states[-2]
+
+    def _keep(self, module, args, output):
+        self._out = output
+
+    def loss(self, idx: torch.Tensor) -> torch.Tensor:
+        h = self._out[:, 1:].float()  # (B, P, W) patch tokens, [CLS] dropped (batch-first open_clip)
+        b, p, _ = h.shape
+        pool, labels = [], []
+        for row, i in enumerate(idx.tolist()):
+            for cls, patches in self.regions[i]:
+                w = torch.zeros(b, p)
+                w[row, patches] = 1.0 / len(patches)
+                pool.append(w.view(-1))
+                labels.append(cls)
+        pooled = torch.stack(pool) @ h.reshape(b * p, -1)  # (objects, W): mean of each object's patches
+        logits = self.head(pooled)  # (objects, classes)
+        target = torch.tensor(labels)
+        self.accuracy.append(float((logits.argmax(-1) == target).float().mean()))
+        return nn.functional.cross_entropy(logits, target)
+
+    def remove(self) -> None:
+        self._handle.remove()
 
 
 # ---- evaluation ------------------------------------------------------------------------------------------------

@@ -48,6 +48,10 @@ class TestbedConfig:
     clip_lr: float = 5e-4
     clip_threads: int = 1  # exact repeats need a fixed count; on a shared 2-core machine 1 beats 2
     clip_precision: str = "bf16"  # autocast of the forward pass; weights and optimiser stay fp32
+    # Weight of train_clip's auxiliary loss that classifies each object's shape from its patches at the feature
+    # layer (0: contrastive only, the recipe of the shipped model). Captions can be told apart by colour alone,
+    # so contrastive training leaves shape out of the tower; docs/testbed.md has the measurements.
+    clip_region_weight: float = 0.0
     vocab_size: int = 600
     # The LLM is sized for 2 CPU cores: a training step costs about 6 x params FLOPs per token, and a finetuning
     # sequence is 64 visual + ~260 text tokens.
@@ -88,12 +92,15 @@ def stage_data(cfg: TestbedConfig, out: str) -> None:
 
 
 def stage_clip(cfg: TestbedConfig, out: str) -> None:
+    from ivtp.data.shapes import shape_regions
     from ivtp.testbed.clip import export_aligner, export_vision_tower, train_clip
 
     data, clip_dir = os.path.join(out, "data"), os.path.join(out, "clip")
+    regions = shape_regions(cfg.seed, cfg.n_train, cfg.image_size) if cfg.clip_region_weight else None
     model, _ = train_clip(os.path.join(data, "clip_train.tsv"), clip_dir, steps=cfg.clip_steps,
                           batch_size=cfg.clip_batch, lr=cfg.clip_lr, threads=cfg.clip_threads,
-                          precision=cfg.clip_precision, seed=cfg.seed)
+                          precision=cfg.clip_precision, seed=cfg.seed, regions=regions,
+                          region_weight=cfg.clip_region_weight)
     export_vision_tower(model, os.path.join(clip_dir, "vision"))
     export_aligner(model, os.path.join(clip_dir, ALIGNER_FILE), testbed_texts(data))
     dump_json({"model": "ivtp-testbed-clip"}, os.path.join(clip_dir, ALIGNER_META))

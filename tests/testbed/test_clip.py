@@ -149,3 +149,40 @@ def test_a_few_training_steps_lower_the_loss(tmp_path):
     for key in ("i2t_top1", "t2i_top1", "relevance_auc_colour", "relevance_auc_shape"):
         assert 0.0 <= metrics[key] <= 1.0
     assert (tmp_path / "out" / "metrics.json").is_file()
+
+
+def test_region_head_classifies_the_mean_of_each_objects_patches():
+    from ivtp.testbed.clip import _RegionHead
+
+    model = build_clip(seed=0)
+    regions = [[(0, [0, 1]), (2, [5])], [(1, [3, 4, 6])]]
+    region = _RegionHead(model, regions)
+    assert region.head.out_features == 3  # classes 0..2
+    h = torch.randn(2, 1 + 8, region.head.in_features)  # (B, 1 + P, W) as the hooked block returns it
+    region._out = h
+    got = region.loss(torch.tensor([1, 0]))  # batch row 0 is image 1, row 1 is image 0
+    pooled = torch.stack([h[0, 1 + torch.tensor([3, 4, 6])].mean(0), h[1, 1 + torch.tensor([0, 1])].mean(0),
+                          h[1, 1 + 5]])
+    want = torch.nn.functional.cross_entropy(region.head(pooled), torch.tensor([1, 0, 2]))
+    assert float(got) == pytest.approx(float(want), rel=1e-5)
+    region.remove()
+    assert not model.visual.transformer.resblocks[-2]._forward_hooks
+
+
+def test_region_loss_trains_and_checks_its_labels(tmp_path):
+    from ivtp.data.shapes import shape_regions, write_clip_captions
+
+    tsv = write_clip_captions(str(tmp_path / "clip.tsv"), 32, seed=0, image_dir=str(tmp_path / "images"),
+                              write_image_files=True)
+    regions = shape_regions(0, 32)
+    assert len(regions) == 32 and all(0 <= c < 3 and p for objs in regions for c, p in objs)
+    plain, _ = train_clip(tsv, str(tmp_path / "a"), steps=3, batch_size=24, seed=0, threads=1, progress=False)
+    aux, metrics = train_clip(tsv, str(tmp_path / "b"), steps=3, batch_size=24, seed=0, threads=1, progress=False,
+                              regions=regions, region_weight=3.0)
+    assert metrics["region_weight"] == 3.0 and 0.0 <= metrics["region_train_acc_last50"] <= 1.0
+    first = "visual.transformer.resblocks.0.mlp.c_fc.weight"  # the aux loss reaches the tower below layer -2
+    assert not torch.equal(plain.state_dict()[first], aux.state_dict()[first])
+    assert not any(k.startswith("head") for k in aux.state_dict())  # the head is not part of the CLIP
+    with pytest.raises(ValueError, match="regions for each of the 32 rows"):
+        train_clip(tsv, str(tmp_path / "c"), steps=1, batch_size=24, threads=1, progress=False,
+                   regions=regions[:5], region_weight=1.0)
