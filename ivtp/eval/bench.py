@@ -121,7 +121,7 @@ def measure(models: dict, inputs: dict, new_tokens: int, repeats: int, prompt_le
     and what runs before it; decode tokens/s; KV-cache bytes; peak memory on a GPU.
 
     The models take turns (A B A B ...), so that a machine whose speed drifts during the run (shared cores,
-    clock changes: on the 2-core CPU the unpruned prefill alone varied by 25% between runs) shifts all of them
+    clock changes: on the 2-core CPU the unpruned prefill alone varied by up to 35% between runs) shifts all of them
     alike; blocks of repeats per model would turn such drift into a false speedup or slowdown.
     """
     subjects = {name: _Subject(model, inputs) for name, model in models.items()}

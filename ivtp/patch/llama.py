@@ -146,8 +146,8 @@ class GTPLlamaAttention(nn.Module):
             key = self.k_proj(hidden_states)  # (B, L, Hkv * Dh)
         else:
             # The pseudo-CLS rides along as one more column of the layer's own q/k projections: one GEMM each,
-            # instead of a second pass over the weights for a single token (which costs a CPU as much as
-            # ~50 sequence tokens do, since a one-token product is bound by reading the weights).
+            # instead of a second pass over the weights for a single token (which costs a CPU as much as tens
+            # of sequence tokens, since a one-token product is bound by reading the weights).
             rows = ivtp_probe["rows"]
             extra = hidden_states.new_zeros(b, 1, hidden_states.shape[-1])
             extra[rows] = pcls_x.to(hidden_states.dtype)
