@@ -77,7 +77,6 @@ def linear_probe_accuracy(x_fit, y_fit, x_test, y_test, classes: int, l2s=(1e-4,
 
 def probe_tower(tower, n_scenes: int = 2000, fit_fraction: float = 0.75, seed: int = 0, layer: int = -2) -> dict:
     """Shape and colour probe accuracies (fit on the first scenes, test on the rest) and the majority baselines."""
-    torch.manual_seed(seed)
     x, shapes, colours, owner = object_features(tower, n_scenes, seed, layer)
     fit = owner < int(n_scenes * fit_fraction)
     out = {"layer": layer, "n_scenes": n_scenes, "objects_fit": int(fit.sum()), "objects_test": int((~fit).sum())}
