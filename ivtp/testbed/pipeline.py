@@ -26,7 +26,7 @@ import shutil
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from ivtp.data.jsonio import dump_json
 
@@ -40,7 +40,7 @@ class TestbedConfig:
     """Every size and step count of a testbed run (the one place they are set)."""
 
     seed: int = 0
-    n_train: int = 24000  # training images; each gives one caption and about six questions
+    n_train: int = 24000  # training images; each gives one caption and about 11.5 questions
     n_eval: int = 300  # images per eval split (GQA-layout questions, POPE-layout questions)
     image_size: int = 112  # 8 x 8 patches of 14 px: 64 visual tokens, so 7 kept is the paper's 1/9
     clip_steps: int = 450  # contrastive steps of `clip_batch` captioned images (1.2 epochs of 24k, ~10 min)
@@ -49,26 +49,40 @@ class TestbedConfig:
     clip_threads: int = 1  # exact repeats need a fixed count; on a shared 2-core machine 1 beats 2
     clip_precision: str = "bf16"  # autocast of the forward pass; weights and optimiser stay fp32
     # Weight of train_clip's auxiliary loss that classifies each object's shape from its patches at the feature
-    # layer (0: contrastive only, the recipe of the shipped model). Captions can be told apart by colour alone,
-    # so contrastive training leaves shape out of the tower; docs/testbed.md has the measurements.
-    clip_region_weight: float = 0.0
+    # layer (0: contrastive only). Captions can be told apart by colour alone, so contrastive training alone
+    # leaves shape out of the tower (a linear probe reads it at 51%; with this loss, 93%); docs/testbed.md.
+    clip_region_weight: float = 3.0
+    # Questions per finetuning image, by type (ivtp.data.shapes.questions): 12 turns share one image's visual
+    # tokens and the system prompt, and the types the LLM learns last (position, existence) are asked most.
+    finetune_counts: dict = field(default_factory=lambda: {"colour": 2, "shape": 2, "position": 3, "count": 2,
+                                                           "existence": 3})
     vocab_size: int = 600
     # The LLM is sized for 2 CPU cores: a training step costs about 6 x params FLOPs per token, and a finetuning
-    # sequence is 64 visual + ~260 text tokens.
+    # sequence is 64 visual + ~245 text tokens.
     llm_hidden: int = 128
     llm_layers: int = 6
     llm_heads: int = 4
     llm_intermediate: int = 384
-    batch_size: int = 32
-    pretrain_epochs: float = 0.67  # of n_train captions
-    pretrain_lr: float = 1e-3
-    finetune_epochs: float = 0.67  # of n_train multi-turn records: about 16k records, 96k questions
+    batch_size: int = 16  # twice the optimiser steps of 32 for the same samples
+    # The DeepSpeed stages' precision, as LLaVA-1.5 trains (bf16 weights, fp32 optimiser state): 1.4x faster per
+    # step than fp32 on this machine's AVX512-BF16 cores.
+    train_precision: str = "bf16"
+    # Captions supervise every object's colour, shape and place: the densest grounding signal per token. Their
+    # loss was still falling steadily at 0.8 epochs (lr 2e-3, batch 16), so the LLM gets 1.5 epochs of them.
+    pretrain_epochs: float = 1.5  # of n_train captions
+    pretrain_lr: float = 2e-3
+    finetune_epochs: float = 1.0  # of n_train multi-turn records: 24k records, about 277k questions
     finetune_lr: float = 1e-3
     retrain_epochs: float = 0.3
     retrain_lr: float = 3e-4
-    max_length: int = 352  # tokens per training sequence (64 visual + a ~6-turn conversation)
+    max_length: int = 384  # tokens per training sequence (64 visual + a 12-turn conversation: ~310)
     retrain_method: str = "ivtp"
     retrain_tokens: int = 7
+
+    def __post_init__(self):
+        for name in ("clip_precision", "train_precision"):
+            if getattr(self, name) not in ("bf16", "fp32"):
+                raise ValueError(f"TestbedConfig.{name} is {getattr(self, name)!r}; expected 'bf16' or 'fp32'")
 
     @classmethod
     def smoke(cls) -> "TestbedConfig":
@@ -88,7 +102,8 @@ def llm_config(cfg: TestbedConfig, vocab: int) -> dict:
 def stage_data(cfg: TestbedConfig, out: str) -> None:
     from ivtp.data.shapes import generate_testbed
 
-    generate_testbed(os.path.join(out, "data"), cfg.n_train, cfg.n_eval, cfg.seed, image_size=cfg.image_size)
+    generate_testbed(os.path.join(out, "data"), cfg.n_train, cfg.n_eval, cfg.seed, image_size=cfg.image_size,
+                     finetune_counts=cfg.finetune_counts)
 
 
 def stage_clip(cfg: TestbedConfig, out: str) -> None:
@@ -104,6 +119,18 @@ def stage_clip(cfg: TestbedConfig, out: str) -> None:
     export_vision_tower(model, os.path.join(clip_dir, "vision"))
     export_aligner(model, os.path.join(clip_dir, ALIGNER_FILE), testbed_texts(data))
     dump_json({"model": "ivtp-testbed-clip"}, os.path.join(clip_dir, ALIGNER_META))
+
+
+def training_texts(data: str):
+    """The tokenizer's corpus: every training sequence as train/*.py renders it, chat template included. With the
+    template in the corpus only once, "USER:" and "ASSISTANT:" fell below BPE's merge frequency and cost 16
+    single-letter tokens per turn (a finetuning sequence was ~265 text tokens instead of ~170)."""
+    from ivtp.data.templates import IMAGE_PLACEHOLDER, render
+
+    for name, template in (("pretrain.json", "plain"), ("finetune.json", "vicuna_v1")):
+        with open(os.path.join(data, name)) as f:
+            for record in json.load(f):
+                yield render(template, record["conversations"], eos="").text.replace(IMAGE_PLACEHOLDER, "")
 
 
 def testbed_texts(data: str):
@@ -125,7 +152,7 @@ def stage_llm_init(cfg: TestbedConfig, out: str) -> None:
     from ivtp.data.tokenizer import train_tokenizer
 
     path = os.path.join(out, "llm-init")
-    tokenizer = train_tokenizer(testbed_texts(os.path.join(out, "data")), path, vocab_size=cfg.vocab_size)
+    tokenizer = train_tokenizer(training_texts(os.path.join(out, "data")), path, vocab_size=cfg.vocab_size)
     torch.manual_seed(cfg.seed)
     config = LlamaConfig(bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
                          pad_token_id=tokenizer.pad_token_id, **llm_config(cfg, len(tokenizer)))
@@ -139,7 +166,7 @@ def train_command(cfg: TestbedConfig, script: str, args: dict) -> list[str]:
               "per_device_train_batch_size": cfg.batch_size, "warmup_steps": 0.05, "lr_scheduler_type": "cosine",
               "weight_decay": 0.0, "model_max_length": cfg.max_length, "use_cpu": True, "report_to": "none",
               "save_strategy": "no", "logging_steps": 25, "seed": cfg.seed, "dataloader_num_workers": 1,
-              "disable_tqdm": False}
+              "disable_tqdm": False, "bf16": cfg.train_precision == "bf16"}
     argv = [deepspeed, "--num_gpus", "1", os.path.join(REPO, "train", f"{script}.py")]
     for key, value in {**common, **args}.items():
         argv += [f"--{key}", str(value)]
@@ -265,6 +292,25 @@ def _run(argv: list[str]) -> None:
     subprocess.run(argv, check=True, env=env, cwd=REPO)
 
 
+def config_from_args(smoke: bool, overrides: list[str]) -> TestbedConfig:
+    """The recipe (or its smoke version) with `--set KEY=VALUE` overrides; dict fields take JSON."""
+    cfg = TestbedConfig.smoke() if smoke else TestbedConfig()
+    changes = {}
+    for item in overrides:
+        key, _, value = item.partition("=")
+        if key not in {f.name for f in dataclasses.fields(cfg)}:
+            raise SystemExit(f"--set {key}: not a TestbedConfig field")
+        current = getattr(cfg, key)
+        try:
+            changes[key] = json.loads(value) if isinstance(current, dict) else type(current)(value)
+        except ValueError as e:
+            raise SystemExit(f"--set {key}={value}: {e}") from None
+    try:
+        return dataclasses.replace(cfg, **changes)  # runs the field checks again
+    except ValueError as e:
+        raise SystemExit(f"--set: {e}") from None
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="ivtp_out/testbed")
@@ -280,12 +326,7 @@ def main(argv=None) -> int:
         print(json.dumps(sizes, indent=1))
         print(f"shipped {sum(sizes.values()) / 2**20:.1f} MiB to {args.ship}")
         return 0
-    cfg = TestbedConfig.smoke() if args.smoke else TestbedConfig()
-    for item in args.set:
-        key, _, value = item.partition("=")
-        if key not in {f.name for f in dataclasses.fields(cfg)}:
-            raise SystemExit(f"--set {key}: not a TestbedConfig field")
-        setattr(cfg, key, type(getattr(cfg, key))(value))
+    cfg = config_from_args(args.smoke, args.set)
     stages = [s for s in args.stages.split(",") if s]
     unknown = [s for s in stages if s not in STAGES]
     if unknown:

@@ -1,0 +1,66 @@
+"""ivtp.testbed.pipeline: the recipe's settings, the tokenizer corpus and the training command line."""
+
+import json
+
+import pytest
+
+from ivtp.data.shapes import finetune_records, pretrain_records, scene_for
+from ivtp.data.tokenizer import train_tokenizer
+from ivtp.testbed import pipeline
+from ivtp.testbed.pipeline import config_from_args, train_command, training_texts
+
+TestbedConfig = pipeline.TestbedConfig  # not a test class: a module attribute, so pytest does not collect it
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    """A testbed data folder with only the two JSON files the tokenizer corpus reads."""
+    out = tmp_path_factory.mktemp("data")
+    scenes = [scene_for(0, "train", i) for i in range(40)]
+    (out / "pretrain.json").write_text(json.dumps(pretrain_records(scenes, 0)))
+    (out / "finetune.json").write_text(json.dumps(finetune_records(scenes, 0)))
+    return out
+
+
+def test_training_texts_are_the_rendered_sequences(data_dir):
+    texts = list(training_texts(str(data_dir)))
+    pre = json.loads((data_dir / "pretrain.json").read_text())
+    ft = json.loads((data_dir / "finetune.json").read_text())
+    assert len(texts) == len(pre) + len(ft)
+    # plain: the caption and its newline; vicuna_v1: system prompt, USER/ASSISTANT tags, every turn
+    assert texts[0] == pre[0]["conversations"][1]["value"] + "\n"
+    chat = texts[len(pre)]
+    turns = ft[0]["conversations"]
+    assert chat.startswith("A chat between") and "<image>" not in chat and "</s>" not in chat
+    assert chat.count("USER:") == chat.count("ASSISTANT:") == len(turns) // 2
+    assert all(t["value"].replace("<image>\n", "") in chat for t in turns)
+
+
+def test_tokenizer_learns_the_chat_template(data_dir, tmp_path):
+    """With the template in the corpus once, "ASSISTANT:" was split into 10 single-letter tokens."""
+    tok = train_tokenizer(training_texts(str(data_dir)), str(tmp_path / "tok"), vocab_size=400)
+    assert tok.tokenize(" USER: ASSISTANT:") == ["▁USER:", "▁ASSISTANT:"]
+
+
+def test_recipe_settings_and_overrides():
+    cfg = TestbedConfig()
+    assert cfg.clip_region_weight > 0 and sum(cfg.finetune_counts.values()) == 12
+    cfg = config_from_args(False, ["finetune_epochs=2", 'finetune_counts={"colour": 3}', "train_precision=fp32"])
+    assert cfg.finetune_epochs == 2.0 and cfg.finetune_counts == {"colour": 3} and cfg.train_precision == "fp32"
+    assert config_from_args(True, []).n_train == TestbedConfig.smoke().n_train
+    with pytest.raises(SystemExit, match="not a TestbedConfig field"):
+        config_from_args(False, ["finetune_epoch=2"])
+    with pytest.raises(SystemExit, match="train_precision"):
+        config_from_args(False, ["train_precision=fp16"])
+    with pytest.raises(SystemExit, match="finetune_epochs"):
+        config_from_args(False, ["finetune_epochs=many"])
+    with pytest.raises(ValueError, match="clip_precision"):
+        TestbedConfig(clip_precision="half")
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp32"])
+def test_train_command_precision(precision):
+    argv = train_command(TestbedConfig(train_precision=precision), "finetune", {"learning_rate": 1e-3})
+    assert argv[argv.index("--bf16") + 1] == str(precision == "bf16")
+    assert argv[argv.index("--per_device_train_batch_size") + 1] == str(TestbedConfig().batch_size)
+    assert argv[argv.index("--learning_rate") + 1] == "0.001"
