@@ -35,6 +35,26 @@ from ivtp.ops import (
 CLS_INDEX = 0  # CLIP puts [CLS] first
 
 
+class MapScratch:
+    """One float32 buffer that every rollout layer of an inference pass writes its attention maps into.
+
+    A fresh (B, H, N, N) tensor per product is paid in page faults on a CPU: on one 577-token, 8-head layer of
+    cpu-mid at 2 threads, reusing a buffer took the unfused attention from 8.9 to 5.4 ms (fused SDPA: 3.9 ms).
+    The first (largest) group sizes it; later groups, with fewer tokens, take a prefix.
+    """
+
+    def __init__(self):
+        self._flat: torch.Tensor | None = None
+
+    def take(self, shape: tuple[int, ...], device: torch.device) -> torch.Tensor:
+        numel = 1
+        for n in shape:
+            numel *= n
+        if self._flat is None or self._flat.numel() < numel or self._flat.device != device:
+            self._flat = torch.empty(numel, dtype=torch.float32, device=device)
+        return self._flat[:numel].view(shape)
+
+
 class GTPAttention(nn.Module):
     """Mixin forward for CLIPAttention; `patch_attention` builds the concrete subclass."""
 
@@ -52,9 +72,15 @@ class GTPAttention(nn.Module):
             # A lower layer of a rollout group needs every row of its attention anyway: compute the weights once,
             # in float32, and take both the output and the head mean from them (no second pass through SDPA).
             # This replaces the layer's own attention, so only the head mean counts as scoring.
-            weights = torch.matmul(query.float() * self.scale, key.float().transpose(-1, -2)).softmax(-1)
-            if self.training and self.dropout:
-                weights = nn.functional.dropout(weights, p=self.dropout)
+            scratch = ivtp_probe.get("scratch")
+            if scratch is not None and not torch.is_grad_enabled():  # inference: fill the shared buffer in place
+                weights = scratch.take((*query.shape[:-1], key.shape[-2]), query.device)  # (B, H, N, N)
+                torch.matmul(query.float() * self.scale, key.float().transpose(-1, -2), out=weights)
+                torch.softmax(weights, -1, out=weights)
+            else:  # autograd keeps the softmax output for the backward pass: a tensor of its own
+                weights = torch.matmul(query.float() * self.scale, key.float().transpose(-1, -2)).softmax(-1)
+                if self.training and self.dropout:
+                    weights = nn.functional.dropout(weights, p=self.dropout)
             out = torch.matmul(weights.to(value.dtype), value).transpose(1, 2)  # (B, N, H, Dh)
             with torch.no_grad(), torch.profiler.record_function("ivtp.score"):
                 ivtp_probe["attn"] = weights.detach().mean(dim=1)  # (B, N, N)
@@ -195,6 +221,7 @@ def prune_vision_tower(vision_tower: nn.Module, pixel_values: torch.Tensor, plan
     batch = hidden.shape[0]
     origin = torch.arange(plan.num_patches, device=hidden.device).expand(batch, -1)  # (B, N) original indices
     trace = VisionTrace(counts=[plan.num_patches], kept=origin)
+    scratch = MapScratch()  # used only without autograd (GTPAttention checks)
 
     for (lo, hi), count in zip(plan.groups, plan.counts):
         if not plan.score:
@@ -205,7 +232,7 @@ def prune_vision_tower(vision_tower: nn.Module, pixel_values: torch.Tensor, plan
         rows: list[torch.Tensor] = []
         probe: dict | None = None
         for layer_idx, mode in zip(range(lo, hi + 1), probe_modes(plan.aggregation, hi - lo + 1)):
-            probe = None if mode is None else {"mode": mode}
+            probe = None if mode is None else {"mode": mode, "scratch": scratch}
             hidden = layers[layer_idx](hidden, None, ivtp_probe=probe)  # (B, 1 + n, D)
             if mode == "full":
                 lower.append(probe["attn"])

@@ -6,7 +6,7 @@ from transformers import CLIPVisionConfig, CLIPVisionModel
 
 from ivtp.config import ConfigError, VisionStage
 from ivtp.ops import gtp_scores, keep_topk_sorted, rollout_query_row
-from ivtp.patch.clip import GTPAttention, make_vision_plan, patch_attention, prune_vision_tower
+from ivtp.patch.clip import GTPAttention, MapScratch, make_vision_plan, patch_attention, prune_vision_tower
 
 
 def tower(layers=7, attn="sdpa", seed=0):
@@ -86,6 +86,34 @@ def test_pruned_features_are_the_kept_tokens_run_through_the_remaining_layers():
         out = prune_vision_tower(model, pixels, plan)
         ref = model(pixels, output_hidden_states=True).hidden_states[-2][:, 1:]
     torch.testing.assert_close(out.features, ref[:, out.trace.kept[0]], rtol=0, atol=1e-6)
+
+
+def test_inference_maps_in_the_shared_buffer_equal_the_autograd_path():
+    """Without autograd, the rollout layers write their maps into one reused buffer; with it (training), each
+    layer keeps its own softmax output. Both give the same scores, kept tokens and features."""
+    model = tower()
+    for layer in model.encoder.layers:
+        patch_attention(layer.self_attn)
+    pixels = torch.randn(2, 3, 56, 56)
+    plan = make_vision_plan(VisionStage(group_size=3, keep=10), 7, -2, 49)
+    with torch.no_grad():
+        fast = prune_vision_tower(model, pixels, plan)
+    slow = prune_vision_tower(model, pixels, plan)
+    assert slow.features.requires_grad and not fast.features.requires_grad
+    torch.testing.assert_close(fast.features, slow.features.detach(), rtol=0, atol=0)
+    for a, b in zip(fast.trace.scores, slow.trace.scores):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    assert torch.equal(fast.trace.kept, slow.trace.kept)
+
+
+def test_map_scratch_reuses_one_buffer_for_smaller_maps():
+    scratch = MapScratch()
+    big = scratch.take((2, 4, 50, 50), torch.device("cpu"))
+    small = scratch.take((2, 4, 30, 30), torch.device("cpu"))
+    assert small.shape == (2, 4, 30, 30) and small.is_contiguous() and small.dtype == torch.float32
+    assert small.data_ptr() == big.data_ptr()  # a prefix of the same storage, no new allocation
+    bigger = scratch.take((2, 4, 60, 60), torch.device("cpu"))
+    assert bigger.numel() == 2 * 4 * 60 * 60
 
 
 @pytest.mark.parametrize("aggregation", ["mean", "max", "multiply", "single_layer"])
