@@ -11,6 +11,7 @@ Two pieces, in the ToMe manner:
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -47,9 +48,7 @@ class MapScratch:
         self._flat: torch.Tensor | None = None
 
     def take(self, shape: tuple[int, ...], device: torch.device) -> torch.Tensor:
-        numel = 1
-        for n in shape:
-            numel *= n
+        numel = math.prod(shape)
         if self._flat is None or self._flat.numel() < numel or self._flat.device != device:
             self._flat = torch.empty(numel, dtype=torch.float32, device=device)
         return self._flat[:numel].view(shape)
