@@ -9,8 +9,6 @@ from ivtp.data.tokenizer import train_tokenizer
 from ivtp.testbed import pipeline
 from ivtp.testbed.pipeline import config_from_args, train_command, training_texts
 
-TestbedConfig = pipeline.TestbedConfig  # not a test class: a module attribute, so pytest does not collect it
-
 
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory):
@@ -43,11 +41,11 @@ def test_tokenizer_learns_the_chat_template(data_dir, tmp_path):
 
 
 def test_recipe_settings_and_overrides():
-    cfg = TestbedConfig()
+    cfg = pipeline.TestbedConfig()
     assert cfg.clip_region_weight > 0 and sum(cfg.finetune_counts.values()) == 12
     cfg = config_from_args(False, ["finetune_epochs=2", 'finetune_counts={"colour": 3}', "train_precision=fp32"])
     assert cfg.finetune_epochs == 2.0 and cfg.finetune_counts == {"colour": 3} and cfg.train_precision == "fp32"
-    assert config_from_args(True, []).n_train == TestbedConfig.smoke().n_train
+    assert config_from_args(True, []).n_train == pipeline.TestbedConfig.smoke().n_train
     with pytest.raises(SystemExit, match="not a TestbedConfig field"):
         config_from_args(False, ["finetune_epoch=2"])
     with pytest.raises(SystemExit, match="train_precision"):
@@ -55,12 +53,12 @@ def test_recipe_settings_and_overrides():
     with pytest.raises(SystemExit, match="finetune_epochs"):
         config_from_args(False, ["finetune_epochs=many"])
     with pytest.raises(ValueError, match="clip_precision"):
-        TestbedConfig(clip_precision="half")
+        pipeline.TestbedConfig(clip_precision="half")
 
 
 @pytest.mark.parametrize("precision", ["bf16", "fp32"])
 def test_train_command_precision(precision):
-    argv = train_command(TestbedConfig(train_precision=precision), "finetune", {"learning_rate": 1e-3})
+    argv = train_command(pipeline.TestbedConfig(train_precision=precision), "finetune", {"learning_rate": 1e-3})
     assert argv[argv.index("--bf16") + 1] == str(precision == "bf16")
-    assert argv[argv.index("--per_device_train_batch_size") + 1] == str(TestbedConfig().batch_size)
+    assert argv[argv.index("--per_device_train_batch_size") + 1] == str(pipeline.TestbedConfig().batch_size)
     assert argv[argv.index("--learning_rate") + 1] == "0.001"
