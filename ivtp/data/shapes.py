@@ -652,11 +652,21 @@ def clip_rows(scenes: list[Scene], seed: int, image_dir: str, split: str = "trai
     return rows
 
 
-def shape_regions(seed: int, n_images: int, size: int = 112, split: str = "train") -> list[list[tuple[int, list[int]]]]:
-    """Per image of a split (the rows of clip_rows with one caption each): its objects as (index in SHAPES, the
+REGION_LABELS = {"shape": lambda o, size: SHAPES.index(o.shape),
+                 "colour": lambda o, size: list(COLOURS).index(o.colour),
+                 "position": lambda o, size: POSITIONS.index(coarse_position(o, size))}
+
+
+def object_regions(seed: int, n_images: int, size: int = 112, split: str = "train",
+                   labels: tuple[str, ...] = ("shape",)) -> list[list[tuple[tuple[int, ...], list[int]]]]:
+    """Per image of a split (the rows of clip_rows with one caption each): its objects as (one class index per
+    name in `labels`, of REGION_LABELS: shape in SHAPES, colour in COLOURS, coarse position in POSITIONS; the
     patches their boxes overlap), the labels of train_clip's auxiliary region loss."""
-    return [[(SHAPES.index(o.shape), patches_of(o, size)) for o in scene_for(seed, split, i, size).objects]
-            for i in range(n_images)]
+    unknown = [name for name in labels if name not in REGION_LABELS]
+    if unknown or not labels:
+        raise ValueError(f"region labels {list(labels)}: choose from {', '.join(REGION_LABELS)}")
+    return [[(tuple(REGION_LABELS[name](o, size) for name in labels), patches_of(o, size))
+             for o in scene_for(seed, split, i, size).objects] for i in range(n_images)]
 
 
 def write_clip_captions(out_csv: str, n_images: int, seed: int, image_dir: str, size: int = 112,

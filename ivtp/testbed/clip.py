@@ -124,16 +124,17 @@ def lr_lambda(warmup: int, total: int):
 def train_clip(tsv: str, out_dir: str, *, epochs: float | None = None, steps: int | None = None,
                batch_size: int = 64, lr: float = 5e-4, weight_decay: float = 0.1, warmup: float = 0.05,
                eval_rows: int = 256, seed: int = 0, threads: int | None = None, precision: str = "fp32",
-               regions: list[list[tuple[int, list[int]]]] | None = None, region_weight: float = 0.0,
+               regions: list[list[tuple]] | None = None, region_weight: float = 0.0,
                progress: bool = True) -> tuple[nn.Module, dict]:
     """Train the testbed CLIP on `tsv` and return (model in eval mode, metrics); metrics.json goes to out_dir.
 
     regions / region_weight: an optional auxiliary loss that makes the tower's patch features name what lies
-    under them. `regions[i]` lists, for TSV row i, its objects as (class, patch indices); a linear head (trained,
-    never exported) classifies each object from the mean of its patches at the feature layer LLaVA reads (-2),
-    and `region_weight` times its cross-entropy joins the contrastive loss. The testbed needs it for shapes:
-    its captions can be told apart by colour alone, so contrastive training alone leaves shape out of the tower
-    (docs/testbed.md).
+    under them. `regions[i]` lists, for TSV row i, its objects as (labels, patch indices), labels a class or a
+    tuple of classes (one per label set, e.g. shape and position); a linear head (trained, never exported)
+    classifies each object from the mean of its patches at the feature layer LLaVA reads (-2), and
+    `region_weight` times its cross-entropy (summed over label sets) joins the contrastive loss. The testbed needs
+    it: its captions can be told apart by colour alone, so contrastive training alone leaves shape out of the
+    tower, and position is too faint there for the LLaVA built on it to read (docs/testbed.md).
 
     Length: `steps` optimiser steps, or `epochs` passes over the training rows (default 1 epoch); give one. Batches
     are drawn without replacement from a seeded permutation per epoch (the last partial batch of an epoch is
@@ -233,7 +234,8 @@ def train_clip(tsv: str, out_dir: str, *, epochs: float | None = None, steps: in
         if region is not None:
             region.remove()
             metrics.update({"region_weight": region_weight,
-                            "region_train_acc_last50": float(np.mean(region.accuracy[-50:]))})
+                            "region_train_acc_last50": [round(float(a), 4) for a in
+                                                         np.mean(region.accuracy[-50:], axis=0)]})
         if n_eval:
             eval_images = load_images([p for p, _ in eval_rows_], size)
             metrics.update(evaluate_clip(model, eval_images, [c for _, c in eval_rows_]))
@@ -246,16 +248,27 @@ def train_clip(tsv: str, out_dir: str, *, epochs: float | None = None, steps: in
         torch.set_num_threads(old_threads)
 
 
+def _as_labels(labels) -> tuple[int, ...]:
+    return (labels,) if isinstance(labels, int) else tuple(labels)
+
+
 class _RegionHead:
     """The auxiliary object classifier of train_clip: a hook keeps the feature layer's output, `loss` classifies
-    each object of a batch from the mean of its patches there."""
+    each object of a batch from the mean of its patches there, on one or more label sets (shape, position, ...).
 
-    def __init__(self, model: nn.Module, regions: list[list[tuple[int, list[int]]]]):
+    regions[i]: image i's objects as (labels, patch indices); labels is a class index, or a tuple of them with one
+    entry per label set. One linear layer scores all sets (its outputs are the sets' logits side by side)."""
+
+    def __init__(self, model: nn.Module, regions: list[list[tuple]]):
         blocks = model.visual.transformer.resblocks
         width = blocks[-2].ln_1.normalized_shape[0]
-        self.regions = regions
-        self.head = nn.Linear(width, 1 + max(c for objs in regions for c, _ in objs))
-        self.accuracy: list[float] = []
+        self.regions = [[(_as_labels(labels), patches) for labels, patches in objs] for objs in regions]
+        labels = [lab for objs in self.regions for lab, _ in objs]
+        if len({len(lab) for lab in labels}) != 1:
+            raise ValueError("every object of `regions` needs the same number of labels")
+        self.classes = [1 + max(lab[t] for lab in labels) for t in range(len(labels[0]))]
+        self.head = nn.Linear(width, sum(self.classes))
+        self.accuracy: list[list[float]] = []  # per step, per label set
         self._out = None
         self._handle = blocks[-2].register_forward_hook(self._keep)  # LLaVA's feature layer: hidden_states[-2]
 
@@ -263,20 +276,22 @@ class _RegionHead:
         self._out = output
 
     def loss(self, idx: torch.Tensor) -> torch.Tensor:
+        """The sum over label sets of the cross-entropy of the objects of the images `idx` (the batch's rows)."""
         h = self._out[:, 1:].float()  # (B, P, W) patch tokens, [CLS] dropped (batch-first open_clip)
         b, p, _ = h.shape
         pool, labels = [], []
         for row, i in enumerate(idx.tolist()):
-            for cls, patches in self.regions[i]:
+            for lab, patches in self.regions[i]:
                 w = torch.zeros(b, p)
                 w[row, patches] = 1.0 / len(patches)
                 pool.append(w.view(-1))
-                labels.append(cls)
+                labels.append(lab)
         pooled = torch.stack(pool) @ h.reshape(b * p, -1)  # (objects, W): mean of each object's patches
-        logits = self.head(pooled)  # (objects, classes)
-        target = torch.tensor(labels)
-        self.accuracy.append(float((logits.argmax(-1) == target).float().mean()))
-        return nn.functional.cross_entropy(logits, target)
+        logits = self.head(pooled).split(self.classes, dim=-1)  # per label set: (objects, classes)
+        target = torch.tensor(labels)  # (objects, sets)
+        self.accuracy.append([float((lg.argmax(-1) == target[:, t]).float().mean()) for t, lg in enumerate(logits)])
+        losses = [nn.functional.cross_entropy(lg, target[:, t]) for t, lg in enumerate(logits)]
+        return losses[0] if len(losses) == 1 else torch.stack(losses).sum()
 
     def remove(self) -> None:
         self._handle.remove()

@@ -52,6 +52,10 @@ class TestbedConfig:
     # layer (0: contrastive only). Captions can be told apart by colour alone, so contrastive training alone
     # leaves shape out of the tower (a linear probe reads it at 51%; with this loss, 93%); docs/testbed.md.
     clip_region_weight: float = 3.0
+    # What that loss classifies (ivtp.data.shapes.REGION_LABELS). With shape alone, the tower kept position only
+    # faintly: the trained projector dropped it (a left/right probe 90% on the tower, 55% after the projector)
+    # and the LLaVA answered left/right at chance. The coarse 3x3 position makes it a strong feature.
+    clip_region_labels: tuple = ("shape", "position")
     # Questions per finetuning image, by type (ivtp.data.shapes.questions): 12 turns share one image's visual
     # tokens and the system prompt, and the types the LLM learns last (position, existence) are asked most.
     finetune_counts: dict = field(default_factory=lambda: {"colour": 2, "shape": 2, "position": 3, "count": 2,
@@ -83,6 +87,12 @@ class TestbedConfig:
         for name in ("clip_precision", "train_precision"):
             if getattr(self, name) not in ("bf16", "fp32"):
                 raise ValueError(f"TestbedConfig.{name} is {getattr(self, name)!r}; expected 'bf16' or 'fp32'")
+        from ivtp.data.shapes import REGION_LABELS
+
+        self.clip_region_labels = tuple(self.clip_region_labels)  # a JSON list from testbed.json or --set
+        if not self.clip_region_labels or not set(self.clip_region_labels) <= set(REGION_LABELS):
+            raise ValueError(f"TestbedConfig.clip_region_labels is {list(self.clip_region_labels)}; choose from "
+                             f"{', '.join(REGION_LABELS)}")
 
     @classmethod
     def smoke(cls) -> "TestbedConfig":
@@ -107,11 +117,12 @@ def stage_data(cfg: TestbedConfig, out: str) -> None:
 
 
 def stage_clip(cfg: TestbedConfig, out: str) -> None:
-    from ivtp.data.shapes import shape_regions
+    from ivtp.data.shapes import object_regions
     from ivtp.testbed.clip import export_aligner, export_vision_tower, train_clip
 
     data, clip_dir = os.path.join(out, "data"), os.path.join(out, "clip")
-    regions = shape_regions(cfg.seed, cfg.n_train, cfg.image_size) if cfg.clip_region_weight else None
+    regions = (object_regions(cfg.seed, cfg.n_train, cfg.image_size, labels=tuple(cfg.clip_region_labels))
+               if cfg.clip_region_weight else None)
     model, _ = train_clip(os.path.join(data, "clip_train.tsv"), clip_dir, steps=cfg.clip_steps,
                           batch_size=cfg.clip_batch, lr=cfg.clip_lr, threads=cfg.clip_threads,
                           precision=cfg.clip_precision, seed=cfg.seed, regions=regions,
@@ -229,7 +240,7 @@ def run(out: str, cfg: TestbedConfig, stages=STAGES, force: str | None = None) -
     if os.path.exists(saved):
         with open(saved) as f:
             old = json.load(f)
-        if old != dataclasses.asdict(cfg) and force is None:
+        if old != json.loads(json.dumps(dataclasses.asdict(cfg))) and force is None:  # tuples read back as lists
             raise SystemExit(f"{out} was built with other settings ({saved}); use another --out or --force data")
     dump_json(dataclasses.asdict(cfg), saved, indent=2)
     redo = set(STAGES[STAGES.index(force):]) if force else set()
@@ -293,7 +304,7 @@ def _run(argv: list[str]) -> None:
 
 
 def config_from_args(smoke: bool, overrides: list[str]) -> TestbedConfig:
-    """The recipe (or its smoke version) with `--set KEY=VALUE` overrides; dict fields take JSON."""
+    """The recipe (or its smoke version) with `--set KEY=VALUE` overrides; dict and tuple fields take JSON."""
     cfg = TestbedConfig.smoke() if smoke else TestbedConfig()
     changes = {}
     for item in overrides:
@@ -302,7 +313,7 @@ def config_from_args(smoke: bool, overrides: list[str]) -> TestbedConfig:
             raise SystemExit(f"--set {key}: not a TestbedConfig field")
         current = getattr(cfg, key)
         try:
-            changes[key] = json.loads(value) if isinstance(current, dict) else type(current)(value)
+            changes[key] = json.loads(value) if isinstance(current, (dict, tuple, list)) else type(current)(value)
         except ValueError as e:
             raise SystemExit(f"--set {key}={value}: {e}") from None
     try:

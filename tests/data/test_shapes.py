@@ -168,6 +168,19 @@ def test_side_of_margin():
     assert side_of(ShapeObject("red", "circle", (40, 0, 50, 10)), 112, "x") is None  # centre 45: 11 px < 14
 
 
+def test_object_regions_labels():
+    from ivtp.data.shapes import COLOURS, POSITIONS, SHAPES, coarse_position, object_regions
+
+    scene = scene_for(0, "train", 1)
+    regions = object_regions(0, 2, labels=("position", "colour", "shape"))[1]
+    assert [labels for labels, _ in regions] == [
+        (POSITIONS.index(coarse_position(o, 112)), list(COLOURS).index(o.colour), SHAPES.index(o.shape))
+        for o in scene.objects]
+    assert [p for _, p in regions] == [patches_of(o, 112) for o in scene.objects]
+    with pytest.raises(ValueError, match="choose from shape, colour, position"):
+        object_regions(0, 1, labels=("size",))
+
+
 def test_pope_hand_scene_settings():
     scene = hand_scene()
     frequency = Counter({("green", "circle"): 10, ("yellow", "square"): 8, ("purple", "triangle"): 5,

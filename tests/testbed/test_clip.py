@@ -169,17 +169,39 @@ def test_region_head_classifies_the_mean_of_each_objects_patches():
     assert not model.visual.transformer.resblocks[-2]._forward_hooks
 
 
+def test_region_head_sums_the_cross_entropy_of_each_label_set():
+    from ivtp.testbed.clip import _RegionHead
+
+    model = build_clip(seed=0)
+    regions = [[((0, 4), [0, 1]), ((2, 1), [5])], [((1, 8), [3, 4, 6])]]  # (shape, position) per object
+    region = _RegionHead(model, regions)
+    assert region.classes == [3, 9] and region.head.out_features == 12
+    h = torch.randn(1, 1 + 8, region.head.in_features)
+    region._out = h
+    got = region.loss(torch.tensor([0]))
+    logits = region.head(torch.stack([h[0, 1 + torch.tensor([0, 1])].mean(0), h[0, 1 + 5]]))  # (2, 12)
+    ce = torch.nn.functional.cross_entropy
+    want = ce(logits[:, :3], torch.tensor([0, 2])) + ce(logits[:, 3:], torch.tensor([4, 1]))
+    assert float(got) == pytest.approx(float(want), rel=1e-5)
+    assert len(region.accuracy[-1]) == 2
+    region.remove()
+    with pytest.raises(ValueError, match="same number of labels"):
+        _RegionHead(model, [[((0, 1), [0])], [(2, [1])]])
+
+
 def test_region_loss_trains_and_checks_its_labels(tmp_path):
-    from ivtp.data.shapes import shape_regions, write_clip_captions
+    from ivtp.data.shapes import POSITIONS, object_regions, write_clip_captions
 
     tsv = write_clip_captions(str(tmp_path / "clip.tsv"), 32, seed=0, image_dir=str(tmp_path / "images"),
                               write_image_files=True)
-    regions = shape_regions(0, 32)
-    assert len(regions) == 32 and all(0 <= c < 3 and p for objs in regions for c, p in objs)
+    regions = object_regions(0, 32, labels=("shape", "position"))
+    assert len(regions) == 32 and all(0 <= s < 3 and 0 <= q < len(POSITIONS) and p
+                                      for objs in regions for (s, q), p in objs)
     plain, _ = train_clip(tsv, str(tmp_path / "a"), steps=3, batch_size=24, seed=0, threads=1, progress=False)
     aux, metrics = train_clip(tsv, str(tmp_path / "b"), steps=3, batch_size=24, seed=0, threads=1, progress=False,
                               regions=regions, region_weight=3.0)
-    assert metrics["region_weight"] == 3.0 and 0.0 <= metrics["region_train_acc_last50"] <= 1.0
+    assert metrics["region_weight"] == 3.0 and len(metrics["region_train_acc_last50"]) == 2
+    assert all(0.0 <= a <= 1.0 for a in metrics["region_train_acc_last50"])
     first = "visual.transformer.resblocks.0.mlp.c_fc.weight"  # the aux loss reaches the tower below layer -2
     assert not torch.equal(plain.state_dict()[first], aux.state_dict()[first])
     assert not any(k.startswith("head") for k in aux.state_dict())  # the head is not part of the CLIP

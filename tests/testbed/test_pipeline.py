@@ -2,6 +2,8 @@
 
 import json
 
+import dataclasses
+
 import pytest
 
 from ivtp.data.shapes import finetune_records, pretrain_records, scene_for
@@ -54,6 +56,19 @@ def test_recipe_settings_and_overrides():
         config_from_args(False, ["finetune_epochs=many"])
     with pytest.raises(ValueError, match="clip_precision"):
         pipeline.TestbedConfig(clip_precision="half")
+    assert config_from_args(False, ['clip_region_labels=["shape"]']).clip_region_labels == ("shape",)
+    with pytest.raises(SystemExit, match="clip_region_labels.*choose from shape, colour, position"):
+        config_from_args(False, ['clip_region_labels=["size"]'])
+
+
+def test_saved_recipe_reads_back_as_the_same(tmp_path, monkeypatch):
+    """testbed.json stores tuples as lists; a rerun with the same settings must not call them other settings."""
+    monkeypatch.setattr(pipeline, "STAGE_FUNCS", {s: (lambda cfg, out: None) for s in pipeline.STAGES})
+    cfg = pipeline.TestbedConfig.smoke()
+    pipeline.run(str(tmp_path), cfg, stages=())
+    pipeline.run(str(tmp_path), cfg, stages=())
+    with pytest.raises(SystemExit, match="built with other settings"):
+        pipeline.run(str(tmp_path), dataclasses.replace(cfg, clip_region_labels=("shape",)), stages=())
 
 
 @pytest.mark.parametrize("precision", ["bf16", "fp32"])
