@@ -124,7 +124,7 @@ def lr_lambda(warmup: int, total: int):
 def train_clip(tsv: str, out_dir: str, *, epochs: float | None = None, steps: int | None = None,
                batch_size: int = 64, lr: float = 5e-4, weight_decay: float = 0.1, warmup: float = 0.05,
                eval_rows: int = 256, seed: int = 0, threads: int | None = None, precision: str = "fp32",
-               regions: list[list[tuple]] | None = None, region_weight: float = 0.0,
+               regions: list[list[tuple]] | None = None, region_weight: float | tuple[float, ...] = 0.0,
                progress: bool = True) -> tuple[nn.Module, dict]:
     """Train the testbed CLIP on `tsv` and return (model in eval mode, metrics); metrics.json goes to out_dir.
 
@@ -132,7 +132,8 @@ def train_clip(tsv: str, out_dir: str, *, epochs: float | None = None, steps: in
     under them. `regions[i]` lists, for TSV row i, its objects as (labels, patch indices), labels a class or a
     tuple of classes (one per label set, e.g. shape and position); a linear head (trained, never exported)
     classifies each object from the mean of its patches at the feature layer LLaVA reads (-2), and
-    `region_weight` times its cross-entropy (summed over label sets) joins the contrastive loss. The testbed needs
+    the sum over label sets of `region_weight` (one weight for all, or a tuple with one per set) times their
+    cross-entropy joins the contrastive loss. The testbed needs
     it: its captions can be told apart by colour alone, so contrastive training alone leaves shape out of the
     tower, and position is too faint there for the LLaVA built on it to read (docs/testbed.md).
 
@@ -180,10 +181,14 @@ def train_clip(tsv: str, out_dir: str, *, epochs: float | None = None, steps: in
         warmup_steps = max(1, round(warmup * total))
         groups = _param_groups(model, weight_decay)
         region = None
-        if region_weight:
+        if any(_as_weights(region_weight)):
             if regions is None or len(regions) != len(rows):
                 raise ValueError(f"region_weight needs regions for each of the {len(rows)} rows of {tsv}")
             region = _RegionHead(model, regions[: len(train_rows)])
+            weights = _as_weights(region_weight) * (len(region.classes) if isinstance(region_weight, float | int)
+                                                    else 1)
+            if len(weights) != len(region.classes):
+                raise ValueError(f"region_weight has {len(weights)} weights for {len(region.classes)} label sets")
             groups[0]["params"].append(region.head.weight)  # decayed like the other matrices
             groups[1]["params"].append(region.head.bias)
         optimizer = torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.98), eps=1e-6)
@@ -204,7 +209,7 @@ def train_clip(tsv: str, out_dir: str, *, epochs: float | None = None, steps: in
                 image_features, text_features, scale = model(normalize_images(images[idx]), texts[idx])
             loss = loss_fn(image_features.float(), text_features.float(), scale.float())
             if region is not None:
-                loss = loss + region_weight * region.loss(idx)
+                loss = loss + region.loss(idx, weights)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -233,7 +238,7 @@ def train_clip(tsv: str, out_dir: str, *, epochs: float | None = None, steps: in
         }
         if region is not None:
             region.remove()
-            metrics.update({"region_weight": region_weight,
+            metrics.update({"region_weight": list(weights) if len(weights) > 1 else weights[0],
                             "region_train_acc_last50": [round(float(a), 4) for a in
                                                          np.mean(region.accuracy[-50:], axis=0)]})
         if n_eval:
@@ -246,6 +251,10 @@ def train_clip(tsv: str, out_dir: str, *, epochs: float | None = None, steps: in
         return model, metrics
     finally:
         torch.set_num_threads(old_threads)
+
+
+def _as_weights(weight) -> tuple[float, ...]:
+    return (float(weight),) if isinstance(weight, float | int) else tuple(float(w) for w in weight)
 
 
 def _as_labels(labels) -> tuple[int, ...]:
@@ -275,8 +284,9 @@ class _RegionHead:
     def _keep(self, module, args, output):
         self._out = output
 
-    def loss(self, idx: torch.Tensor) -> torch.Tensor:
-        """The sum over label sets of the cross-entropy of the objects of the images `idx` (the batch's rows)."""
+    def loss(self, idx: torch.Tensor, weights: tuple[float, ...] = None) -> torch.Tensor:
+        """The sum over label sets of `weights` (default 1 each) times the cross-entropy of the objects of the
+        images `idx` (the batch's rows)."""
         h = self._out[:, 1:].float()  # (B, P, W) patch tokens, [CLS] dropped (batch-first open_clip)
         b, p, _ = h.shape
         pool, labels = [], []
@@ -290,7 +300,8 @@ class _RegionHead:
         logits = self.head(pooled).split(self.classes, dim=-1)  # per label set: (objects, classes)
         target = torch.tensor(labels)  # (objects, sets)
         self.accuracy.append([float((lg.argmax(-1) == target[:, t]).float().mean()) for t, lg in enumerate(logits)])
-        losses = [nn.functional.cross_entropy(lg, target[:, t]) for t, lg in enumerate(logits)]
+        weights = weights or (1.0,) * len(logits)
+        losses = [w * nn.functional.cross_entropy(lg, target[:, t]) for t, (w, lg) in enumerate(zip(weights, logits))]
         return losses[0] if len(losses) == 1 else torch.stack(losses).sum()
 
     def remove(self) -> None:

@@ -48,14 +48,14 @@ class TestbedConfig:
     clip_lr: float = 5e-4
     clip_threads: int = 1  # exact repeats need a fixed count; on a shared 2-core machine 1 beats 2
     clip_precision: str = "bf16"  # autocast of the forward pass; weights and optimiser stay fp32
-    # Weight of train_clip's auxiliary loss that classifies each object's shape from its patches at the feature
-    # layer (0: contrastive only). Captions can be told apart by colour alone, so contrastive training alone
-    # leaves shape out of the tower (a linear probe reads it at 51%; with this loss, 93%); docs/testbed.md.
-    clip_region_weight: float = 3.0
-    # What that loss classifies (ivtp.data.shapes.REGION_LABELS). With shape alone, the tower kept position only
-    # faintly: the trained projector dropped it (a left/right probe 90% on the tower, 55% after the projector)
-    # and the LLaVA answered left/right at chance. The coarse 3x3 position makes it a strong feature.
-    clip_region_labels: tuple = ("shape", "position")
+    # train_clip's auxiliary loss: a linear head classifies each object from its patches at the feature layer, on
+    # each label set here (ivtp.data.shapes.REGION_LABELS), its cross-entropy weighted as given ({}: contrastive
+    # only). Captions can be told apart by colour alone, so contrastive training alone leaves shape out of the
+    # tower (a linear probe reads it at 51%; with shape at 3, 93%). Position was there but faint: the trained
+    # projector dropped it (left/right 90% on the tower, 55% after it) and the LLaVA answered left/right at
+    # chance. At weight 3, position took 68% of the patch features' variance and slowed everything else the LLM
+    # learns; docs/testbed.md.
+    clip_region_weights: dict = field(default_factory=lambda: {"shape": 3.0, "position": 1.0})
     # Questions per finetuning image, by type (ivtp.data.shapes.questions): 12 turns share one image's visual
     # tokens and the system prompt, and the types the LLM learns last (position, existence) are asked most.
     finetune_counts: dict = field(default_factory=lambda: {"colour": 2, "shape": 2, "position": 3, "count": 2,
@@ -89,9 +89,8 @@ class TestbedConfig:
                 raise ValueError(f"TestbedConfig.{name} is {getattr(self, name)!r}; expected 'bf16' or 'fp32'")
         from ivtp.data.shapes import REGION_LABELS
 
-        self.clip_region_labels = tuple(self.clip_region_labels)  # a JSON list from testbed.json or --set
-        if not self.clip_region_labels or not set(self.clip_region_labels) <= set(REGION_LABELS):
-            raise ValueError(f"TestbedConfig.clip_region_labels is {list(self.clip_region_labels)}; choose from "
+        if not set(self.clip_region_weights) <= set(REGION_LABELS):
+            raise ValueError(f"TestbedConfig.clip_region_weights has {list(self.clip_region_weights)}; choose from "
                              f"{', '.join(REGION_LABELS)}")
 
     @classmethod
@@ -121,12 +120,12 @@ def stage_clip(cfg: TestbedConfig, out: str) -> None:
     from ivtp.testbed.clip import export_aligner, export_vision_tower, train_clip
 
     data, clip_dir = os.path.join(out, "data"), os.path.join(out, "clip")
-    regions = (object_regions(cfg.seed, cfg.n_train, cfg.image_size, labels=tuple(cfg.clip_region_labels))
-               if cfg.clip_region_weight else None)
+    labels, weights = tuple(cfg.clip_region_weights), tuple(cfg.clip_region_weights.values())
+    regions = object_regions(cfg.seed, cfg.n_train, cfg.image_size, labels=labels) if labels else None
     model, _ = train_clip(os.path.join(data, "clip_train.tsv"), clip_dir, steps=cfg.clip_steps,
                           batch_size=cfg.clip_batch, lr=cfg.clip_lr, threads=cfg.clip_threads,
                           precision=cfg.clip_precision, seed=cfg.seed, regions=regions,
-                          region_weight=cfg.clip_region_weight)
+                          region_weight=weights or 0.0)
     export_vision_tower(model, os.path.join(clip_dir, "vision"))
     export_aligner(model, os.path.join(clip_dir, ALIGNER_FILE), testbed_texts(data))
     dump_json({"model": "ivtp-testbed-clip"}, os.path.join(clip_dir, ALIGNER_META))
@@ -240,7 +239,7 @@ def run(out: str, cfg: TestbedConfig, stages=STAGES, force: str | None = None) -
     if os.path.exists(saved):
         with open(saved) as f:
             old = json.load(f)
-        if old != json.loads(json.dumps(dataclasses.asdict(cfg))) and force is None:  # tuples read back as lists
+        if old != dataclasses.asdict(cfg) and force is None:
             raise SystemExit(f"{out} was built with other settings ({saved}); use another --out or --force data")
     dump_json(dataclasses.asdict(cfg), saved, indent=2)
     redo = set(STAGES[STAGES.index(force):]) if force else set()
@@ -304,7 +303,7 @@ def _run(argv: list[str]) -> None:
 
 
 def config_from_args(smoke: bool, overrides: list[str]) -> TestbedConfig:
-    """The recipe (or its smoke version) with `--set KEY=VALUE` overrides; dict and tuple fields take JSON."""
+    """The recipe (or its smoke version) with `--set KEY=VALUE` overrides; dict fields take JSON."""
     cfg = TestbedConfig.smoke() if smoke else TestbedConfig()
     changes = {}
     for item in overrides:
@@ -313,7 +312,7 @@ def config_from_args(smoke: bool, overrides: list[str]) -> TestbedConfig:
             raise SystemExit(f"--set {key}: not a TestbedConfig field")
         current = getattr(cfg, key)
         try:
-            changes[key] = json.loads(value) if isinstance(current, (dict, tuple, list)) else type(current)(value)
+            changes[key] = json.loads(value) if isinstance(current, dict) else type(current)(value)
         except ValueError as e:
             raise SystemExit(f"--set {key}={value}: {e}") from None
     try:

@@ -178,10 +178,10 @@ def test_region_head_sums_the_cross_entropy_of_each_label_set():
     assert region.classes == [3, 9] and region.head.out_features == 12
     h = torch.randn(1, 1 + 8, region.head.in_features)
     region._out = h
-    got = region.loss(torch.tensor([0]))
+    got = region.loss(torch.tensor([0]), weights=(3.0, 0.5))
     logits = region.head(torch.stack([h[0, 1 + torch.tensor([0, 1])].mean(0), h[0, 1 + 5]]))  # (2, 12)
     ce = torch.nn.functional.cross_entropy
-    want = ce(logits[:, :3], torch.tensor([0, 2])) + ce(logits[:, 3:], torch.tensor([4, 1]))
+    want = 3.0 * ce(logits[:, :3], torch.tensor([0, 2])) + 0.5 * ce(logits[:, 3:], torch.tensor([4, 1]))
     assert float(got) == pytest.approx(float(want), rel=1e-5)
     assert len(region.accuracy[-1]) == 2
     region.remove()
@@ -199,8 +199,8 @@ def test_region_loss_trains_and_checks_its_labels(tmp_path):
                                       for objs in regions for (s, q), p in objs)
     plain, _ = train_clip(tsv, str(tmp_path / "a"), steps=3, batch_size=24, seed=0, threads=1, progress=False)
     aux, metrics = train_clip(tsv, str(tmp_path / "b"), steps=3, batch_size=24, seed=0, threads=1, progress=False,
-                              regions=regions, region_weight=3.0)
-    assert metrics["region_weight"] == 3.0 and len(metrics["region_train_acc_last50"]) == 2
+                              regions=regions, region_weight=(3.0, 1.0))
+    assert metrics["region_weight"] == [3.0, 1.0] and len(metrics["region_train_acc_last50"]) == 2
     assert all(0.0 <= a <= 1.0 for a in metrics["region_train_acc_last50"])
     first = "visual.transformer.resblocks.0.mlp.c_fc.weight"  # the aux loss reaches the tower below layer -2
     assert not torch.equal(plain.state_dict()[first], aux.state_dict()[first])
@@ -208,3 +208,6 @@ def test_region_loss_trains_and_checks_its_labels(tmp_path):
     with pytest.raises(ValueError, match="regions for each of the 32 rows"):
         train_clip(tsv, str(tmp_path / "c"), steps=1, batch_size=24, threads=1, progress=False,
                    regions=regions[:5], region_weight=1.0)
+    with pytest.raises(ValueError, match="1 weights for 2 label sets"):
+        train_clip(tsv, str(tmp_path / "d"), steps=1, batch_size=24, threads=1, progress=False,
+                   regions=regions, region_weight=(1.0,))

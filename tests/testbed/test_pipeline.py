@@ -44,7 +44,7 @@ def test_tokenizer_learns_the_chat_template(data_dir, tmp_path):
 
 def test_recipe_settings_and_overrides():
     cfg = pipeline.TestbedConfig()
-    assert cfg.clip_region_weight > 0 and sum(cfg.finetune_counts.values()) == 12
+    assert cfg.clip_region_weights["shape"] > 0 and sum(cfg.finetune_counts.values()) == 12
     cfg = config_from_args(False, ["finetune_epochs=2", 'finetune_counts={"colour": 3}', "train_precision=fp32"])
     assert cfg.finetune_epochs == 2.0 and cfg.finetune_counts == {"colour": 3} and cfg.train_precision == "fp32"
     assert config_from_args(True, []).n_train == pipeline.TestbedConfig.smoke().n_train
@@ -56,19 +56,19 @@ def test_recipe_settings_and_overrides():
         config_from_args(False, ["finetune_epochs=many"])
     with pytest.raises(ValueError, match="clip_precision"):
         pipeline.TestbedConfig(clip_precision="half")
-    assert config_from_args(False, ['clip_region_labels=["shape"]']).clip_region_labels == ("shape",)
-    with pytest.raises(SystemExit, match="clip_region_labels.*choose from shape, colour, position"):
-        config_from_args(False, ['clip_region_labels=["size"]'])
+    assert config_from_args(False, ['clip_region_weights={"shape": 2}']).clip_region_weights == {"shape": 2}
+    with pytest.raises(SystemExit, match="clip_region_weights.*choose from shape, colour, position"):
+        config_from_args(False, ['clip_region_weights={"size": 1}'])
 
 
 def test_saved_recipe_reads_back_as_the_same(tmp_path, monkeypatch):
-    """testbed.json stores tuples as lists; a rerun with the same settings must not call them other settings."""
+    """A rerun with the settings testbed.json holds goes on; other settings stop it."""
     monkeypatch.setattr(pipeline, "STAGE_FUNCS", {s: (lambda cfg, out: None) for s in pipeline.STAGES})
     cfg = pipeline.TestbedConfig.smoke()
     pipeline.run(str(tmp_path), cfg, stages=())
     pipeline.run(str(tmp_path), cfg, stages=())
     with pytest.raises(SystemExit, match="built with other settings"):
-        pipeline.run(str(tmp_path), dataclasses.replace(cfg, clip_region_labels=("shape",)), stages=())
+        pipeline.run(str(tmp_path), dataclasses.replace(cfg, clip_region_weights={"shape": 1.0}), stages=())
 
 
 @pytest.mark.parametrize("precision", ["bf16", "fp32"])
