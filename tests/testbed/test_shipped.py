@@ -16,8 +16,9 @@ pytestmark = pytest.mark.skipif(not os.path.isfile(os.path.join(TESTBED_MODEL, "
                                 reason="no shipped testbed model (make testbed)")
 
 
-# Measured when shipped (2026-11-24): colour 0.51 of 51 (chance 1/6), shape 0.73 of 59 (chance 1/3); 20% and 19%
-# of the kept patches lie on the object asked about (its area: 6.4% and 6.6% of the image).
+# Measured when shipped (2026-11-24, with the position loss): colour 0.39 of 51 (chance 1/6), shape 0.61 of 59
+# (chance 1/3); 22% and 21% of the kept patches lie on the object asked about (its area: 6.4% and 6.6% of the image).
+# Position is not tested here: at 7 tokens the model is near chance on it (docs/testbed.md).
 @pytest.mark.parametrize("ask, floor", [(ask_colour, 2 / 6), (ask_shape, 1 / 2)], ids=["colour", "shape"])
 def test_shipped_model_answers_and_keeps_the_object(ask, floor):
     """floor: twice chance for colour, 1.5 times for shape (three shapes leave less room above chance)."""
