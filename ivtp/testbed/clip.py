@@ -131,11 +131,11 @@ def train_clip(tsv: str, out_dir: str, *, epochs: float | None = None, steps: in
     regions / region_weight: an optional auxiliary loss that makes the tower's patch features name what lies
     under them. `regions[i]` lists, for TSV row i, its objects as (labels, patch indices), labels a class or a
     tuple of classes (one per label set, e.g. shape and position); a linear head (trained, never exported)
-    classifies each object from the mean of its patches at the feature layer LLaVA reads (-2), and
-    the sum over label sets of `region_weight` (one weight for all, or a tuple with one per set) times their
-    cross-entropy joins the contrastive loss. The testbed needs
-    it: its captions can be told apart by colour alone, so contrastive training alone leaves shape out of the
-    tower, and position is too faint there for the LLaVA built on it to read (docs/testbed.md).
+    classifies each object from the mean of its patches at the feature layer LLaVA reads (-2), and the sum over
+    label sets of `region_weight` (one weight for all, or a tuple with one per set) times their cross-entropy
+    joins the contrastive loss. The testbed needs it: its captions can be told apart by colour alone, so
+    contrastive training alone leaves shape out of the tower, and position is too faint there for the LLaVA
+    built on it to read (docs/testbed.md).
 
     Length: `steps` optimiser steps, or `epochs` passes over the training rows (default 1 epoch); give one. Batches
     are drawn without replacement from a seeded permutation per epoch (the last partial batch of an epoch is
@@ -181,12 +181,12 @@ def train_clip(tsv: str, out_dir: str, *, epochs: float | None = None, steps: in
         warmup_steps = max(1, round(warmup * total))
         groups = _param_groups(model, weight_decay)
         region = None
-        if any(_as_weights(region_weight)):
+        scalar = isinstance(region_weight, float | int)
+        if (region_weight if scalar else any(region_weight)):
             if regions is None or len(regions) != len(rows):
                 raise ValueError(f"region_weight needs regions for each of the {len(rows)} rows of {tsv}")
             region = _RegionHead(model, regions[: len(train_rows)])
-            weights = _as_weights(region_weight) * (len(region.classes) if isinstance(region_weight, float | int)
-                                                    else 1)
+            weights = (float(region_weight),) * len(region.classes) if scalar else tuple(map(float, region_weight))
             if len(weights) != len(region.classes):
                 raise ValueError(f"region_weight has {len(weights)} weights for {len(region.classes)} label sets")
             groups[0]["params"].append(region.head.weight)  # decayed like the other matrices
@@ -253,10 +253,6 @@ def train_clip(tsv: str, out_dir: str, *, epochs: float | None = None, steps: in
         torch.set_num_threads(old_threads)
 
 
-def _as_weights(weight) -> tuple[float, ...]:
-    return (float(weight),) if isinstance(weight, float | int) else tuple(float(w) for w in weight)
-
-
 def _as_labels(labels) -> tuple[int, ...]:
     return (labels,) if isinstance(labels, int) else tuple(labels)
 
@@ -284,7 +280,7 @@ class _RegionHead:
     def _keep(self, module, args, output):
         self._out = output
 
-    def loss(self, idx: torch.Tensor, weights: tuple[float, ...] = None) -> torch.Tensor:
+    def loss(self, idx: torch.Tensor, weights: tuple[float, ...] | None = None) -> torch.Tensor:
         """The sum over label sets of `weights` (default 1 each) times the cross-entropy of the objects of the
         images `idx` (the batch's rows)."""
         h = self._out[:, 1:].float()  # (B, P, W) patch tokens, [CLS] dropped (batch-first open_clip)
