@@ -657,14 +657,21 @@ REGION_LABELS = {"shape": lambda o, size: SHAPES.index(o.shape),
                  "position": lambda o, size: POSITIONS.index(coarse_position(o, size))}
 
 
+def check_region_labels(labels) -> None:
+    """A clear error for a name that is not one of REGION_LABELS."""
+    unknown = [name for name in labels if name not in REGION_LABELS]
+    if unknown:
+        raise ValueError(f"region labels {list(labels)}: {unknown} unknown; choose from {', '.join(REGION_LABELS)}")
+
+
 def object_regions(seed: int, n_images: int, size: int = 112, split: str = "train",
                    labels: tuple[str, ...] = ("shape",)) -> list[list[tuple[tuple[int, ...], list[int]]]]:
     """Per image of a split (the rows of clip_rows with one caption each): its objects as (one class index per
     name in `labels`, of REGION_LABELS: shape in SHAPES, colour in COLOURS, coarse position in POSITIONS; the
     patches their boxes overlap), the labels of train_clip's auxiliary region loss."""
-    unknown = [name for name in labels if name not in REGION_LABELS]
-    if unknown or not labels:
-        raise ValueError(f"region labels {list(labels)}: choose from {', '.join(REGION_LABELS)}")
+    check_region_labels(labels)
+    if not labels:
+        raise ValueError(f"object_regions needs at least one label; choose from {', '.join(REGION_LABELS)}")
     return [[(tuple(REGION_LABELS[name](o, size) for name in labels), patches_of(o, size))
              for o in scene_for(seed, split, i, size).objects] for i in range(n_images)]
 

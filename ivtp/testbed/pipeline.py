@@ -87,11 +87,12 @@ class TestbedConfig:
         for name in ("clip_precision", "train_precision"):
             if getattr(self, name) not in ("bf16", "fp32"):
                 raise ValueError(f"TestbedConfig.{name} is {getattr(self, name)!r}; expected 'bf16' or 'fp32'")
-        from ivtp.data.shapes import REGION_LABELS
+        from ivtp.data.shapes import check_region_labels
 
-        if not set(self.clip_region_weights) <= set(REGION_LABELS):
-            raise ValueError(f"TestbedConfig.clip_region_weights has {list(self.clip_region_weights)}; choose from "
-                             f"{', '.join(REGION_LABELS)}")
+        try:
+            check_region_labels(self.clip_region_weights)
+        except ValueError as e:
+            raise ValueError(f"TestbedConfig.clip_region_weights: {e}") from None
 
     @classmethod
     def smoke(cls) -> "TestbedConfig":

@@ -179,6 +179,8 @@ def test_object_regions_labels():
     assert [p for _, p in regions] == [patches_of(o, 112) for o in scene.objects]
     with pytest.raises(ValueError, match="choose from shape, colour, position"):
         object_regions(0, 1, labels=("size",))
+    with pytest.raises(ValueError, match="at least one label"):
+        object_regions(0, 1, labels=())
 
 
 def test_pope_hand_scene_settings():
