@@ -235,7 +235,7 @@ def cmd_bench(args) -> int:
     torch.set_num_threads(args.threads) if args.threads else None
     result = bench(args.preset, args.method, args.visual_tokens, device=args.device,
                    dtype=DTYPES[args.dtype] if args.dtype else torch.float32, new_tokens=args.new_tokens,
-                   repeats=args.repeats, progress=not args.json)
+                   repeats=args.repeats, progress=not args.json, allocator=args.allocator)
     if args.json:
         json.dump(result, sys.stdout, indent=2)
         sys.stdout.write("\n")
@@ -397,6 +397,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_flops)
 
     p = sub.add_parser("bench", help="prefill latency, decode speed and memory: pruned against unpruned")
+    from ivtp.eval.bench import ALLOCATORS
     p.add_argument("--preset", default="cpu-mid", help="cpu-mid (CPU, minutes), llava-1.5-7b (GPU), tiny-random")
     p.add_argument("--method", default="ivtp")
     p.add_argument("--visual-tokens", type=int, default=64)
@@ -405,6 +406,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--new-tokens", type=int, default=16)
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--allocator", choices=ALLOCATORS, default="steady",
+                   help="on a CPU, 'steady' keeps freed memory for reuse so that neither model pays page faults for "
+                        "its activations (docs/benchmarks.md); 'default' leaves glibc's malloc as it is")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_bench)
 

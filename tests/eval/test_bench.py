@@ -2,10 +2,13 @@
 asserted here: speed is measured with `ivtp bench` and recorded in docs/benchmarks.md."""
 
 import json
+import subprocess
+import sys
 
 import pytest
 
 from ivtp.cli import main
+from ivtp.eval.bench import bench
 
 
 def flops(capsys, *argv):
@@ -42,9 +45,12 @@ def test_flops_13b_and_bad_budget(capsys):
 
 
 def test_bench_reports_pruned_against_unpruned(capsys):
+    # The default allocator keeps this test process's malloc as it is (the steady one is tested in a child).
     assert main(["bench", "--preset", "tiny-random", "--method", "ivtp", "--visual-tokens", "64", "--repeats", "1",
-                 "--new-tokens", "2", "--json"]) == 0
+                 "--new-tokens", "2", "--allocator", "default", "--json"]) == 0
     out = json.loads(capsys.readouterr().out)
+    assert out["allocator"] == "default" and out["threads"] >= 1
+    assert all(out[run]["prefill_page_faults"] >= 0 for run in ("unpruned", "pruned"))
     for key in ("speedup_prefill", "flops_speedup", "speedup_decode", "kv_cache_ratio", "prefill_vs_flops"):
         assert out[key] > 0
     assert out["pruned"]["kv_cache_bytes"] < out["unpruned"]["kv_cache_bytes"]  # fewer tokens cached
@@ -57,3 +63,40 @@ def test_bench_reports_pruned_against_unpruned(capsys):
     llm = out["stages"]["llm"]
     assert llm["speedup"] == pytest.approx(llm["unpruned_s"] / llm["pruned_s"])
     assert out["stages"]["before_llm"]["flops_speedup_vit"] > 1  # GTP prunes inside the ViT
+
+
+# A child process: re-allocates and touches a 64 MiB tensor, and prints the minor page faults of the last rounds.
+_FAULTS = """
+import resource, sys, torch
+from ivtp.eval.bench import steady_allocator
+took = steady_allocator() if sys.argv[1] == "steady" else None
+def faults():
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+for i in range(4):
+    if i == 2:
+        start = faults()
+    x = torch.empty(16 * 2**20); x.fill_(1.0); del x
+print(took, faults() - start)
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc malloc tuning")
+def test_steady_allocator_stops_the_page_faults_of_reallocating():
+    def run(mode):
+        out = subprocess.run([sys.executable, "-c", _FAULTS, mode], capture_output=True, text=True, check=True)
+        took, faults = out.stdout.split()
+        return took, int(faults)
+
+    took, steady = run("steady")
+    _, default = run("default")
+    assert took == "True"
+    if default < 16000:  # with transparent huge pages always on, a fresh block costs few faults anyway
+        pytest.skip(f"glibc's own allocator took only {default} faults here: nothing to stop")
+    # glibc maps a 64 MiB block afresh each time, a fault per 4 KiB page touched (2 rounds: 32768 pages); the
+    # steady allocator reuses the freed block, whose pages are already there
+    assert steady < 1000
+
+
+def test_bench_rejects_an_unknown_allocator():
+    with pytest.raises(ValueError, match="allocator"):
+        bench("tiny-random", "ivtp", 64, allocator="jemalloc")
