@@ -544,8 +544,15 @@ class _PrefillRun:
         self.position_ids = torch.gather(self.full_position_ids, 1, self.slot_pos)
         self.position_embeddings = tuple(torch.gather(e, 1, self.slot_pos[..., None].expand(-1, -1, e.shape[-1]))
                                          for e in self.full_embeddings)
-        self.mask = _format_mask(_prefill_mask(self.slot_pos, self.slot_ok), self.model.config._attn_implementation,
-                                 hidden.dtype)
+        impl = self.model.config._attn_implementation
+        if impl == "sdpa" and bool(self.slot_ok.all()):
+            # No padding and no fillers: kept tokens stay in position order, so the mask would be the plain
+            # causal one, and SDPA reads a missing mask as causal (eager would read it as no mask). Its causal
+            # kernel skips the masked half: an explicit boolean mask cost 7-18% more per attention call at
+            # 166-230 tokens on a CPU.
+            self.mask = None
+        else:
+            self.mask = _format_mask(_prefill_mask(self.slot_pos, self.slot_ok), impl, hidden.dtype)
         self.segments.append((idx + 1, self.slot_ok.clone()))
         for r in self.rows.tolist():
             self.trace.counts[r].append(int(self.slot_visual[r].sum()))

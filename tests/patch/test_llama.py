@@ -68,6 +68,31 @@ def test_greedy_generation_with_cache_equals_recomputation(small_llava, images, 
     assert_cache_matches_recompute(model, batch, new_tokens=10)
 
 
+def test_one_unpadded_row_on_sdpa_drops_the_mask_and_matches_eager(small_llava, images, monkeypatch):
+    """With no padding and no fillers the pruned layers pass SDPA no mask (its causal kernel): the same logits and
+    kept tokens as eager attention, which gets the explicit mask; and the cache still decodes exactly."""
+    from ivtp.patch import llama
+
+    built = []
+    real_prefill_mask = llama._prefill_mask
+    monkeypatch.setattr(llama, "_prefill_mask", lambda *a: built.append(1) or real_prefill_mask(*a))
+    runs = {}
+    for impl in ("sdpa", "eager"):
+        model, processor = small_llava()
+        model.config.text_config._attn_implementation = impl
+        apply_pruning(model, stage2(tau=-1.0), aligner=tiny_aligner(), tokenizer=processor.tokenizer)
+        batch = batch_of(processor, images(1), QUESTIONS[1:2])
+        built.clear()
+        with torch.no_grad():
+            runs[impl] = model(**batch).logits, model.ivtp_state.last_llm_trace.kept_positions[0], len(built)
+        if impl == "sdpa":
+            assert_cache_matches_recompute(model, batch, new_tokens=6)
+    (sdpa, kept_sdpa, masks_sdpa), (eager, kept_eager, masks_eager) = runs["sdpa"], runs["eager"]
+    assert masks_sdpa == 0 and masks_eager == 2  # one explicit mask per pruning group, eager only
+    assert torch.equal(kept_sdpa, kept_eager)
+    torch.testing.assert_close(sdpa, eager, rtol=0, atol=1e-5)
+
+
 def test_left_padded_batch_equals_single_samples(small_llava, images):
     model, processor = pruned(small_llava, stage2(tau=-1.0))
     imgs = images(2) + [None]
