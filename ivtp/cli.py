@@ -241,8 +241,10 @@ def cmd_bench(args) -> int:
         sys.stdout.write("\n")
     else:
         overhead = result["scoring_overhead"]
+        lo, hi = result["speedup_prefill_paired_quartiles"]
         print(f"{args.preset} {args.method}@{args.visual_tokens}: prefill x{result['speedup_prefill']:.2f} "
-              f"(FLOPs predict x{result['flops_speedup']:.2f}, {100 * result['prefill_vs_flops']:.0f}%), decode "
+              f"(back-to-back pairs: quartiles x{lo:.2f}-x{hi:.2f}; "
+              f"FLOPs predict x{result['flops_speedup']:.2f}, {100 * result['prefill_vs_flops']:.0f}%), decode "
               f"x{result['speedup_decode']:.2f}, KV cache x{result['kv_cache_ratio']:.2f}"
               + (f", scoring {100 * overhead['scoring_share']:.1f}% of pruned prefill" if overhead else ""))
         vit, llm = result["stages"]["before_llm"], result["stages"]["llm"]

@@ -81,6 +81,14 @@ def _timed(fn, device) -> float:
     return time.perf_counter() - start
 
 
+def _quartiles(values: list[float]) -> list[float]:
+    """[first, third] quartile (one value: itself twice)."""
+    if len(values) < 2:
+        return [values[0], values[0]]
+    q = statistics.quantiles(values, n=4, method="inclusive")
+    return [q[0], q[2]]
+
+
 def _kv_bytes(cache) -> int:
     total = 0
     for layer in getattr(cache, "layers", []):
@@ -291,6 +299,7 @@ def bench(preset: str, method: str, visual_tokens: int, device: str = "cpu", dty
     steps.close()
 
     f_base, f_ours = predicted_flops(stock, text_tokens), predicted_flops(pruned, text_tokens)
+    paired = [a / b for a, b in zip(base["prefill_runs_s"], ours["prefill_runs_s"])]
     return {
         "preset": preset, "method": method, "visual_tokens": visual_tokens, "device": device,
         "dtype": str(dtype).replace("torch.", ""), "text_tokens": text_tokens, "new_tokens": new_tokens,
@@ -299,8 +308,9 @@ def bench(preset: str, method: str, visual_tokens: int, device: str = "cpu", dty
         "unpruned": base, "pruned": ours,
         "speedup_prefill": base["prefill_s"] / ours["prefill_s"],
         # the median over repeats of unpruned / pruned measured back to back: less sensitive to drift
-        "speedup_prefill_paired": statistics.median(a / b for a, b in zip(base["prefill_runs_s"],
-                                                                           ours["prefill_runs_s"])),
+        "speedup_prefill_paired": statistics.median(paired),
+        # how far those back-to-back ratios spread (quartiles): on a shared CPU this is the run's noise
+        "speedup_prefill_paired_quartiles": _quartiles(paired),
         "speedup_decode": ours["decode_tokens_per_s"] / base["decode_tokens_per_s"],
         "kv_cache_ratio": ours["kv_cache_bytes"] / base["kv_cache_bytes"],
         "flops_unpruned_tflops": f_base["total"], "flops_pruned_tflops": f_ours["total"],

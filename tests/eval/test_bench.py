@@ -50,6 +50,8 @@ def test_bench_reports_pruned_against_unpruned(capsys):
                  "--new-tokens", "2", "--allocator", "default", "--json"]) == 0
     out = json.loads(capsys.readouterr().out)
     assert out["allocator"] == "default" and out["threads"] >= 1
+    lo, hi = out["speedup_prefill_paired_quartiles"]  # one repeat: one back-to-back ratio
+    assert lo == hi == pytest.approx(out["unpruned"]["prefill_s"] / out["pruned"]["prefill_s"])
     assert all(out[run]["prefill_page_faults"] >= 0 for run in ("unpruned", "pruned"))
     for key in ("speedup_prefill", "flops_speedup", "speedup_decode", "kv_cache_ratio", "prefill_vs_flops"):
         assert out[key] > 0
@@ -95,6 +97,15 @@ def test_steady_allocator_stops_the_page_faults_of_reallocating():
     # glibc maps a 64 MiB block afresh each time, a fault per 4 KiB page touched (2 rounds: 32768 pages); the
     # steady allocator reuses the freed block, whose pages are already there
     assert steady < 1000
+
+
+def test_paired_quartiles_against_hand_values():
+    from ivtp.eval.bench import _quartiles
+
+    # inclusive method: positions 1 + (n - 1) * q among the sorted values, interpolated
+    assert _quartiles([4.0, 1.0, 3.0, 2.0, 5.0]) == [2.0, 4.0]
+    assert _quartiles([1.0, 2.0, 3.0, 4.0]) == [1.75, 3.25]
+    assert _quartiles([2.5]) == [2.5, 2.5]
 
 
 def test_bench_rejects_an_unknown_allocator():
