@@ -294,8 +294,24 @@ def ship(out: str, dest: str, dtype: str = "float16", models=SHIPPED) -> dict[st
                 sizes[os.path.relpath(os.path.join(root, f), dest)] = os.path.getsize(os.path.join(root, f))
     for report in ("ablate/ablate.json",):
         if os.path.exists(os.path.join(out, report)):
-            shutil.copy(os.path.join(out, report), os.path.join(dest, os.path.basename(report)))
+            # The rows name the aligner by its absolute path on the machine that ran them: ship those paths
+            # relative to the testbed folder instead, so the record says what was used and not where.
+            with open(os.path.join(out, report), encoding="utf-8") as f:
+                rows = relative_to(json.load(f), out)
+            dump_json(rows, os.path.join(dest, os.path.basename(report)), indent=1)
     return sizes
+
+
+def relative_to(obj, root: str):
+    """`obj` (JSON: dicts, lists, strings, ...) with every string that is a path under `root` made relative to it."""
+    prefix = os.path.abspath(root) + os.sep
+    if isinstance(obj, dict):
+        return {k: relative_to(v, root) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [relative_to(v, root) for v in obj]
+    if isinstance(obj, str) and obj.startswith(prefix):
+        return os.path.relpath(obj, root)
+    return obj
 
 
 def _run(argv: list[str]) -> None:

@@ -1,8 +1,8 @@
 """ivtp.testbed.pipeline: the recipe's settings, the tokenizer corpus and the training command line."""
 
-import json
-
 import dataclasses
+import json
+import os
 
 import pytest
 
@@ -77,3 +77,15 @@ def test_train_command_precision(precision):
     assert argv[argv.index("--bf16") + 1] == str(precision == "bf16")
     assert argv[argv.index("--per_device_train_batch_size") + 1] == str(pipeline.TestbedConfig().batch_size)
     assert argv[argv.index("--learning_rate") + 1] == "0.001"
+
+
+def test_shipped_reports_name_paths_relative_to_the_testbed_folder(tmp_path):
+    from ivtp.testbed.pipeline import relative_to
+
+    out = str(tmp_path / "testbed")
+    rows = [{"config": {"llm": {"aligner": {"pretrained": os.path.join(out, "clip", "aligner.safetensors")}}},
+             "name": "ivtp", "tokens": 7, "other": [os.path.join(str(tmp_path), "elsewhere.json"), out + "-smoke/x"]}]
+    shipped = relative_to(rows, out + os.sep)  # a trailing separator names the same folder
+    assert shipped[0]["config"]["llm"]["aligner"]["pretrained"] == os.path.join("clip", "aligner.safetensors")
+    # paths outside the folder, including a sibling whose name only starts the same, stay as they were
+    assert shipped[0]["other"] == rows[0]["other"] and shipped[0]["name"] == "ivtp" and shipped[0]["tokens"] == 7
