@@ -111,3 +111,37 @@ def test_paired_quartiles_against_hand_values():
 def test_bench_rejects_an_unknown_allocator():
     with pytest.raises(ValueError, match="allocator"):
         bench("tiny-random", "ivtp", 64, allocator="jemalloc")
+
+
+@pytest.mark.parametrize("method", ["ivtp", "sparsevlm"])
+def test_scoring_ranges_cover_the_guidance_and_never_nest(method):
+    """`scoring_share` adds up the labelled ranges, so the text guidance (IVTP's CLIP aligner, SparseVLM's raters)
+    must sit in one, and no range may sit inside another."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    from ivtp import apply_pruning
+    from ivtp.config import PruneConfig
+    from ivtp.data.shapes import draw_scene
+    from ivtp.data.templates import vicuna_v1_prompt
+    from ivtp.eval.bench import QUESTION, SCORING_RANGES
+    from ivtp.models import preset_aligner, random_model
+
+    model, processor = random_model("tiny-random", dtype=torch.float32)
+    apply_pruning(model, PruneConfig.for_method(method, 64), aligner=preset_aligner("tiny-random"),
+                  tokenizer=processor.tokenizer)
+    inputs = processor(images=[draw_scene(seed=0)[0]], text=[vicuna_v1_prompt(QUESTION)], return_tensors="pt")
+    with torch.no_grad(), profile(activities=[ProfilerActivity.CPU]) as prof:
+        model(**inputs)
+    ranges = [e for e in prof.events() if e.name in SCORING_RANGES]
+    assert sum(e.name == "ivtp.guidance" for e in ranges) == 1
+
+    def inside(event):
+        parent = event.cpu_parent
+        while parent is not None:
+            if parent.name in SCORING_RANGES:
+                return True
+            parent = parent.cpu_parent
+        return False
+
+    assert not any(inside(e) for e in ranges)
