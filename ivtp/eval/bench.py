@@ -128,7 +128,7 @@ class _Subject:
         self.device = next(model.parameters()).device
         self.times: list[float] = []  # prefill seconds, per repeat
         self.llm_times: list[float] = []  # of which inside the LLM decoder
-        self.faults: list[int] = []  # minor page faults per prefill (all threads; includes the other's none)
+        self.faults: list[int] = []  # minor page faults per prefill, all threads of the process
         self.decode_times: list[float] = []
 
     def prefill(self):
