@@ -264,6 +264,21 @@ def predicted_flops(model, text_tokens: int) -> dict:
     return method_flops(model.config, state.config, text_tokens, encoder)
 
 
+def subjects(preset: str, config: PruneConfig, device: str = "cpu", dtype: torch.dtype = torch.float32):
+    """What the bench measures: the preset with random weights, a copy of it pruned by `config`, and the inputs of
+    one prefill (a drawn scene and the vicuna_v1 prompt of QUESTION)."""
+    from ivtp import apply_pruning
+    from ivtp.models import preset_aligner, random_model
+
+    stock, processor = random_model(preset, dtype=dtype, device=device)
+    pruned = copy.deepcopy(stock)
+    apply_pruning(pruned, config, aligner=preset_aligner(preset), tokenizer=processor.tokenizer)
+    image, _ = draw_scene(seed=0)
+    inputs = processor(images=[image], text=[vicuna_v1_prompt(QUESTION)], return_tensors="pt").to(device)
+    inputs["pixel_values"] = inputs["pixel_values"].to(dtype)
+    return stock, pruned, inputs
+
+
 def bench(preset: str, method: str, visual_tokens: int, device: str = "cpu", dtype: torch.dtype = torch.float32,
           new_tokens: int = 16, repeats: int = 3, progress: bool = True, allocator: str = "steady") -> dict:
     """Build the preset with random weights, prune a copy with `method` at `visual_tokens`, measure both.
@@ -271,22 +286,12 @@ def bench(preset: str, method: str, visual_tokens: int, device: str = "cpu", dty
     allocator: 'steady' (on a CPU, see `steady_allocator`; it changes this process's malloc for good) or 'default'
     (glibc's own behaviour, page faults and all).
     """
-    from ivtp import apply_pruning
-    from ivtp.models import preset_aligner, random_model
-
     if allocator not in ALLOCATORS:
         raise ValueError(f"allocator must be one of {ALLOCATORS}, not {allocator!r}")
     steady = allocator == "steady" and torch.device(device).type == "cpu" and steady_allocator()
 
     config = PruneConfig.for_method(method, visual_tokens)
-    stock, processor = random_model(preset, dtype=dtype, device=device)
-    pruned = copy.deepcopy(stock)
-    apply_pruning(pruned, config, aligner=preset_aligner(preset), tokenizer=processor.tokenizer)
-
-    image, _ = draw_scene(seed=0)
-    text = vicuna_v1_prompt(QUESTION)
-    inputs = processor(images=[image], text=[text], return_tensors="pt").to(device)
-    inputs["pixel_values"] = inputs["pixel_values"].to(dtype)
+    stock, pruned, inputs = subjects(preset, config, device, dtype)
     n_visual = pruned.ivtp_state.num_patches
     text_tokens = inputs["input_ids"].shape[1] - n_visual
 

@@ -69,16 +69,14 @@ def test_bench_reports_pruned_against_unpruned(capsys):
 
 # A child process: re-allocates and touches a 64 MiB tensor, and prints the minor page faults of the last 4 rounds.
 _FAULTS = """
-import resource, sys, torch
-from ivtp.eval.bench import steady_allocator
+import sys, torch
+from ivtp.eval.bench import _minor_faults, steady_allocator
 took = steady_allocator() if sys.argv[1] == "steady" else None
-def faults():
-    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 for i in range(8):  # glibc may alternate between two blocks: the first rounds warm both
     if i == 4:
-        start = faults()
+        start = _minor_faults()
     x = torch.empty(16 * 2**20); x.fill_(1.0); del x
-print(took, faults() - start)
+print(took, _minor_faults() - start)
 """
 
 
@@ -120,17 +118,10 @@ def test_scoring_ranges_cover_the_guidance_and_never_nest(method):
     import torch
     from torch.profiler import ProfilerActivity, profile
 
-    from ivtp import apply_pruning
     from ivtp.config import PruneConfig
-    from ivtp.data.shapes import draw_scene
-    from ivtp.data.templates import vicuna_v1_prompt
-    from ivtp.eval.bench import QUESTION, SCORING_RANGES
-    from ivtp.models import preset_aligner, random_model
+    from ivtp.eval.bench import SCORING_RANGES, subjects
 
-    model, processor = random_model("tiny-random", dtype=torch.float32)
-    apply_pruning(model, PruneConfig.for_method(method, 64), aligner=preset_aligner("tiny-random"),
-                  tokenizer=processor.tokenizer)
-    inputs = processor(images=[draw_scene(seed=0)[0]], text=[vicuna_v1_prompt(QUESTION)], return_tensors="pt")
+    _, model, inputs = subjects("tiny-random", PruneConfig.for_method(method, 64))
     with torch.no_grad(), profile(activities=[ProfilerActivity.CPU]) as prof:
         model(**inputs)
     ranges = [e for e in prof.events() if e.name in SCORING_RANGES]
