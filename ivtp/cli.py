@@ -235,7 +235,8 @@ def cmd_bench(args) -> int:
     torch.set_num_threads(args.threads) if args.threads else None
     result = bench(args.preset, args.method, args.visual_tokens, device=args.device,
                    dtype=DTYPES[args.dtype] if args.dtype else torch.float32, new_tokens=args.new_tokens,
-                   repeats=args.repeats, progress=not args.json, allocator=args.allocator)
+                   repeats=args.repeats, progress=not args.json, allocator=args.allocator,
+                   attn_implementation=args.attn_implementation)
     if args.json:
         json.dump(result, sys.stdout, indent=2)
         sys.stdout.write("\n")
@@ -411,6 +412,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--allocator", choices=ALLOCATORS, default="steady",
                    help="on a CPU, 'steady' keeps freed memory for reuse so that neither model pays page faults for "
                         "its activations (docs/benchmarks.md); 'default' leaves glibc's malloc as it is")
+    p.add_argument("--attn-implementation", default="sdpa",
+                   help="sdpa (on a GPU its flash kernel where no mask is needed), eager, flash_attention_2")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_bench)
 

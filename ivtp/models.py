@@ -165,6 +165,7 @@ def random_model(name: str, dtype: torch.dtype = torch.bfloat16, device: str | t
     (its ids are valid in any vocabulary), which is all latency and FLOPs work needs."""
     if name == "tiny-random":
         model, processor = tiny_random(seed)
+        model.set_attn_implementation(attn_implementation)
         return model.to(device=device, dtype=dtype), processor
     preset = _preset(name)
     tok = tiny_tokenizer()

@@ -264,15 +264,23 @@ def predicted_flops(model, text_tokens: int) -> dict:
     return method_flops(model.config, state.config, text_tokens, encoder)
 
 
-def subjects(preset: str, config: PruneConfig, device: str = "cpu", dtype: torch.dtype = torch.float32):
+def subjects(preset: str, config: PruneConfig, device: str = "cpu", dtype: torch.dtype = torch.float32,
+             attn_implementation: str = "sdpa"):
     """What the bench measures: the preset with random weights, a copy of it pruned by `config`, and the inputs of
-    one prefill (a drawn scene and the vicuna_v1 prompt of QUESTION)."""
-    from ivtp import apply_pruning
-    from ivtp.models import preset_aligner, random_model
+    one prefill (a drawn scene and the vicuna_v1 prompt of QUESTION).
 
-    stock, processor = random_model(preset, dtype=dtype, device=device)
+    The aligner is the preset's own (cpu-mid, tiny-random) or, for the llava-1.5 presets, the config's aligner
+    architecture with random weights: its cost does not depend on its weights, and a GPU machine without the
+    OpenAI CLIP weights in its cache can then still measure."""
+    from ivtp import apply_pruning
+    from ivtp.models import preset_aligner, random_model, tiny_aligner
+
+    stock, processor = random_model(preset, dtype=dtype, device=device, attn_implementation=attn_implementation)
     pruned = copy.deepcopy(stock)
-    apply_pruning(pruned, config, aligner=preset_aligner(preset), tokenizer=processor.tokenizer)
+    aligner = preset_aligner(preset)
+    if aligner is None and config.uses_llm_stage and config.llm.needs_aligner:
+        aligner = tiny_aligner(model=config.llm.aligner.model)
+    apply_pruning(pruned, config, aligner=aligner, tokenizer=processor.tokenizer)
     image, _ = draw_scene(seed=0)
     inputs = processor(images=[image], text=[vicuna_v1_prompt(QUESTION)], return_tensors="pt").to(device)
     inputs["pixel_values"] = inputs["pixel_values"].to(dtype)
@@ -280,7 +288,8 @@ def subjects(preset: str, config: PruneConfig, device: str = "cpu", dtype: torch
 
 
 def bench(preset: str, method: str, visual_tokens: int, device: str = "cpu", dtype: torch.dtype = torch.float32,
-          new_tokens: int = 16, repeats: int = 3, progress: bool = True, allocator: str = "steady") -> dict:
+          new_tokens: int = 16, repeats: int = 3, progress: bool = True, allocator: str = "steady",
+          attn_implementation: str = "sdpa") -> dict:
     """Build the preset with random weights, prune a copy with `method` at `visual_tokens`, measure both.
 
     allocator: 'steady' (on a CPU, see `steady_allocator`; it changes this process's malloc for good) or 'default'
@@ -291,7 +300,7 @@ def bench(preset: str, method: str, visual_tokens: int, device: str = "cpu", dty
     steady = allocator == "steady" and torch.device(device).type == "cpu" and steady_allocator()
 
     config = PruneConfig.for_method(method, visual_tokens)
-    stock, pruned, inputs = subjects(preset, config, device, dtype)
+    stock, pruned, inputs = subjects(preset, config, device, dtype, attn_implementation)
     n_visual = pruned.ivtp_state.num_patches
     text_tokens = inputs["input_ids"].shape[1] - n_visual
 
@@ -307,7 +316,7 @@ def bench(preset: str, method: str, visual_tokens: int, device: str = "cpu", dty
     paired = [a / b for a, b in zip(base["prefill_runs_s"], ours["prefill_runs_s"])]
     return {
         "preset": preset, "method": method, "visual_tokens": visual_tokens, "device": device,
-        "dtype": str(dtype).replace("torch.", ""), "text_tokens": text_tokens, "new_tokens": new_tokens,
+        "dtype": str(dtype).replace("torch.", ""), "attn_implementation": attn_implementation, "text_tokens": text_tokens, "new_tokens": new_tokens,
         "threads": torch.get_num_threads(), "allocator": "steady" if steady else "default",
         "prune_config": config.to_dict(),
         "unpruned": base, "pruned": ours,

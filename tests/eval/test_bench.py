@@ -136,3 +136,19 @@ def test_scoring_ranges_cover_the_guidance_and_never_nest(method):
         return False
 
     assert not any(inside(e) for e in ranges)
+
+
+def test_subjects_without_a_preset_aligner_build_the_configs_architecture_with_random_weights(monkeypatch):
+    """The llava-1.5 presets bring no aligner: the bench then builds the config's aligner model with random weights
+    (same cost, no download), and honours the attention implementation it is asked for."""
+    from ivtp import models
+    from ivtp.config import PruneConfig
+    from ivtp.eval.bench import subjects
+
+    monkeypatch.setattr(models, "preset_aligner", lambda name: None)
+    config = PruneConfig.for_method("ivtp", 64)
+    config.llm.aligner.model, config.llm.aligner.pretrained = "ivtp-tiny-clip", "openai"  # no such weights exist
+    stock, pruned, _ = subjects("tiny-random", config, attn_implementation="eager")
+    assert pruned.ivtp_state.aligner.name == "ivtp-tiny-clip (pretrained=None)"
+    assert stock.config.text_config._attn_implementation == "eager"
+    assert pruned.config.vision_config._attn_implementation == "eager"

@@ -1,0 +1,123 @@
+"""The pruned model on a CUDA device: the paths a CPU never takes (cuBLAS, SDPA's flash and memory-efficient
+kernels, bf16 on tensor cores). CI has no GPU, so these skip there; run them on a GPU machine with
+`pytest tests/gpu` (docs/benchmarks.md records when they last ran and where).
+
+References as on the CPU: the stock model for keep-all, recomputation for the KV cache, single samples for a padded
+batch, eager attention for SDPA. Tolerances are those of the arithmetic: float32 paths agree to rounding; bf16 ones
+are compared by relative error, because their kernels round differently by design.
+"""
+
+import pytest
+import torch
+
+from conftest import assert_cache_matches_recompute, prompt
+from ivtp import apply_pruning
+from ivtp.models import tiny_aligner, tiny_random
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+CUDA = "cuda"
+N = 64  # patches of the 112 px test model
+QUESTIONS = ["What colour is the circle?", "Is there a large red square at the top left of the image?", "Hello"]
+# The stage-2 geometry of tests/patch/test_llama.py: 64 patches -> 32 in the ViT -> 8 after LLM layer 6.
+STAGE2 = {"vision": {"keep": 32}, "llm": {"layers": 6, "group_size": 3, "keep": 8, "tau": -1.0}}
+KEEP_ALL = {"vision": {"keep": 1.0}, "llm": {"keep": 1.0, "layers": 6, "tau": -1.0}}
+
+
+def model_on_gpu(config=None, dtype=torch.float32, attn="sdpa", seed=0):
+    """A tiny LLaVA (112 px) on the GPU, pruned by `config` unless it is None."""
+    model, processor = tiny_random(seed, image_size=112)
+    model.set_attn_implementation(attn)
+    if config is not None:
+        apply_pruning(model, config, aligner=tiny_aligner(), tokenizer=processor.tokenizer)
+    return model.to(CUDA, dtype), processor
+
+
+def batch_of(processor, images, questions, dtype=torch.float32):
+    processor.tokenizer.padding_side = "left"
+    texts = [prompt(q, image=img is not None) for q, img in zip(questions, images)]
+    present = [img for img in images if img is not None]
+    batch = processor(images=present or None, text=texts, padding=True, return_tensors="pt").to(CUDA)
+    if "pixel_values" in batch:
+        batch["pixel_values"] = batch["pixel_values"].to(dtype)
+    return batch
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a.float() - b.float()).norm() / b.float().norm())
+
+
+@pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
+def test_keep_all_equals_the_stock_model(images, dtype, tol):
+    stock, processor = model_on_gpu(dtype=dtype)
+    pruned, _ = model_on_gpu(KEEP_ALL, dtype=dtype)
+    batch = batch_of(processor, images(2) + [None], QUESTIONS, dtype)
+    with torch.no_grad():
+        ref, out = stock(**batch).logits, pruned(**batch).logits
+    real = batch["attention_mask"].bool()
+    assert pruned.ivtp_state.last_llm_trace.counts == [[N, N, N], [N, N, N], []]
+    assert rel_err(out[real], ref[real]) < tol
+
+
+def test_generation_with_cache_equals_recomputation_float32(images):
+    model, processor = model_on_gpu(STAGE2)
+    assert_cache_matches_recompute(model, batch_of(processor, images(2) + [None], QUESTIONS), new_tokens=10)
+
+
+def test_bf16_cached_decoding_matches_a_forward_over_the_generated_text(images):
+    """In bf16 a cached and an uncached greedy run may part at a near-tie, so the reference is one uncached
+    forward over the sequence the cached run produced: its last positions must give the same logits."""
+    model, processor = model_on_gpu(STAGE2, dtype=torch.bfloat16)
+    batch = batch_of(processor, images(1), QUESTIONS[1:2], torch.bfloat16)
+    n = 8
+    with torch.no_grad():
+        out = model.generate(**batch, max_new_tokens=n, do_sample=False, return_dict_in_generate=True,
+                             output_logits=True)
+        ids = torch.cat([batch["input_ids"], out.sequences[:, -n:]], 1)  # the prompt as given, then the new tokens
+        full = model(input_ids=ids, attention_mask=torch.ones_like(ids),
+                     pixel_values=batch["pixel_values"]).logits  # (1, L - pruned + n, V)
+    steps = torch.stack(out.logits, 1)  # (1, n, V): the prediction of each new token
+    assert rel_err(steps, full[:, -(n + 1):-1]) < 2e-2
+
+
+def test_left_padded_batch_equals_single_samples_float32(images):
+    model, processor = model_on_gpu(STAGE2)
+    imgs = images(2) + [None]
+    with torch.no_grad():
+        together = model.generate(**batch_of(processor, imgs, QUESTIONS), max_new_tokens=8, do_sample=False)
+        for i in range(3):
+            alone = model.generate(**batch_of(processor, [imgs[i]], [QUESTIONS[i]]), max_new_tokens=8,
+                                   do_sample=False)
+            assert torch.equal(together[i, -8:], alone[0, -8:]), f"sample {i}"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_sdpa_kernels_agree_with_eager_attention(images, dtype):
+    """An unpadded pruned prefill passes SDPA no mask, so on a GPU it runs the flash (bf16) or memory-efficient
+    kernel; it must pick the same tokens as eager attention and give the same logits to the dtype's rounding."""
+    runs = {}
+    for attn in ("sdpa", "eager"):
+        model, processor = model_on_gpu(STAGE2, dtype=dtype, attn=attn)
+        with torch.no_grad():
+            logits = model(**batch_of(processor, images(1), QUESTIONS[1:2], dtype)).logits
+        runs[attn] = logits, model.ivtp_state.last_llm_trace.kept_positions[0].cpu()
+    (sdpa, kept_sdpa), (eager, kept_eager) = runs["sdpa"], runs["eager"]
+    if dtype == torch.float32:
+        assert torch.equal(kept_sdpa, kept_eager)
+        assert rel_err(sdpa, eager) < 1e-5
+    else:  # bf16 scores can swap near-ties: most kept tokens agree, and the logits to bf16 rounding
+        overlap = len(set(kept_sdpa.flatten().tolist()) & set(kept_eager.flatten().tolist()))
+        assert overlap >= 0.75 * kept_eager.numel()
+        assert rel_err(sdpa, eager) < 3e-2
+
+
+def test_training_step_in_bf16_gives_finite_gradients(images):
+    model, processor = model_on_gpu(STAGE2, dtype=torch.bfloat16)
+    model.train()
+    batch = batch_of(processor, images(2), QUESTIONS[:2], torch.bfloat16)
+    labels = batch["input_ids"].masked_fill(batch["input_ids"] == model.config.image_token_id, -100)
+    loss = model(**batch, labels=labels.masked_fill(batch["attention_mask"] == 0, -100)).loss
+    loss.backward()
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    assert torch.isfinite(loss) and grads and all(torch.isfinite(g).all() for g in grads)
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in model.model.multi_modal_projector.parameters())
