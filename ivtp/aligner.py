@@ -231,8 +231,9 @@ def map_relevance(llm_spans: list[Span], clip_spans: list[Span], clip_rel: torch
     Leading whitespace of an LLM token does not count as overlap. A token that overlaps no CLIP token (only
     whitespace, or past CLIP's context window) gets nan, which never passes a threshold.
     """
+    rel = clip_rel.tolist()  # one copy to the host, not one per overlap (each would wait for the device)
     out = []
     for a, b in llm_spans:
-        hits = [float(clip_rel[j]) for j, (c, d) in enumerate(clip_spans) if c < b and a < d]
+        hits = [rel[j] for j, (c, d) in enumerate(clip_spans) if c < b and a < d]
         out.append(sum(hits) / len(hits) if hits else math.nan)
     return out

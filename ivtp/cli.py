@@ -236,14 +236,14 @@ def cmd_bench(args) -> int:
     result = bench(args.preset, args.method, args.visual_tokens, device=args.device,
                    dtype=DTYPES[args.dtype] if args.dtype else torch.float32, new_tokens=args.new_tokens,
                    repeats=args.repeats, progress=not args.json, allocator=args.allocator,
-                   attn_implementation=args.attn_implementation)
+                   attn_implementation=args.attn_implementation, batch_size=args.batch_size)
     if args.json:
         json.dump(result, sys.stdout, indent=2)
         sys.stdout.write("\n")
     else:
         overhead = result["scoring_overhead"]
         lo, hi = result["speedup_prefill_paired_quartiles"]
-        print(f"{args.preset} {args.method}@{args.visual_tokens}: prefill x{result['speedup_prefill']:.2f} "
+        print(f"{args.preset} {args.method}@{args.visual_tokens} batch {args.batch_size}: prefill x{result['speedup_prefill']:.2f} "
               f"(back-to-back pairs: quartiles x{lo:.2f}-x{hi:.2f}; "
               f"FLOPs predict x{result['flops_speedup']:.2f}, {100 * result['prefill_vs_flops']:.0f}%), decode "
               f"x{result['speedup_decode']:.2f}, KV cache x{result['kv_cache_ratio']:.2f}"
@@ -412,6 +412,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--allocator", choices=ALLOCATORS, default="steady",
                    help="on a CPU, 'steady' keeps freed memory for reuse so that neither model pays page faults for "
                         "its activations (docs/benchmarks.md); 'default' leaves glibc's malloc as it is")
+    p.add_argument("--batch-size", type=int, default=1,
+                   help="prompts per prefill (each with its own scene); on a GPU, 1 is bound by kernel launches")
     p.add_argument("--attn-implementation", default="sdpa",
                    help="sdpa (on a GPU its flash kernel where no mask is needed), eager, flash_attention_2")
     p.add_argument("--json", action="store_true")

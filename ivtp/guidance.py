@@ -56,10 +56,11 @@ def rate_by_clip(aligner: Aligner, tokenizer, input_ids: torch.Tensor, instr: to
 
     cls_final: (B, Dv) the post-layernormed final [CLS] of each row's image. Rows without instruction: [].
     """
+    instr, ids = instr.cpu(), input_ids.cpu()  # the text work is on the host: copy once, not once per row
     positions = [torch.nonzero(instr[b]).flatten().tolist() for b in range(instr.shape[0])]
     texts, spans = [], []
     for b, pos in enumerate(positions):
-        text, sp = llm_token_spans(tokenizer, input_ids[b, pos].tolist()) if pos else ("", [])
+        text, sp = llm_token_spans(tokenizer, ids[b, pos].tolist()) if pos else ("", [])
         texts.append(text)
         spans.append(sp)
     rated = aligner.clip_relevance(texts, cls_final)

@@ -184,14 +184,14 @@ def measure(models: dict, inputs: dict, new_tokens: int, repeats: int, prompt_le
     for _ in range(repeats):
         for sub in subjects.values():
             sub.time_decode(new_tokens)
-    out = {}
+    out, rows = {}, inputs["input_ids"].shape[0]
     for name, sub in subjects.items():
         kv, peak = memory[name]
         out[name] = {"prefill_s": statistics.median(sub.times), "prefill_runs_s": sub.times,
                      "prefill_llm_s": statistics.median(sub.llm_times),
                      "prefill_before_llm_s": statistics.median(t - llm for t, llm in zip(sub.times, sub.llm_times)),
                      "prefill_page_faults": statistics.median(sub.faults),
-                     "decode_tokens_per_s": new_tokens / statistics.median(sub.decode_times),
+                     "decode_tokens_per_s": rows * new_tokens / statistics.median(sub.decode_times),
                      "kv_cache_bytes": kv, "peak_memory_bytes": peak, "prompt_tokens": prompt_len}
     return out
 
@@ -265,9 +265,10 @@ def predicted_flops(model, text_tokens: int) -> dict:
 
 
 def subjects(preset: str, config: PruneConfig, device: str = "cpu", dtype: torch.dtype = torch.float32,
-             attn_implementation: str = "sdpa"):
+             attn_implementation: str = "sdpa", batch_size: int = 1):
     """What the bench measures: the preset with random weights, a copy of it pruned by `config`, and the inputs of
-    one prefill (a drawn scene and the vicuna_v1 prompt of QUESTION).
+    one prefill: `batch_size` drawn scenes, each with the vicuna_v1 prompt of QUESTION (rows of equal length, so
+    no padding).
 
     The aligner is the preset's own (cpu-mid, tiny-random) or, for the llava-1.5 presets, the config's aligner
     architecture with random weights: its cost does not depend on its weights, and a GPU machine without the
@@ -281,26 +282,30 @@ def subjects(preset: str, config: PruneConfig, device: str = "cpu", dtype: torch
     if aligner is None and config.uses_llm_stage and config.llm.needs_aligner:
         aligner = tiny_aligner(model=config.llm.aligner.model)
     apply_pruning(pruned, config, aligner=aligner, tokenizer=processor.tokenizer)
-    image, _ = draw_scene(seed=0)
-    inputs = processor(images=[image], text=[vicuna_v1_prompt(QUESTION)], return_tensors="pt").to(device)
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be at least 1, not {batch_size}")
+    images = [draw_scene(seed=seed)[0] for seed in range(batch_size)]
+    inputs = processor(images=images, text=[vicuna_v1_prompt(QUESTION)] * batch_size, return_tensors="pt").to(device)
     inputs["pixel_values"] = inputs["pixel_values"].to(dtype)
     return stock, pruned, inputs
 
 
 def bench(preset: str, method: str, visual_tokens: int, device: str = "cpu", dtype: torch.dtype = torch.float32,
           new_tokens: int = 16, repeats: int = 3, progress: bool = True, allocator: str = "steady",
-          attn_implementation: str = "sdpa") -> dict:
+          attn_implementation: str = "sdpa", batch_size: int = 1) -> dict:
     """Build the preset with random weights, prune a copy with `method` at `visual_tokens`, measure both.
 
     allocator: 'steady' (on a CPU, see `steady_allocator`; it changes this process's malloc for good) or 'default'
-    (glibc's own behaviour, page faults and all).
+    (glibc's own behaviour, page faults and all). batch_size: prompts per prefill. On a GPU one prompt leaves the
+    7B model bound by the host's kernel launches, not by its FLOPs (docs/benchmarks.md); a batch shows the regime
+    where the FLOPs decide. Decode tokens/s then counts the tokens of all rows.
     """
     if allocator not in ALLOCATORS:
         raise ValueError(f"allocator must be one of {ALLOCATORS}, not {allocator!r}")
     steady = allocator == "steady" and torch.device(device).type == "cpu" and steady_allocator()
 
     config = PruneConfig.for_method(method, visual_tokens)
-    stock, pruned, inputs = subjects(preset, config, device, dtype, attn_implementation)
+    stock, pruned, inputs = subjects(preset, config, device, dtype, attn_implementation, batch_size)
     n_visual = pruned.ivtp_state.num_patches
     text_tokens = inputs["input_ids"].shape[1] - n_visual
 
@@ -316,7 +321,8 @@ def bench(preset: str, method: str, visual_tokens: int, device: str = "cpu", dty
     paired = [a / b for a, b in zip(base["prefill_runs_s"], ours["prefill_runs_s"])]
     return {
         "preset": preset, "method": method, "visual_tokens": visual_tokens, "device": device,
-        "dtype": str(dtype).replace("torch.", ""), "attn_implementation": attn_implementation, "text_tokens": text_tokens, "new_tokens": new_tokens,
+        "dtype": str(dtype).replace("torch.", ""), "attn_implementation": attn_implementation,
+        "batch_size": batch_size, "text_tokens": text_tokens, "new_tokens": new_tokens,
         "threads": torch.get_num_threads(), "allocator": "steady" if steady else "default",
         "prune_config": config.to_dict(),
         "unpruned": base, "pruned": ours,

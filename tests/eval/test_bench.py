@@ -152,3 +152,15 @@ def test_subjects_without_a_preset_aligner_build_the_configs_architecture_with_r
     assert pruned.ivtp_state.aligner.name == "ivtp-tiny-clip (pretrained=None)"
     assert stock.config.text_config._attn_implementation == "eager"
     assert pruned.config.vision_config._attn_implementation == "eager"
+
+
+def test_a_batch_caches_each_row_and_counts_every_rows_tokens():
+    one = bench("tiny-random", "topk", 16, repeats=1, new_tokens=2, progress=False, allocator="default")
+    three = bench("tiny-random", "topk", 16, repeats=1, new_tokens=2, progress=False, allocator="default",
+                  batch_size=3)
+    assert (one["batch_size"], three["batch_size"]) == (1, 3)
+    for run in ("unpruned", "pruned"):  # three equal-length rows: three times the cache of one
+        assert three[run]["kv_cache_bytes"] == 3 * one[run]["kv_cache_bytes"]
+    assert three["text_tokens"] == one["text_tokens"] and three["flops_speedup"] == one["flops_speedup"]
+    with pytest.raises(ValueError, match="batch_size"):
+        bench("tiny-random", "topk", 16, batch_size=0)
