@@ -102,20 +102,31 @@ class Aligner(nn.Module):
         """The image [CLS] in the joint space. cls_final: (B, Dv), already post-layernormed -> (B, E)."""
         return cls_final.to(self.visual_proj.dtype) @ self.visual_proj
 
-    def clip_relevance(self, texts: list[str], cls_final: torch.Tensor) -> list[tuple[list[Span], torch.Tensor]]:
-        """For each text: the character spans of its CLIP tokens and their cosine to that row's image (eq. 6)."""
+    def text_features(self, texts: list[str]) -> tuple[list[list[Span]], torch.Tensor]:
+        """The character spans of each text's CLIP tokens, and the unit joint-space features of every token
+        (B, C, E), start token first. They need no image, so a caller can compute them before the vision tower
+        runs (on a GPU the host's tokenising then overlaps the tower's kernels)."""
         tokenized = [clip_tokens_with_offsets(self.tokenizer, t, self.context_length - 2) for t in texts]
-        device = self.visual_proj.device
-        ids = torch.zeros(len(texts), self.context_length, dtype=torch.long, device=device)
         sot, eot = self.tokenizer.sot_token_id, self.tokenizer.eot_token_id
+        ids = torch.zeros(len(texts), self.context_length, dtype=torch.long)  # built on the host, copied once
         for b, (tok_ids, _) in enumerate(tokenized):
             row = [sot] + tok_ids + [eot]
-            ids[b, : len(row)] = torch.tensor(row, device=device)
+            ids[b, : len(row)] = torch.tensor(row)
         with torch.no_grad():
-            text = torch.nn.functional.normalize(self.token_features(ids).float(), dim=-1)  # (B, C, E)
-            image = torch.nn.functional.normalize(self.image_features(cls_final.to(device)).float(), dim=-1)
-            cos = torch.einsum("bce,be->bc", text, image)  # (B, C)
-        return [(spans, cos[b, 1 : 1 + len(spans)].cpu()) for b, (_, spans) in enumerate(tokenized)]
+            feats = self.token_features(ids.to(self.visual_proj.device, non_blocking=True))  # (B, C, E)
+            return [spans for _, spans in tokenized], torch.nn.functional.normalize(feats.float(), dim=-1)
+
+    def relevance(self, spans: list[list[Span]], text: torch.Tensor,
+                  cls_final: torch.Tensor) -> list[tuple[list[Span], torch.Tensor]]:
+        """Eq. 6 from `text_features`' output: each CLIP token's cosine to its row's image, on the host."""
+        with torch.no_grad():
+            image = torch.nn.functional.normalize(self.image_features(cls_final.to(text.device)).float(), dim=-1)
+            cos = torch.einsum("bce,be->bc", text, image).cpu()  # (B, C): one copy for every row
+        return [(sp, cos[b, 1 : 1 + len(sp)]) for b, sp in enumerate(spans)]
+
+    def clip_relevance(self, texts: list[str], cls_final: torch.Tensor) -> list[tuple[list[Span], torch.Tensor]]:
+        """For each text: the character spans of its CLIP tokens and their cosine to that row's image (eq. 6)."""
+        return self.relevance(*self.text_features(texts), cls_final)
 
 
 EMBED_ROWS, EMBED_IDS = "token_embedding.rows", "token_embedding.ids"  # a partial embedding table (see below)

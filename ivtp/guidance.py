@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ivtp.aligner import Aligner, TokenRelevance, llm_token_spans, map_relevance
+from ivtp.aligner import Aligner, Span, TokenRelevance, llm_token_spans, map_relevance
 
 
 @dataclass
@@ -50,12 +50,20 @@ def instruction_mask(visual: torch.Tensor, attention_mask: torch.Tensor | None, 
     return mask
 
 
-def rate_by_clip(aligner: Aligner, tokenizer, input_ids: torch.Tensor, instr: torch.Tensor,
-                 cls_final: torch.Tensor) -> list[list[TokenRelevance]]:
-    """Eqs. 5-7 per row: decode the instruction tokens to text, rate them with CLIP, map back to LLM tokens.
+@dataclass
+class InstructionText:
+    """The image-independent half of eqs. 5-7 for a batch: each row's instruction tokens as text and their CLIP
+    token features (`prepare_clip`). `rate_prepared` finishes the job once the image's [CLS] is known."""
 
-    cls_final: (B, Dv) the post-layernormed final [CLS] of each row's image. Rows without instruction: [].
-    """
+    positions: list[list[int]]  # per row: positions of its instruction tokens in the LLM input
+    texts: list[str]  # per row: the text they decode to
+    spans: list[list[Span]]  # per row: each LLM token's character span in that text
+    clip_spans: list[list[Span]]  # per row: each CLIP token's character span
+    clip_features: torch.Tensor  # (B, C, E) unit CLIP features of every token, start token first
+
+
+def prepare_clip(aligner: Aligner, tokenizer, input_ids: torch.Tensor, instr: torch.Tensor) -> InstructionText:
+    """Decode each row's instruction tokens to text and run CLIP's text tower on them. instr: (B, L) bool."""
     instr, ids = instr.cpu(), input_ids.cpu()  # the text work is on the host: copy once, not once per row
     positions = [torch.nonzero(instr[b]).flatten().tolist() for b in range(instr.shape[0])]
     texts, spans = [], []
@@ -63,12 +71,20 @@ def rate_by_clip(aligner: Aligner, tokenizer, input_ids: torch.Tensor, instr: to
         text, sp = llm_token_spans(tokenizer, ids[b, pos].tolist()) if pos else ("", [])
         texts.append(text)
         spans.append(sp)
-    rated = aligner.clip_relevance(texts, cls_final)
+    clip_spans, features = aligner.text_features(texts)
+    return InstructionText(positions, texts, spans, clip_spans, features)
+
+
+def rate_prepared(aligner: Aligner, prepared: InstructionText, cls_final: torch.Tensor) -> list[list[TokenRelevance]]:
+    """Eqs. 6-7 per row: CLIP relevance to the row's image, mapped back to its LLM tokens.
+    cls_final: (B, Dv) the post-layernormed final [CLS] of each row's image. Rows without instruction: []."""
+    rated = aligner.relevance(prepared.clip_spans, prepared.clip_features, cls_final)
     out = []
-    for b, pos in enumerate(positions):
+    for b, pos in enumerate(prepared.positions):
         clip_spans, clip_rel = rated[b]
-        rel = map_relevance(spans[b], clip_spans, clip_rel)
-        out.append([TokenRelevance(p, texts[b][s:e], r) for p, (s, e), r in zip(pos, spans[b], rel)])
+        rel = map_relevance(prepared.spans[b], clip_spans, clip_rel)
+        text = prepared.texts[b]
+        out.append([TokenRelevance(p, text[s:e], r) for p, (s, e), r in zip(pos, prepared.spans[b], rel)])
     return out
 
 
@@ -89,11 +105,10 @@ def rate_by_embedding(embeddings: torch.Tensor, instr: torch.Tensor, reference: 
 def select(rated: list[list[TokenRelevance]], tau: float, shape: tuple[int, int], device) -> tuple[
         torch.Tensor, list[RowGuidance]]:
     """Eq. 8's indicator: tokens with relevance >= tau. Returns the (B, L) mask and the per-row report."""
-    mask = torch.zeros(shape, dtype=torch.bool, device=device)
+    mask = torch.zeros(shape, dtype=torch.bool)  # filled on the host, then copied once
     rows = []
     for b, toks in enumerate(rated):
         chosen = [t for t in toks if not math.isnan(t.relevance) and t.relevance >= tau]
-        for t in chosen:
-            mask[b, t.position] = True
+        mask[b, [t.position for t in chosen]] = True
         rows.append(RowGuidance("text" if chosen else "visual", chosen, toks))
-    return mask, rows
+    return mask.to(device, non_blocking=True), rows

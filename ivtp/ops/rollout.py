@@ -68,8 +68,16 @@ def gtp_scores(query_row: torch.Tensor, vnorms: torch.Tensor, query_index: int =
 
     query_row: (B, N) rollout row, vnorms: (B, N). Returns (B, N - 1) in the order of the remaining tokens.
     """
-    keep = [i for i in range(query_row.shape[-1]) if i != query_index % query_row.shape[-1]]
-    weighted = query_row[:, keep].float() * vnorms[:, keep].float()  # (B, N-1)
+    q = query_index % query_row.shape[-1]
+
+    def without_query(x):  # (B, N) -> (B, N-1), by slicing: a list index is copied to the device (a GPU sync)
+        if q == 0:
+            return x[:, 1:]
+        if q == x.shape[-1] - 1:
+            return x[:, :-1]
+        return torch.cat([x[:, :q], x[:, q + 1 :]], dim=-1)
+
+    weighted = without_query(query_row).float() * without_query(vnorms).float()  # (B, N-1)
     return weighted / weighted.sum(dim=-1, keepdim=True).clamp_min(torch.finfo(torch.float32).tiny)
 
 

@@ -149,12 +149,16 @@ class GTPLlamaAttention(nn.Module):
             # instead of a second pass over the weights for a single token (which costs a CPU as much as tens
             # of sequence tokens, since a one-token product is bound by reading the weights).
             rows = ivtp_probe["rows"]
-            extra = hidden_states.new_zeros(b, 1, hidden_states.shape[-1])
-            extra[rows] = pcls_x.to(hidden_states.dtype)
+            if ivtp_probe["all_rows"]:  # every row is scored: no zero rows to fill, no rows to pick
+                extra, rows = pcls_x.to(hidden_states.dtype), slice(None)
+            else:
+                extra = hidden_states.new_zeros(b, 1, hidden_states.shape[-1])
+                extra[rows] = pcls_x.to(hidden_states.dtype)
             joint = torch.cat([hidden_states, extra], dim=1)  # (B, L + 1, D)
             query, key = self.q_proj(joint), self.k_proj(joint)  # (B, L + 1, H * Dh), (B, L + 1, Hkv * Dh)
-            pcls_q = query[rows, length:].view(len(rows), 1, -1, self.head_dim).transpose(1, 2)  # (B', H, 1, Dh)
-            pcls_k = key[rows, length:].view(len(rows), 1, -1, self.head_dim).transpose(1, 2)  # (B', Hkv, 1, Dh)
+            n = pcls_x.shape[0]  # B'
+            pcls_q = query[rows, length:].view(n, 1, -1, self.head_dim).transpose(1, 2)  # (B', H, 1, Dh)
+            pcls_k = key[rows, length:].view(n, 1, -1, self.head_dim).transpose(1, 2)  # (B', Hkv, 1, Dh)
             ivtp_probe["pcls_q"], ivtp_probe["pcls_k"] = apply_rotary_pos_emb(pcls_q, pcls_k,
                                                                               *ivtp_probe["pcls_rope"])
             query, key = query[:, :length], key[:, :length]
@@ -366,6 +370,7 @@ class _PrefillRun:
         self.rows_seen: list[torch.Tensor] = []
         self.last_probe: dict | None = None
         self._vis_slots: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._pcls_slots: tuple | None = None  # _pseudo_cls' slot-dependent part
 
     def _group_of(self, idx: int):
         for g, (lo, hi) in enumerate(self.plan.groups):
@@ -416,15 +421,19 @@ class _PrefillRun:
         """Eq. 8 at this layer: mean hidden state of the selected instruction tokens, or the fallback, through the
         layer's own input norm; and the RoPE of the position right after the last visual token. The layer's
         attention projects it with its own q/k weights (GTPLlamaAttention.forward)."""
-        sel = torch.gather(self.g.text_select[rows], 1, self.slot_pos[rows]) & self.slot_real[rows]  # (B', S)
+        if self._pcls_slots is None:  # which slots to average and where the pseudo-CLS sits: fixed until a drop
+            sel = torch.gather(self.g.text_select[rows], 1, self.slot_pos[rows]) & self.slot_real[rows]  # (B', S)
+            count = sel.sum(-1, keepdim=True)  # (B', 1)
+            last_vis = torch.gather(self.slot_pos[rows], 1, vis_idx).masked_fill(~vis_ok, -1).max(-1).values  # (B',)
+            pos = torch.gather(self.full_position_ids[rows], 1, last_vis[:, None]) + 1  # (B', 1)
+            rope = self.model.rotary_emb(hidden[:1, :1], position_ids=pos)  # cos, sin: (B', 1, Dh)
+            self._pcls_slots = (sel[:, None].float() / count.clamp_min(1)[:, :, None],  # (B', 1, S) mean weights
+                                count > 0, self.g.fallback[rows].float(), rope)
+        weights, has_text, fallback, rope = self._pcls_slots
         h = hidden if self.all_rows else hidden[rows]  # (B', S, D)
-        count = sel.sum(-1, keepdim=True)  # (B', 1)
-        mean = torch.bmm(sel[:, None].float(), h.float())[:, 0] / count.clamp_min(1)  # (B', D)
-        pcls = torch.where(count > 0, mean, self.g.fallback[rows].float()).to(hidden.dtype)  # (B', D)
-        last_vis = torch.gather(self.slot_pos[rows], 1, vis_idx).masked_fill(~vis_ok, -1).max(-1).values  # (B',)
-        pos = torch.gather(self.full_position_ids[rows], 1, last_vis[:, None]) + 1  # (B', 1)
-        x = layer.input_layernorm(pcls[:, None])  # (B', 1, D)
-        return {"pcls_x": x, "pcls_rope": self.model.rotary_emb(x, position_ids=pos)}
+        mean = torch.bmm(weights, h.float())[:, 0]  # (B', D)
+        pcls = torch.where(has_text, mean, fallback).to(hidden.dtype)  # (B', D)
+        return {"pcls_x": layer.input_layernorm(pcls[:, None]), "pcls_rope": rope}  # (B', 1, D)
 
     def _query_key(self, layer, hidden, positions):
         """A layer's own q and k for tokens outside the sequence: its input norm, projections and RoPE.
@@ -539,7 +548,7 @@ class _PrefillRun:
         self.slot_real = kept
         self.slot_ok = torch.gather(self.slot_ok, 1, order) & kept
         self.slot_visual = torch.gather(self.slot_visual, 1, order) & kept
-        self._vis_slots = None
+        self._vis_slots = self._pcls_slots = None
         self.pruned = True
         self.position_ids = torch.gather(self.full_position_ids, 1, self.slot_pos)
         self.position_embeddings = tuple(torch.gather(e, 1, self.slot_pos[..., None].expand(-1, -1, e.shape[-1]))

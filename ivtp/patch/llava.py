@@ -205,11 +205,16 @@ class PrunedLlavaForConditionalGeneration:
             return super().forward(input_ids=input_ids, pixel_values=pixel_values, attention_mask=attention_mask,
                                    position_ids=position_ids, past_key_values=past_key_values,
                                    inputs_embeds=inputs_embeds, **kwargs)
-        # Stage 2: the image features first, then the guidance built from them, then the stock forward with
-        # the features handed in (mm_encoder_outputs) so the tower runs once.
+        # Stage 2: the instruction's CLIP side (it needs no image: on a GPU its host work, decoding and
+        # tokenising, then overlaps the tower's kernels instead of leaving the GPU idle after them), the image
+        # features, the guidance built from both, then the stock forward with the features handed in
+        # (mm_encoder_outputs) so the tower runs once.
+        instruction = None
+        if state.llm_plan.scorer == "ivtp" and state.config.llm.guidance == "clip":
+            instruction = self._instruction_text(input_ids, attention_mask, kwargs.get("labels"), ivtp_prompt_len)
         image_outputs = self.model.get_image_features(pixel_values=pixel_values)
         guidance = self._guidance(input_ids, attention_mask, kwargs.get("labels"), ivtp_prompt_len,
-                                  image_outputs.pooler_output)
+                                  image_outputs.pooler_output, instruction)
         return super().forward(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                                past_key_values=past_key_values, inputs_embeds=inputs_embeds,
                                mm_encoder_outputs={"image": image_outputs}, ivtp_guidance=guidance, **kwargs)
@@ -235,8 +240,18 @@ class PrunedLlavaForConditionalGeneration:
         return LLMGuidance(visual=visual, images=images, text_select=raters,
                            fallback=torch.zeros(len(images), 1, device=visual.device))
 
+    @torch.profiler.record_function("ivtp.guidance")  # `ivtp bench` prices this range as scoring, like _guidance
+    def _instruction_text(self, input_ids, attention_mask, labels, prompt_len) -> gd.InstructionText:
+        """The image-independent half of IVTP's CLIP guidance (gd.prepare_clip)."""
+        state = self.ivtp_state
+        visual = input_ids == state.image_token_id  # (B, L)
+        state.aligner.to(input_ids.device)  # no-op once it is there; model.to() does not reach it
+        instr = gd.instruction_mask(visual, attention_mask, labels, prompt_len)
+        return gd.prepare_clip(state.aligner, state.tokenizer, input_ids, instr)
+
     @torch.profiler.record_function("ivtp.guidance")  # `ivtp bench` prices this range (the aligner) as scoring
-    def _guidance(self, input_ids, attention_mask, labels, prompt_len, image_features) -> LLMGuidance:
+    def _guidance(self, input_ids, attention_mask, labels, prompt_len, image_features,
+                  instruction: gd.InstructionText | None = None) -> LLMGuidance:
         """Eq. 8's ingredients for each row: visual positions, selected instruction tokens, the fallback."""
         state = self.ivtp_state
         stage = state.config.llm
@@ -269,9 +284,8 @@ class PrunedLlavaForConditionalGeneration:
             rated = [[gd.TokenRelevance(t.position, t.text, 1.0) for t in row] for row in rated]
         elif stage.guidance == "llm_threshold":
             rated = gd.rate_by_embedding(self.get_input_embeddings()(input_ids), instr, fallback)
-        else:
-            state.aligner.to(input_ids.device)  # no-op once it is there; model.to() does not reach it
-            rated = gd.rate_by_clip(state.aligner, state.tokenizer, input_ids, instr, per_row(vision.cls_final))
+        else:  # "clip": the text side was prepared before the tower ran (_instruction_text)
+            rated = gd.rate_prepared(state.aligner, instruction, per_row(vision.cls_final))
         tau = -1.0 if stage.guidance == "all_text" else stage.tau
         select, report = gd.select(rated, tau, tuple(visual.shape), visual.device)
         state.last_guidance = report

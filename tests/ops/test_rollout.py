@@ -72,3 +72,10 @@ def test_llm_rollout_with_the_pseudo_cls_last_worked_by_hand():
     # Eq. 4 drops the pseudo-CLS column: with ||V|| = (1, 3), S = [15/32, 21/32] / (36/32).
     torch.testing.assert_close(gtp_scores(row, torch.tensor([[1.0, 3.0, 9.0]]), -1),
                                torch.tensor([[15 / 36, 21 / 36]]))
+
+
+def test_scores_drop_a_query_in_the_middle_too():
+    # Row [0.1, 0.2, 0.3, 0.4] with ||V|| = [1, 2, 3, 4] and the query at index 1: the weights of the other three
+    # are 0.1, 0.9, 1.6, so S = [0.1, 0.9, 1.6] / 2.6.
+    row, vnorm = torch.tensor([[0.1, 0.2, 0.3, 0.4]]), torch.tensor([[1.0, 2.0, 3.0, 4.0]])
+    torch.testing.assert_close(gtp_scores(row, vnorm, 1), torch.tensor([[0.1, 0.9, 1.6]]) / 2.6)
