@@ -269,6 +269,10 @@ class DecodeState:
 
     prefill_len: int
     segments: list[tuple[int, torch.Tensor]]  # (first layer of the segment, key_ok (B, S) of its prefill slots)
+    dense: list[bool] = field(init=False)  # per segment: every prefill slot is a usable key (no padding, fillers)
+
+    def __post_init__(self):
+        self.dense = [bool(ok.all()) for _, ok in self.segments]  # read once here, not at every decode step
 
     def segment_for(self, layer_idx: int) -> int | None:
         """Index of the segment a layer belongs to (the last one starting at or before it), or None."""
@@ -310,7 +314,10 @@ class PrunedLlamaModel:
         run = None
         if ivtp_guidance is not None and past_len == 0 and bool(ivtp_guidance.visual.any()):
             run = _PrefillRun(self, ivtp_guidance, hidden, attention_mask, position_ids, position_embeddings)
-        decode_masks: dict[int, torch.Tensor] = {}  # one mask per pruned segment, shared by its layers
+        decode_masks: dict[int, torch.Tensor | None] = {}  # one mask per pruned segment, shared by its layers
+        # The stock mask builder gives SDPA no mask for one new token without padding (create_causal_mask).
+        sdpa_unmasked = (decode is not None and causal_mask is None and hidden.shape[1] == 1
+                         and self.config._attn_implementation == "sdpa")
         for idx, layer in enumerate(layers):
             mask, pos_ids, pos_emb, probe = causal_mask, position_ids, position_embeddings, None
             if run is not None:
@@ -319,9 +326,13 @@ class PrunedLlamaModel:
                 probe = run.probe(idx, layer, hidden)
             elif decode is not None and (seg := decode.segment_for(idx)) is not None:
                 if seg not in decode_masks:
-                    allowed = _decode_mask(decode.segments[seg][1], attention_mask, decode.prefill_len, past_len,
-                                           hidden.shape[1])
-                    decode_masks[seg] = _format_mask(allowed, self.config._attn_implementation, hidden.dtype)
+                    if sdpa_unmasked and decode.dense[seg]:
+                        # One query that may see every key: SDPA needs no mask, as the stock layers get none.
+                        decode_masks[seg] = None
+                    else:
+                        allowed = _decode_mask(decode.segments[seg][1], attention_mask, decode.prefill_len,
+                                               past_len, hidden.shape[1])
+                        decode_masks[seg] = _format_mask(allowed, self.config._attn_implementation, hidden.dtype)
                 mask = decode_masks[seg]
             hidden = layer(hidden, attention_mask=mask, position_embeddings=pos_emb, position_ids=pos_ids,
                            past_key_values=past_key_values, use_cache=use_cache, ivtp_probe=probe, **kwargs)

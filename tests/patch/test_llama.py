@@ -93,6 +93,37 @@ def test_one_unpadded_row_on_sdpa_drops_the_mask_and_matches_eager(small_llava, 
     torch.testing.assert_close(sdpa, eager, rtol=0, atol=1e-5)
 
 
+def test_unpadded_decoding_on_sdpa_builds_no_masks_and_matches_eager(small_llava, images, monkeypatch):
+    """One new token, no padding, no fillers: the pruned layers decode without a mask, as the stock layers do; a
+    padded batch still gets its masks. Same greedy tokens and logits as eager attention, which always masks."""
+    from ivtp.patch import llama
+
+    built = []
+    real_decode_mask = llama._decode_mask
+    monkeypatch.setattr(llama, "_decode_mask", lambda *a: built.append(1) or real_decode_mask(*a))
+    kwargs = dict(max_new_tokens=5, do_sample=False, return_dict_in_generate=True, output_logits=True)
+    runs = {}
+    for impl in ("sdpa", "eager"):
+        model, processor = small_llava()
+        model.config.text_config._attn_implementation = impl
+        apply_pruning(model, stage2(tau=-1.0), aligner=tiny_aligner(), tokenizer=processor.tokenizer)
+        built.clear()
+        with torch.no_grad():
+            out = model.generate(**batch_of(processor, images(1), QUESTIONS[1:2]), **kwargs)
+        runs[impl] = out, len(built)
+        if impl == "sdpa":  # a left-padded batch: its masks are still built
+            built.clear()
+            with torch.no_grad():
+                model.generate(**batch_of(processor, images(2), QUESTIONS[:2]), **kwargs)
+            assert len(built) > 0
+    (sdpa, masks_sdpa), (eager, masks_eager) = runs["sdpa"], runs["eager"]
+    # Eager: 4 decode steps (the first new token comes from the prefill) x 2 pruned segments.
+    assert masks_sdpa == 0 and masks_eager == 4 * 2
+    assert torch.equal(sdpa.sequences, eager.sequences)
+    for a, b in zip(sdpa.logits, eager.logits):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-5)
+
+
 def test_left_padded_batch_equals_single_samples(small_llava, images):
     model, processor = pruned(small_llava, stage2(tau=-1.0))
     imgs = images(2) + [None]
