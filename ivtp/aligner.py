@@ -88,12 +88,21 @@ class Aligner(nn.Module):
         return cls(model, visual_proj, open_clip.get_tokenizer(cfg.model), f"{cfg.model} (pretrained={pretrained})")
 
     # ---- eq. 5-6 ------------------------------------------------------------------------------------------
+    @property
+    def causal(self) -> bool:
+        """Whether the text tower is causal (CLIP's is): then a token's features ignore every later token."""
+        return self.text.attn_mask is not None
+
     def token_features(self, ids: torch.Tensor) -> torch.Tensor:
-        """Joint-space features of every text token. ids: (B, C) -> (B, C, E)."""
+        """Joint-space features of every text token. ids: (B, C) -> (B, C, E), for C up to the context length
+        (a causal tower gives the first C tokens the features they have in the full context)."""
         m = self.text
+        n = ids.shape[1]
+        if n != self.context_length and not self.causal:
+            raise ValueError(f"a non-causal text tower takes the full context of {self.context_length} tokens, not {n}")
         x = m.token_embedding(ids)  # (B, C, W)
-        x = x + m.positional_embedding.to(x.dtype)
-        x = m.transformer(x, attn_mask=m.attn_mask)
+        x = x + m.positional_embedding[:n].to(x.dtype)
+        x = m.transformer(x, attn_mask=None if m.attn_mask is None else m.attn_mask[:n, :n])
         x = m.ln_final(x)
         proj = m.text_projection
         return proj(x) if isinstance(proj, nn.Linear) else x @ proj  # (B, C, E)
@@ -108,7 +117,10 @@ class Aligner(nn.Module):
         runs (on a GPU the host's tokenising then overlaps the tower's kernels)."""
         tokenized = [clip_tokens_with_offsets(self.tokenizer, t, self.context_length - 2) for t in texts]
         sot, eot = self.tokenizer.sot_token_id, self.tokenizer.eot_token_id
-        ids = torch.zeros(len(texts), self.context_length, dtype=torch.long)  # built on the host, copied once
+        # A causal tower needs no padding past the longest text (its tokens cannot see it): about half the work
+        # for a typical instruction.
+        width = 2 + max((len(tok_ids) for tok_ids, _ in tokenized), default=0) if self.causal else self.context_length
+        ids = torch.zeros(len(texts), width, dtype=torch.long)  # built on the host, copied once
         for b, (tok_ids, _) in enumerate(tokenized):
             row = [sot] + tok_ids + [eot]
             ids[b, : len(row)] = torch.tensor(row)

@@ -67,6 +67,19 @@ def test_per_token_features_reproduce_open_clip_and_eq6():
     torch.testing.assert_close(rel, expected, rtol=1e-5, atol=1e-6)
 
 
+def test_a_causal_tower_gives_a_prefix_the_features_it_has_in_the_full_context():
+    aligner = tiny_aligner()
+    ids = aligner.tokenizer([TEXT, "a red circle"])  # (2, 77)
+    n = int((ids[0] == aligner.tokenizer.eot_token_id).nonzero()[0]) + 1  # the longer text, <eot> included
+    with torch.no_grad():
+        torch.testing.assert_close(aligner.token_features(ids[:, :n]), aligner.token_features(ids)[:, :n],
+                                   rtol=1e-5, atol=1e-6)
+        aligner.text.attn_mask = None  # a bidirectional tower: its padding matters, so no prefix is accepted
+        assert not aligner.causal
+        with pytest.raises(ValueError, match="full context"):
+            aligner.token_features(ids[:, :n])
+
+
 def test_aligner_loading_errors(tmp_path):
     with pytest.raises(FileNotFoundError, match="aligner checkpoint not found"):
         Aligner.from_config(AlignerConfig(model="ViT-B-32", pretrained=str(tmp_path / "missing.bin")))
