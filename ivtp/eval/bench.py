@@ -4,7 +4,7 @@ For one image and a realistic prompt it measures
 - prefill latency (time to first token: the vision tower, the projector and the LLM over the prompt), and the
   share of it inside the LLM decoder, so that a gap to the FLOPs prediction can be placed,
 - decode speed (tokens per second over a fixed number of new tokens, after prefill),
-- the KV cache the prefill leaves (bytes), and on a GPU the peak memory,
+- the KV cache the prefill leaves (bytes), and on a GPU the peak memory a prefill adds to the resident weights,
 for the stock model and for the same weights pruned, and reports the ratios beside the FLOPs-predicted prefill
 speedup (ivtp/eval/flops.py). For IVTP it also prices its own scoring (rollouts, pseudo-CLS, aligner) as a share
 of the pruned prefill, from the profiler ranges the patches label "ivtp.score" and "ivtp.guidance".
@@ -157,11 +157,14 @@ class _Subject:
         self.decode_times.append(time.perf_counter() - start)
 
     def memory(self) -> tuple[int, int | None]:
-        """KV-cache bytes a prefill leaves, and on a GPU the peak memory of one prefill."""
+        """KV-cache bytes a prefill leaves, and on a GPU the peak memory one prefill adds to what is already
+        allocated (the weights of every model in the run): the activations and the cache, which pruning shrinks."""
+        resident = None
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
+            resident = torch.cuda.memory_allocated(self.device)
         out = self.prefill()
-        peak = torch.cuda.max_memory_allocated(self.device) if self.device.type == "cuda" else None
+        peak = torch.cuda.max_memory_allocated(self.device) - resident if resident is not None else None
         return _kv_bytes(out.past_key_values), peak
 
 
@@ -192,7 +195,7 @@ def measure(models: dict, inputs: dict, new_tokens: int, repeats: int, prompt_le
                      "prefill_before_llm_s": statistics.median(t - llm for t, llm in zip(sub.times, sub.llm_times)),
                      "prefill_page_faults": statistics.median(sub.faults),
                      "decode_tokens_per_s": rows * new_tokens / statistics.median(sub.decode_times),
-                     "kv_cache_bytes": kv, "peak_memory_bytes": peak, "prompt_tokens": prompt_len}
+                     "kv_cache_bytes": kv, "prefill_peak_memory_bytes": peak, "prompt_tokens": prompt_len}
     return out
 
 
@@ -333,6 +336,9 @@ def bench(preset: str, method: str, visual_tokens: int, device: str = "cpu", dty
         "speedup_prefill_paired_quartiles": _quartiles(paired),
         "speedup_decode": ours["decode_tokens_per_s"] / base["decode_tokens_per_s"],
         "kv_cache_ratio": ours["kv_cache_bytes"] / base["kv_cache_bytes"],
+        # on a GPU: the memory a prefill adds to the resident weights, pruned over unpruned
+        "prefill_memory_ratio": (ours["prefill_peak_memory_bytes"] / base["prefill_peak_memory_bytes"]
+                                 if base["prefill_peak_memory_bytes"] else None),
         "flops_unpruned_tflops": f_base["total"], "flops_pruned_tflops": f_ours["total"],
         "flops_speedup": f_base["total"] / f_ours["total"],
         "prefill_vs_flops": (base["prefill_s"] / ours["prefill_s"]) / (f_base["total"] / f_ours["total"]),

@@ -121,3 +121,13 @@ def test_training_step_in_bf16_gives_finite_gradients(images):
     grads = [p.grad for p in model.parameters() if p.grad is not None]
     assert torch.isfinite(loss) and grads and all(torch.isfinite(g).all() for g in grads)
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in model.model.multi_modal_projector.parameters())
+
+
+def test_bench_on_the_gpu_prices_the_memory_a_prefill_adds():
+    from ivtp.eval.bench import bench
+
+    out = bench("tiny-random", "ivtp", 64, device=CUDA, repeats=1, new_tokens=2, progress=False)
+    base, ours = out["unpruned"]["prefill_peak_memory_bytes"], out["pruned"]["prefill_peak_memory_bytes"]
+    assert 0 < base and 0 < ours  # above the resident weights, which both models hold throughout
+    assert out["prefill_memory_ratio"] == ours / base
+    assert out["pruned"]["kv_cache_bytes"] < out["unpruned"]["kv_cache_bytes"]
