@@ -243,7 +243,8 @@ def cmd_bench(args) -> int:
     else:
         overhead = result["scoring_overhead"]
         lo, hi = result["speedup_prefill_paired_quartiles"]
-        print(f"{args.preset} {args.method}@{args.visual_tokens} batch {args.batch_size}: prefill x{result['speedup_prefill']:.2f} "
+        print(f"{args.preset} {args.method}@{args.visual_tokens} batch {args.batch_size}: "
+              f"prefill x{result['speedup_prefill']:.2f} "
               f"(back-to-back pairs: quartiles x{lo:.2f}-x{hi:.2f}; "
               f"FLOPs predict x{result['flops_speedup']:.2f}, {100 * result['prefill_vs_flops']:.0f}%), decode "
               f"x{result['speedup_decode']:.2f}, KV cache x{result['kv_cache_ratio']:.2f}"

@@ -37,6 +37,18 @@ def prompt(question: str, image: bool = True) -> str:
     return vicuna_v1_prompt(question, has_image=image)
 
 
+def batch_of(processor, images, questions, padding_side="left", device="cpu", dtype=None):
+    """Processor inputs for one question per row, with its image or None (a text-only row), padded on
+    `padding_side`; on `device`, with the pixels in `dtype` if given."""
+    processor.tokenizer.padding_side = padding_side
+    texts = [prompt(q, image=img is not None) for q, img in zip(questions, images)]
+    present = [img for img in images if img is not None]
+    batch = processor(images=present or None, text=texts, padding=True, return_tensors="pt").to(device)
+    if dtype is not None and "pixel_values" in batch:
+        batch["pixel_values"] = batch["pixel_values"].to(dtype)
+    return batch
+
+
 @pytest.fixture(autouse=True)
 def _deterministic():
     torch.manual_seed(0)

@@ -279,14 +279,14 @@ def subjects(preset: str, config: PruneConfig, device: str = "cpu", dtype: torch
     from ivtp import apply_pruning
     from ivtp.models import preset_aligner, random_model, tiny_aligner
 
+    if batch_size < 1:  # before any model is built
+        raise ValueError(f"batch_size must be at least 1, not {batch_size}")
     stock, processor = random_model(preset, dtype=dtype, device=device, attn_implementation=attn_implementation)
     pruned = copy.deepcopy(stock)
     aligner = preset_aligner(preset)
     if aligner is None and config.uses_llm_stage and config.llm.needs_aligner:
         aligner = tiny_aligner(model=config.llm.aligner.model)
     apply_pruning(pruned, config, aligner=aligner, tokenizer=processor.tokenizer)
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be at least 1, not {batch_size}")
     images = [draw_scene(seed=seed)[0] for seed in range(batch_size)]
     inputs = processor(images=images, text=[vicuna_v1_prompt(QUESTION)] * batch_size, return_tensors="pt").to(device)
     inputs["pixel_values"] = inputs["pixel_values"].to(dtype)

@@ -10,7 +10,7 @@ are compared by relative error, because their kernels round differently by desig
 import pytest
 import torch
 
-from conftest import assert_cache_matches_recompute, prompt
+from conftest import assert_cache_matches_recompute, batch_of
 from ivtp import apply_pruning
 from ivtp.models import tiny_aligner, tiny_random
 
@@ -33,16 +33,6 @@ def model_on_gpu(config=None, dtype=torch.float32, attn="sdpa", seed=0):
     return model.to(CUDA, dtype), processor
 
 
-def batch_of(processor, images, questions, dtype=torch.float32):
-    processor.tokenizer.padding_side = "left"
-    texts = [prompt(q, image=img is not None) for q, img in zip(questions, images)]
-    present = [img for img in images if img is not None]
-    batch = processor(images=present or None, text=texts, padding=True, return_tensors="pt").to(CUDA)
-    if "pixel_values" in batch:
-        batch["pixel_values"] = batch["pixel_values"].to(dtype)
-    return batch
-
-
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a.float() - b.float()).norm() / b.float().norm())
 
@@ -51,7 +41,7 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
 def test_keep_all_equals_the_stock_model(images, dtype, tol):
     stock, processor = model_on_gpu(dtype=dtype)
     pruned, _ = model_on_gpu(KEEP_ALL, dtype=dtype)
-    batch = batch_of(processor, images(2) + [None], QUESTIONS, dtype)
+    batch = batch_of(processor, images(2) + [None], QUESTIONS, device=CUDA, dtype=dtype)
     with torch.no_grad():
         ref, out = stock(**batch).logits, pruned(**batch).logits
     real = batch["attention_mask"].bool()
@@ -61,14 +51,15 @@ def test_keep_all_equals_the_stock_model(images, dtype, tol):
 
 def test_generation_with_cache_equals_recomputation_float32(images):
     model, processor = model_on_gpu(STAGE2)
-    assert_cache_matches_recompute(model, batch_of(processor, images(2) + [None], QUESTIONS), new_tokens=10)
+    assert_cache_matches_recompute(model, batch_of(processor, images(2) + [None], QUESTIONS, device=CUDA),
+                                   new_tokens=10)
 
 
 def test_bf16_cached_decoding_matches_a_forward_over_the_generated_text(images):
     """In bf16 a cached and an uncached greedy run may part at a near-tie, so the reference is one uncached
     forward over the sequence the cached run produced: its last positions must give the same logits."""
     model, processor = model_on_gpu(STAGE2, dtype=torch.bfloat16)
-    batch = batch_of(processor, images(1), QUESTIONS[1:2], torch.bfloat16)
+    batch = batch_of(processor, images(1), QUESTIONS[1:2], device=CUDA, dtype=torch.bfloat16)
     n = 8
     with torch.no_grad():
         out = model.generate(**batch, max_new_tokens=n, do_sample=False, return_dict_in_generate=True,
@@ -84,9 +75,10 @@ def test_left_padded_batch_equals_single_samples_float32(images):
     model, processor = model_on_gpu(STAGE2)
     imgs = images(2) + [None]
     with torch.no_grad():
-        together = model.generate(**batch_of(processor, imgs, QUESTIONS), max_new_tokens=8, do_sample=False)
+        together = model.generate(**batch_of(processor, imgs, QUESTIONS, device=CUDA), max_new_tokens=8,
+                                  do_sample=False)
         for i in range(3):
-            alone = model.generate(**batch_of(processor, [imgs[i]], [QUESTIONS[i]]), max_new_tokens=8,
+            alone = model.generate(**batch_of(processor, [imgs[i]], [QUESTIONS[i]], device=CUDA), max_new_tokens=8,
                                    do_sample=False)
             assert torch.equal(together[i, -8:], alone[0, -8:]), f"sample {i}"
 
@@ -99,7 +91,7 @@ def test_sdpa_kernels_agree_with_eager_attention(images, dtype):
     for attn in ("sdpa", "eager"):
         model, processor = model_on_gpu(STAGE2, dtype=dtype, attn=attn)
         with torch.no_grad():
-            logits = model(**batch_of(processor, images(1), QUESTIONS[1:2], dtype)).logits
+            logits = model(**batch_of(processor, images(1), QUESTIONS[1:2], device=CUDA, dtype=dtype)).logits
         runs[attn] = logits, model.ivtp_state.last_llm_trace.kept_positions[0].cpu()
     (sdpa, kept_sdpa), (eager, kept_eager) = runs["sdpa"], runs["eager"]
     if dtype == torch.float32:
@@ -114,7 +106,7 @@ def test_sdpa_kernels_agree_with_eager_attention(images, dtype):
 def test_training_step_in_bf16_gives_finite_gradients(images):
     model, processor = model_on_gpu(STAGE2, dtype=torch.bfloat16)
     model.train()
-    batch = batch_of(processor, images(2), QUESTIONS[:2], torch.bfloat16)
+    batch = batch_of(processor, images(2), QUESTIONS[:2], device=CUDA, dtype=torch.bfloat16)
     labels = batch["input_ids"].masked_fill(batch["input_ids"] == model.config.image_token_id, -100)
     loss = model(**batch, labels=labels.masked_fill(batch["attention_mask"] == 0, -100)).loss
     loss.backward()

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from conftest import assert_cache_matches_recompute, prompt
+from conftest import assert_cache_matches_recompute, batch_of, prompt
 from ivtp import ConfigError, PruneConfig, apply_pruning
 from ivtp.config import METHODS
 from ivtp.models import tiny_aligner
@@ -15,13 +15,6 @@ def pruned(small_llava, config):
     model, processor = small_llava()
     apply_pruning(model, config, aligner=tiny_aligner(), tokenizer=processor.tokenizer)
     return model, processor
-
-
-def batch_of(processor, images, questions):
-    processor.tokenizer.padding_side = "left"
-    texts = [prompt(q, image=img is not None) for q, img in zip(questions, images)]
-    present = [img for img in images if img is not None]
-    return processor(images=present or None, text=texts, padding=True, return_tensors="pt")
 
 
 # Each method's config at 16 visual tokens per image (a quarter of the 64 patches).

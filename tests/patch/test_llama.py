@@ -4,7 +4,7 @@ import pytest
 import torch
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
-from conftest import assert_cache_matches_recompute, prompt
+from conftest import assert_cache_matches_recompute, batch_of
 from ivtp import ConfigError, apply_pruning
 from ivtp.models import tiny_aligner
 from ivtp.ops import gtp_scores, head_mean_attention, rollout_query_row, value_norms
@@ -22,13 +22,6 @@ def pruned(small_llava, config, seed=0):
     model, processor = small_llava(seed)
     apply_pruning(model, config, aligner=tiny_aligner(), tokenizer=processor.tokenizer)
     return model, processor
-
-
-def batch_of(processor, images, questions, padding_side="left"):
-    processor.tokenizer.padding_side = padding_side
-    texts = [prompt(q, image=img is not None) for q, img in zip(questions, images)]
-    present = [img for img in images if img is not None]
-    return processor(images=present or None, text=texts, padding=True, return_tensors="pt")
 
 
 QUESTIONS = ["What colour is the circle?", "Is there a large red square at the top left of the image?", "Hello"]

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from conftest import prompt
+from conftest import batch_of
 from ivtp import ConfigError, PruneConfig, apply_pruning, load_pruned
 from ivtp.models import tiny_aligner
 from ivtp.ops.sequence import PlaceholderError
@@ -16,18 +16,11 @@ def vision_only(**vision):
     return {"vision": vision, "llm": {"enabled": False}}
 
 
-def inputs_for(processor, images, questions, padding_side="left"):
-    processor.tokenizer.padding_side = padding_side
-    texts = [prompt(q, image=img is not None) for q, img in zip(questions, images)]
-    present = [img for img in images if img is not None]
-    return processor(images=present or None, text=texts, padding=True, return_tensors="pt")
-
-
 def test_keep_all_logits_and_loss_equal_the_stock_model(small_llava, images):
     stock, processor = small_llava()
     pruned, _ = small_llava()
     apply_pruning(pruned, "configs/keep_all.yaml", aligner=tiny_aligner(), tokenizer=processor.tokenizer)
-    batch = inputs_for(processor, images(2) + [None], ["What is it?", "Count the red shapes please", "Hello"],
+    batch = batch_of(processor, images(2) + [None], ["What is it?", "Count the red shapes please", "Hello"],
                        padding_side="right")
     labels = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
     with torch.no_grad():
@@ -42,7 +35,7 @@ def test_keep_all_logits_and_loss_equal_the_stock_model(small_llava, images):
 def test_pruned_forward_shrinks_ids_mask_and_labels(small_llava, images):
     model, processor = small_llava()
     apply_pruning(model, vision_only(keep=8))
-    batch = inputs_for(processor, images(2) + [None], ["What is it?", "Where is the circle?", "Hi"],
+    batch = batch_of(processor, images(2) + [None], ["What is it?", "Where is the circle?", "Hi"],
                        padding_side="right")
     labels = batch["input_ids"].masked_fill(batch["input_ids"] == model.config.image_token_id, -100)
     labels = labels.masked_fill(batch["attention_mask"] == 0, -100)
@@ -66,7 +59,7 @@ def test_pruned_forward_shrinks_ids_mask_and_labels(small_llava, images):
 def test_greedy_generation_with_cache_equals_without(small_llava, images):
     model, processor = small_llava()
     apply_pruning(model, vision_only(keep=10, group_size=2))
-    batch = inputs_for(processor, images(2), ["What colour?", "Is there a square in the picture?"])
+    batch = batch_of(processor, images(2), ["What colour?", "Is there a square in the picture?"])
     with torch.no_grad():
         cached = model.generate(**batch, max_new_tokens=12, do_sample=False)
         uncached = model.generate(**batch, max_new_tokens=12, do_sample=False, use_cache=False)
@@ -80,11 +73,11 @@ def test_batched_generation_equals_per_sample(small_llava, images):
     imgs = images(2) + [None]
     questions = ["What is it?", "Which shape is at the top left of the image?", "Say hello"]
     with torch.no_grad():
-        batch = inputs_for(processor, imgs, questions)
+        batch = batch_of(processor, imgs, questions)
         together = model.generate(**batch, max_new_tokens=8, do_sample=False)[:, -8:]
         batch_logits = model(**batch).logits[:, -1]
         for i in range(3):
-            single = inputs_for(processor, [imgs[i]], [questions[i]])
+            single = batch_of(processor, [imgs[i]], [questions[i]])
             alone = model.generate(**single, max_new_tokens=8, do_sample=False)[:, -8:]
             assert torch.equal(together[i], alone[0]), f"sample {i}"
             torch.testing.assert_close(model(**single).logits[0, -1], batch_logits[i], rtol=1e-4, atol=1e-4)
@@ -94,7 +87,7 @@ def test_text_only_batches_pass_through(small_llava):
     stock, processor = small_llava()
     pruned, _ = small_llava()
     apply_pruning(pruned, vision_only(keep=4))
-    batch = inputs_for(processor, [None, None], ["Hello there", "What is a circle?"])
+    batch = batch_of(processor, [None, None], ["Hello there", "What is a circle?"])
     with torch.no_grad():
         torch.testing.assert_close(pruned(**batch).logits, stock(**batch).logits, rtol=0, atol=0)
 
@@ -122,8 +115,8 @@ def test_bad_input_fails_before_any_compute(small_llava, images):
     model, processor = small_llava()
     apply_pruning(model, vision_only(keep=8))
     calls = CountCalls(model.model.vision_tower.embeddings)
-    good = inputs_for(processor, images(1), ["What is it?"])
-    text_only = inputs_for(processor, [None], ["What is it?"])
+    good = batch_of(processor, images(1), ["What is it?"])
+    text_only = batch_of(processor, [None], ["What is it?"])
     # An image without an <image> placeholder.
     with pytest.raises(PlaceholderError, match="1 image"):
         model(input_ids=text_only["input_ids"], pixel_values=good["pixel_values"])
@@ -159,7 +152,7 @@ def test_vision_stage_off_is_the_stock_model(small_llava, images):
     stock, processor = small_llava()
     model, _ = small_llava()
     apply_pruning(model, vision_only(enabled=False))
-    batch = inputs_for(processor, images(1), ["What is it?"])
+    batch = batch_of(processor, images(1), ["What is it?"])
     with torch.no_grad():
         torch.testing.assert_close(model(**batch).logits, stock(**batch).logits, rtol=0, atol=0)
     assert model.ivtp_state.last_trace.counts == [N]
@@ -173,6 +166,6 @@ def test_save_and_load_pruned_round_trip(small_llava, images, tmp_path):
     assert "LlavaForConditionalGeneration" in (tmp_path / "config.json").read_text()
     loaded = load_pruned(str(tmp_path)).eval()
     assert loaded.ivtp_state.config == model.ivtp_state.config
-    batch = inputs_for(processor, images(1), ["What is it?"])
+    batch = batch_of(processor, images(1), ["What is it?"])
     with torch.no_grad():
         torch.testing.assert_close(loaded(**batch).logits, model(**batch).logits, rtol=0, atol=1e-6)
