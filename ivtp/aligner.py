@@ -230,22 +230,28 @@ def clip_tokens_with_offsets(tokenizer, text: str, max_tokens: int) -> tuple[lis
     return ids[:max_tokens], spans[:max_tokens]
 
 
-def llm_token_spans(tokenizer, ids: list[int]) -> tuple[str, list[Span]]:
+def llm_token_spans(tokenizer, ids: list[int], window: int = 16) -> tuple[str, list[Span]]:
     """The text that LLM token ids decode to, with each token's character span in it.
 
-    Built incrementally with the tokenizer's own `convert_tokens_to_string`, so it works for SentencePiece
-    ("\u2581word") and byte-level ("\u0120word") vocabularies alike.
+    Each token's text is what decoding gains when the token is appended, found with the tokenizer's own
+    `convert_tokens_to_string`, so it works for SentencePiece ("\u2581word") and byte-level ("\u0120word")
+    vocabularies alike. Only the `window` tokens before it are decoded with it, not the whole prefix: decoding is
+    local (a leading-space rule at the start of a decode applies to both texts compared), and the cost stays
+    linear in the instruction's length instead of quadratic.
     """
     tokens = tokenizer.convert_ids_to_tokens(ids)
     spans: list[Span] = []
-    prev = ""
+    text = ""
     for i in range(len(tokens)):
-        text = tokenizer.convert_tokens_to_string(tokens[: i + 1])
-        if not text.startswith(prev):  # a decoder that rewrites earlier text: fall back to the shorter prefix
-            text = prev + tokenizer.convert_tokens_to_string(tokens[i : i + 1])
-        spans.append((len(prev), len(text)))
-        prev = text
-    return prev, spans
+        start = max(0, i - window)
+        before = tokenizer.convert_tokens_to_string(tokens[start:i]) if i > start else ""
+        after = tokenizer.convert_tokens_to_string(tokens[start : i + 1])
+        # A decoder that rewrites earlier text (an incomplete byte sequence completed, say): the token alone.
+        piece = after[len(before):] if after.startswith(before) else (
+            tokenizer.convert_tokens_to_string(tokens[i : i + 1]))
+        spans.append((len(text), len(text) + len(piece)))
+        text += piece
+    return text, spans
 
 
 def map_relevance(llm_spans: list[Span], clip_spans: list[Span], clip_rel: torch.Tensor) -> list[float]:

@@ -10,7 +10,7 @@ from transformers import PreTrainedTokenizerFast
 
 from ivtp.aligner import Aligner, clip_tokens_with_offsets, llm_token_spans, map_relevance
 from ivtp.config import AlignerConfig, ConfigError
-from ivtp.models import tiny_aligner
+from ivtp.models import tiny_aligner, tiny_tokenizer
 
 TEXT = "Is the reddish hexagon left?"
 
@@ -50,6 +50,28 @@ def test_llm_spans_and_eq7_mapping_by_hand():
     # (K = 1): their mean. The leading space is not an overlap.
     assert got == pytest.approx([0.1, 0.2, 0.3, 0.3, 0.5, 0.7, 0.8])
     assert math.isnan(map_relevance([(2, 3)], clip_spans, clip_rel)[0])  # only a space: no relevance
+
+
+def _spans_by_whole_prefix(tokenizer, ids):
+    """Reference for llm_token_spans: decode every whole prefix (quadratic in the length)."""
+    tokens, spans, text = tokenizer.convert_ids_to_tokens(ids), [], ""
+    for i in range(len(tokens)):
+        longer = tokenizer.convert_tokens_to_string(tokens[: i + 1])
+        assert longer.startswith(text)
+        spans.append((len(text), len(longer)))
+        text = longer
+    return text, spans
+
+
+@pytest.mark.parametrize("window", [1, 2, 16])
+def test_llm_spans_from_a_window_equal_those_from_whole_prefixes(window):
+    tok = tiny_tokenizer()
+    text = ("Ünïcödé — “quoted” 🙂 日本語, double  spaces\nand a newline. " * 12
+            + "Is there a red square at the top left of the image? " * 8)
+    ids = tok(text, add_special_tokens=False).input_ids
+    got = llm_token_spans(tok, ids, window=window)
+    assert got == _spans_by_whole_prefix(tok, ids)
+    assert got[0] == tok.decode(ids)
 
 
 def test_per_token_features_reproduce_open_clip_and_eq6():
