@@ -332,6 +332,11 @@ class PruneConfig:
         """IVTP's in-LLM stage runs for ivtp (when enabled) and the "+" variants."""
         return (self.method == "ivtp" and self.llm.enabled) or self.method in PLUS_VARIANTS
 
+    @property
+    def needs_aligner(self) -> bool:
+        """Whether the in-LLM stage runs with CLIP-text guidance, and so needs an aligner and the LLM tokenizer."""
+        return self.uses_llm_stage and self.llm.needs_aligner
+
     def sections(self) -> set[str]:
         """The config sections this method reads."""
         if self.method == "ivtp":

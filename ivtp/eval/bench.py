@@ -284,7 +284,7 @@ def subjects(preset: str, config: PruneConfig, device: str = "cpu", dtype: torch
     stock, processor = random_model(preset, dtype=dtype, device=device, attn_implementation=attn_implementation)
     pruned = copy.deepcopy(stock)
     aligner = preset_aligner(preset)
-    if aligner is None and config.uses_llm_stage and config.llm.needs_aligner:
+    if aligner is None and config.needs_aligner:
         aligner = tiny_aligner(model=config.llm.aligner.model)
     apply_pruning(pruned, config, aligner=aligner, tokenizer=processor.tokenizer)
     images = [draw_scene(seed=seed)[0] for seed in range(batch_size)]

@@ -210,7 +210,7 @@ class PrunedLlavaForConditionalGeneration:
         # features, the guidance built from both, then the stock forward with the features handed in
         # (mm_encoder_outputs) so the tower runs once.
         instruction = None
-        if state.llm_plan.scorer == "ivtp" and state.config.llm.guidance == "clip":
+        if state.aligner is not None:  # apply_pruning keeps one exactly when the guidance is CLIP's
             instruction = self._instruction_text(input_ids, attention_mask, kwargs.get("labels"), ivtp_prompt_len)
         image_outputs = self.model.get_image_features(pixel_values=pixel_values)
         guidance = self._guidance(input_ids, attention_mask, kwargs.get("labels"), ivtp_prompt_len,
@@ -382,18 +382,17 @@ def apply_pruning(model: LlavaForConditionalGeneration, config=None, aligner: Al
     patches = num_patches(mc)
     layers = vision_layers(model)
     runner, llm_plan = make_plans(cfg, mc)
-    needs_aligner = cfg.uses_llm_stage and cfg.llm.needs_aligner
     if llm_plan is not None:
         impl = mc.text_config._attn_implementation
         if impl not in SUPPORTED_ATTENTION:
             raise ConfigError(f"{cfg.method}: the in-LLM stage runs with {' or '.join(SUPPORTED_ATTENTION)} "
                               f"attention; this model uses {impl!r}")
-    if needs_aligner:
+    if cfg.needs_aligner:
         aligner = _checked_aligner(aligner, cfg, mc, tokenizer)
     for layer in layers:
         patch_attention(layer.self_attn)
     state = PruningState(cfg, patches, int(mc.image_token_id), pad_token_id(mc), runner, llm_plan,
-                         aligner if needs_aligner else None, tokenizer)
+                         aligner if cfg.needs_aligner else None, tokenizer)
     if llm_plan is not None:
         lm = language_model(model)
         for layer in lm.layers:
