@@ -208,18 +208,21 @@ def clip_tokens_with_offsets(tokenizer, text: str, max_tokens: int) -> tuple[lis
     gives each word's offsets, and BPE pieces split a word left to right. Tokens past `max_tokens` (the context
     window) are dropped, as the tokenizer truncates them.
     """
-    lowered = "".join(c.lower() if len(c.lower()) == 1 else c for c in text)
+    lowered = text.lower() if text.isascii() else "".join(c.lower() if len(c.lower()) == 1 else c for c in text)
     ids: list[int] = []
     spans: list[Span] = []
     for match in regex.finditer(tokenizer.pat, lowered):
         word = match.group()
         encoded = "".join(tokenizer.byte_encoder[b] for b in word.encode("utf-8"))
         pieces = tokenizer.bpe(encoded).split(" ")
-        # Byte offsets of the pieces -> character offsets within the word.
-        char_at_byte = []
-        for i, ch in enumerate(word):
-            char_at_byte.extend([i] * len(ch.encode("utf-8")))
-        char_at_byte.append(len(word))
+        # Byte offsets of the pieces -> character offsets within the word (the same for ASCII).
+        if word.isascii():
+            char_at_byte = range(len(word) + 1)
+        else:
+            char_at_byte = []
+            for i, ch in enumerate(word):
+                char_at_byte.extend([i] * len(ch.encode("utf-8")))
+            char_at_byte.append(len(word))
         byte_pos = 0
         for piece in pieces:
             n_bytes = len(piece.replace("</w>", ""))
@@ -235,22 +238,26 @@ def llm_token_spans(tokenizer, ids: list[int], window: int = 16) -> tuple[str, l
 
     Each token's text is what decoding gains when the token is appended, found with the tokenizer's own
     `convert_tokens_to_string`, so it works for SentencePiece ("\u2581word") and byte-level ("\u0120word")
-    vocabularies alike. Only the `window` tokens before it are decoded with it, not the whole prefix: decoding is
-    local (a leading-space rule at the start of a decode applies to both texts compared), and the cost stays
-    linear in the instruction's length instead of quadratic.
+    vocabularies alike. Only a few tokens before it (`window` to 2 * `window`) are decoded with it, not the whole
+    prefix: decoding is local (a leading-space rule at the start of a decode applies to both texts compared), and
+    the cost stays linear in the instruction's length instead of quadratic: one decode per token.
     """
     tokens = tokenizer.convert_ids_to_tokens(ids)
     spans: list[Span] = []
-    text = ""
+    text, before, anchor = "", "", 0
     for i in range(len(tokens)):
-        start = max(0, i - window)
-        before = tokenizer.convert_tokens_to_string(tokens[start:i]) if i > start else ""
-        after = tokenizer.convert_tokens_to_string(tokens[start : i + 1])
+        if i % window == 0:  # a new block of `window` tokens, decoded with the `window` tokens before it
+            anchor = max(0, i - window)
+            before = tokenizer.convert_tokens_to_string(tokens[anchor:i]) if i > anchor else ""
+        # Within a block the context only grows (window to 2 * window tokens), so each token costs one decode:
+        # this token's text with its context is the next token's context.
+        after = tokenizer.convert_tokens_to_string(tokens[anchor : i + 1])
         # A decoder that rewrites earlier text (an incomplete byte sequence completed, say): the token alone.
         piece = after[len(before):] if after.startswith(before) else (
             tokenizer.convert_tokens_to_string(tokens[i : i + 1]))
         spans.append((len(text), len(text) + len(piece)))
         text += piece
+        before = after
     return text, spans
 
 
@@ -262,7 +269,14 @@ def map_relevance(llm_spans: list[Span], clip_spans: list[Span], clip_rel: torch
     """
     rel = clip_rel.tolist()  # one copy to the host, not one per overlap (each would wait for the device)
     out = []
+    first = 0  # both span lists run left to right: the first CLIP token that may still overlap only moves on
     for a, b in llm_spans:
-        hits = [rel[j] for j, (c, d) in enumerate(clip_spans) if c < b and a < d]
+        while first < len(clip_spans) and clip_spans[first][1] <= a:
+            first += 1
+        hits, j = [], first
+        while j < len(clip_spans) and clip_spans[j][0] < b:
+            if a < clip_spans[j][1]:
+                hits.append(rel[j])
+            j += 1
         out.append(sum(hits) / len(hits) if hits else math.nan)
     return out

@@ -74,6 +74,22 @@ def test_llm_spans_from_a_window_equal_those_from_whole_prefixes(window):
     assert got[0] == tok.decode(ids)
 
 
+def test_eq7_mapping_equals_the_all_pairs_reference_on_a_long_text():
+    """map_relevance sweeps both span lists once; the reference tests every (LLM token, CLIP token) pair."""
+    text = ("Ünïcödé — “quoted” 🙂 日本語, double  spaces\nand a newline. Is there a red square? " * 6)
+    llm = tiny_tokenizer()
+    _, spans = llm_token_spans(llm, llm(text, add_special_tokens=False).input_ids)
+    _, clip_spans = clip_tokens_with_offsets(open_clip.get_tokenizer("ViT-L-14-336"), text, 10_000)
+    clip_rel = torch.rand(len(clip_spans), generator=torch.Generator().manual_seed(0))
+    expected = []
+    for a, b in spans:
+        hits = [float(clip_rel[j]) for j, (c, d) in enumerate(clip_spans) if c < b and a < d]
+        expected.append(sum(hits) / len(hits) if hits else math.nan)
+    got = map_relevance(spans, clip_spans, clip_rel)
+    assert got == pytest.approx(expected, nan_ok=True)
+    assert any(math.isnan(x) for x in got) and sum(not math.isnan(x) for x in got) > 100  # both kinds occur
+
+
 def test_per_token_features_reproduce_open_clip_and_eq6():
     aligner = tiny_aligner()
     tok = aligner.tokenizer
