@@ -68,15 +68,17 @@ def shrink_placeholders(
     new_len = int(lengths.max())
     batch = input_ids.shape[0]
 
+    # Where each output slot reads from, for all rows at once (a loop over rows would wait on the device per row):
+    # the kept positions of a row in order, placed at its start (right padding) or end (left padding).
+    order = torch.sort((~keep).to(torch.int8), dim=1, stable=True).indices  # (B, L): kept positions first
+    slot = torch.arange(new_len, device=input_ids.device)[None]  # (1, L')
+    if padding_side == "left":
+        slot = slot - (new_len - lengths[:, None])  # (B, L'): negative in the padding
+    filled = (slot >= 0) & (slot < lengths[:, None])  # (B, L')
+    source = torch.gather(order, 1, slot.clamp(0, keep.shape[1] - 1).expand(batch, -1))  # (B, L')
+
     def repack(x: torch.Tensor, fill: int) -> torch.Tensor:
-        out = x.new_full((batch, new_len), fill)
-        for b in range(batch):
-            row = x[b][keep[b]]  # (lengths[b],)
-            if padding_side == "left":
-                out[b, new_len - row.shape[0] :] = row
-            else:
-                out[b, : row.shape[0]] = row
-        return out
+        return torch.where(filled, torch.gather(x, 1, source), fill)  # (B, L')
 
     if attention_mask is None and bool((lengths != new_len).any()):
         # Rows of unequal length need a mask; the original had no padding, so every original token is real.

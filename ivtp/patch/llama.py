@@ -269,10 +269,7 @@ class DecodeState:
 
     prefill_len: int
     segments: list[tuple[int, torch.Tensor]]  # (first layer of the segment, key_ok (B, S) of its prefill slots)
-    dense: list[bool] = field(init=False)  # per segment: every prefill slot is a usable key (no padding, fillers)
-
-    def __post_init__(self):
-        self.dense = [bool(ok.all()) for _, ok in self.segments]  # read once here, not at every decode step
+    dense: list[bool]  # per segment: every prefill slot is a usable key (no padding, fillers), known on the host
 
     def segment_for(self, layer_idx: int) -> int | None:
         """Index of the segment a layer belongs to (the last one starting at or before it), or None."""
@@ -342,7 +339,7 @@ class PrunedLlamaModel:
             hidden = run.finish(hidden)
             self.ivtp_state.last_llm_trace = run.trace
             if past_key_values is not None:
-                past_key_values.ivtp_decode = DecodeState(inputs_embeds.shape[1], run.segments)
+                past_key_values.ivtp_decode = DecodeState(inputs_embeds.shape[1], run.segments, run.dense)
         hidden = self.norm(hidden)
         return BaseModelOutputWithPast(last_hidden_state=hidden, past_key_values=past_key_values)
 
@@ -368,15 +365,19 @@ class _PrefillRun:
         self.exit_hidden = None  # (B, L + 1, D): dropped tokens' last hidden state (+1: a sink for fillers)
         self.pruned = False
         self.mask = self.position_ids = self.position_embeddings = None
-        self.rows = torch.nonzero(guidance.images > 0).flatten()  # rows that have visual tokens
-        self.all_rows = len(self.rows) == b  # then x[rows] is x itself: skip the copies
+        # What the host must know of the rows, in one copy: per-row reads would each wait for the device.
+        self.n_visual = [guidance.visual.sum(-1)]  # per step, (B,) visual tokens per row (for the trace)
+        self.images, visual_counts = torch.stack([guidance.images, self.n_visual[0]]).tolist()
+        rows = [r for r in range(b) if self.images[r] > 0]  # rows that have visual tokens
+        self.row_list = rows
+        self.rows = torch.tensor(rows, dtype=torch.long, device=device)
+        self.all_rows = len(rows) == b  # then x[rows] is x itself: skip the copies
         self.segments: list[tuple[int, torch.Tensor]] = []
-        per_image = [int(guidance.visual[r].sum()) // int(guidance.images[r]) for r in self.rows.tolist()]
+        self.dense: list[bool] = []  # per segment: every slot usable as a key (DecodeState)
+        per_image = [visual_counts[r] // self.images[r] for r in rows]
         if any(n != self.plan.tokens_in for n in per_image):
             raise ValueError(f"stage 2 expected {self.plan.tokens_in} visual tokens per image, got {per_image}")
-        self.trace = LLMTrace(counts=[[int(guidance.visual[r].sum())] if guidance.images[r] else []
-                                      for r in range(b)],
-                              visual_positions=[torch.nonzero(guidance.visual[r]).flatten() for r in range(b)])
+        self.trace = LLMTrace(counts=[], visual_positions=[])  # filled by finish()
         self.lower: list[torch.Tensor] = []
         self.rows_seen: list[torch.Tensor] = []
         self.last_probe: dict | None = None
@@ -495,7 +496,7 @@ class _PrefillRun:
         dominant, contextual = self.plan.splits[g]
         keep_slots = torch.zeros_like(self.slot_visual)
         hidden = hidden.clone()
-        for r in self.rows.tolist():  # rows differ in visual counts; B is small
+        for r in self.row_list:  # rows differ in visual counts; B is small
             vis = torch.nonzero(self.slot_visual[r]).flatten()  # (Nv,) slots, ascending
             prefix = torch.nonzero(self.slot_ok[r] & (self.slot_pos[r] < self.slot_pos[r, vis[0]])).flatten()
             tokens = torch.cat([prefix, vis])
@@ -504,7 +505,7 @@ class _PrefillRun:
             p = len(prefix)
             with torch.no_grad():
                 scores = visiondrop_llm_scores(q[:, :, p:], k[:, :, p:], attn.scaling, prefix_k=k[:, :, :p])
-            n_img = int(self.g.images[r])
+            n_img = self.images[r]
             res = visiondrop_merge(scores, k[:, :, p:].float().mean(1), hidden[r, vis][None],
                                    dominant * n_img, contextual * n_img)
             keep_slots[r, vis[res.dominant[0]]] = True
@@ -523,10 +524,10 @@ class _PrefillRun:
         scores = score_visual(probe["attn_visual"], probe["rater_ok"])  # (B', Nv)
         keep_slots = torch.zeros_like(self.slot_visual)
         hidden = hidden.clone()
-        for i, r in enumerate(self.rows.tolist()):
+        for i, r in enumerate(self.row_list):
             n_vis = int(probe["vis_ok"][i].sum())
             vis = probe["vis_idx"][i, :n_vis]  # (Nv,) slots, ascending
-            keep = self.plan.splits[g][1] * int(self.g.images[r])
+            keep = self.plan.splits[g][1] * self.images[r]
             res = sparsevlm_prune(hidden[r, vis][None], scores[i : i + 1, :n_vis], keep, self.plan.recycle)
             keep_slots[r, vis[res.kept[0]]] = True
             if res.recycled is not None:
@@ -550,8 +551,11 @@ class _PrefillRun:
         if self.exit_hidden is None:
             self.exit_hidden = hidden.new_zeros(b, self.length + 1, d)
         self.exit_hidden = self.exit_hidden.scatter(1, self._sink()[..., None].expand(-1, -1, d), hidden)
-        # The new slots: kept ones in order, then fillers, as wide as the longest row.
-        width = int(keep.sum(-1).max())
+        # The new slots: kept ones in order, then fillers, as wide as the longest row. Whether every new slot is a
+        # usable key (no fillers, no padding) is read with the width, in the same copy.
+        n_keep = keep.sum(-1)  # (B,)
+        fits = (n_keep == n_keep.max()).all() & (self.slot_ok | ~keep).all()
+        width, dense = torch.stack([n_keep.max(), fits]).tolist()
         order = torch.sort((~keep).to(torch.int8), dim=-1, stable=True).indices[:, :width]  # (B, S')
         kept = torch.gather(keep, 1, order)
         hidden = torch.gather(hidden, 1, order[..., None].expand(-1, -1, d))  # (B, S', D)
@@ -565,7 +569,7 @@ class _PrefillRun:
         self.position_embeddings = tuple(torch.gather(e, 1, self.slot_pos[..., None].expand(-1, -1, e.shape[-1]))
                                          for e in self.full_embeddings)
         impl = self.model.config._attn_implementation
-        if impl == "sdpa" and bool(self.slot_ok.all()):
+        if impl == "sdpa" and dense:
             # No padding and no fillers: kept tokens stay in position order, so the mask would be the plain
             # causal one, and SDPA reads a missing mask as causal (eager would read it as no mask). Its causal
             # kernel skips the masked half: an explicit boolean mask cost 7-18% more per attention call at
@@ -574,19 +578,24 @@ class _PrefillRun:
         else:
             self.mask = _format_mask(_prefill_mask(self.slot_pos, self.slot_ok), impl, hidden.dtype)
         self.segments.append((idx + 1, self.slot_ok.clone()))
-        for r in self.rows.tolist():
-            self.trace.counts[r].append(int(self.slot_visual[r].sum()))
+        self.dense.append(bool(dense))
+        self.n_visual.append(self.slot_visual.sum(-1))
         return hidden
 
     def _sink(self) -> torch.Tensor:
         return torch.where(self.slot_real, self.slot_pos, self.length)  # (B, S)
 
     def finish(self, hidden):
-        """Put every kept token's final hidden state back at its position; dropped ones keep their exit state."""
+        """Put every kept token's final hidden state back at its position; dropped ones keep their exit state.
+        Then fill the trace, with one copy of the counts and one boolean selection per position list."""
+        counts = torch.stack(self.n_visual, dim=1).tolist()  # (B, steps + 1)
+        trace = self.trace
+        trace.counts = [row if self.images[r] else [] for r, row in enumerate(counts)]
+        first, last = [row[0] for row in counts], [row[-1] for row in counts]
+        trace.visual_positions = list(torch.split(torch.nonzero(self.g.visual)[:, 1], first))
         if not self.pruned:
-            self.trace.kept_positions = list(self.trace.visual_positions)
+            trace.kept_positions = list(trace.visual_positions)
             return hidden
+        trace.kept_positions = list(torch.split(self.slot_pos[self.slot_visual], last))
         d = hidden.shape[-1]
-        out = self.exit_hidden.scatter(1, self._sink()[..., None].expand(-1, -1, d), hidden)[:, : self.length]
-        self.trace.kept_positions = [self.slot_pos[r][self.slot_visual[r]] for r in range(hidden.shape[0])]
-        return out
+        return self.exit_hidden.scatter(1, self._sink()[..., None].expand(-1, -1, d), hidden)[:, : self.length]
