@@ -51,6 +51,12 @@ class Aligner(nn.Module):
         self.tokenizer = clip_tokenizer
         self.context_length = int(clip_model.positional_embedding.shape[0])
         self.requires_grad_(False)
+        transformer = clip_model.transformer
+        # open_clip's plain blocks run through `_lean_block`: the same arithmetic in about a third of the
+        # operations (each costs host time, and on a GPU the text tower is bound by the host).
+        self._lean = getattr(transformer, "batch_first", False) and all(_lean_ok(b) for b in transformer.resblocks)
+        mask = clip_model.attn_mask  # CLIP's causal mask: -inf above the diagonal, which SDPA's is_causal is
+        self._triu_mask = mask is not None and torch.equal(mask, torch.full_like(mask, -math.inf).triu(1))
 
     @property
     def vision_width(self) -> int:
@@ -102,7 +108,12 @@ class Aligner(nn.Module):
             raise ValueError(f"a non-causal text tower takes the full context of {self.context_length} tokens, not {n}")
         x = m.token_embedding(ids)  # (B, C, W)
         x = x + m.positional_embedding[:n].to(x.dtype)
-        x = m.transformer(x, attn_mask=None if m.attn_mask is None else m.attn_mask[:n, :n])
+        mask = None if m.attn_mask is None else m.attn_mask[:n, :n]
+        if self._lean:
+            for block in m.transformer.resblocks:
+                x = _lean_block(block, x, mask, self._triu_mask)
+        else:
+            x = m.transformer(x, attn_mask=mask)
         x = m.ln_final(x)
         proj = m.text_projection
         return proj(x) if isinstance(proj, nn.Linear) else x @ proj  # (B, C, E)
@@ -139,6 +150,35 @@ class Aligner(nn.Module):
     def clip_relevance(self, texts: list[str], cls_final: torch.Tensor) -> list[tuple[list[Span], torch.Tensor]]:
         """For each text: the character spans of its CLIP tokens and their cosine to that row's image (eq. 6)."""
         return self.relevance(*self.text_features(texts), cls_final)
+
+
+def _lean_ok(block: nn.Module) -> bool:
+    """Whether a text block is open_clip's plain ResidualAttentionBlock around a standard self-attention."""
+    from open_clip.transformer import ResidualAttentionBlock
+
+    attn = getattr(block, "attn", None)
+    return (type(block) is ResidualAttentionBlock and not hasattr(block, "ln_1_kv")
+            and isinstance(attn, nn.MultiheadAttention) and attn.batch_first and attn._qkv_same_embed_dim
+            and attn.in_proj_weight is not None and attn.bias_k is None and not attn.add_zero_attn
+            and attn.dropout == 0.0)
+
+
+def _lean_block(block: nn.Module, x: torch.Tensor, mask: torch.Tensor | None, causal: bool) -> torch.Tensor:
+    """One ResidualAttentionBlock in inference: x (B, C, W) -> (B, C, W), as block(x, attn_mask=mask) computes it.
+
+    nn.MultiheadAttention's general path spends some 25 operations per call on layout; here the projection is one
+    GEMM, q/k/v views of it, and SDPA (causal by flag when the mask is CLIP's triangle)."""
+    attn = block.attn
+    b, c, w = x.shape
+    heads = attn.num_heads
+    qkv = nn.functional.linear(block.ln_1(x), attn.in_proj_weight, attn.in_proj_bias)  # (B, C, 3W)
+    q, k, v = qkv.view(b, c, 3, heads, w // heads).permute(2, 0, 3, 1, 4).unbind(0)  # each (B, h, C, W/h)
+    if mask is None or causal:
+        o = nn.functional.scaled_dot_product_attention(q, k, v, is_causal=mask is not None)
+    else:
+        o = nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask.to(q.dtype))
+    x = x + block.ls_1(attn.out_proj(o.transpose(1, 2).reshape(b, c, w)))  # (B, C, W)
+    return x + block.ls_2(block.mlp(block.ln_2(x)))
 
 
 EMBED_ROWS, EMBED_IDS = "token_embedding.rows", "token_embedding.ids"  # a partial embedding table (see below)

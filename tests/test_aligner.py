@@ -90,6 +90,22 @@ def test_eq7_mapping_equals_the_all_pairs_reference_on_a_long_text():
     assert any(math.isnan(x) for x in got) and sum(not math.isnan(x) for x in got) > 100  # both kinds occur
 
 
+@pytest.mark.parametrize("model", ["ivtp-tiny-clip", "ivtp-cpu-mid-clip"])
+def test_lean_text_blocks_equal_open_clips_own(model):
+    """token_features runs open_clip's blocks through _lean_block; the reference is the blocks' own forward, with
+    the causal mask both as SDPA's flag and as the explicit mask."""
+    aligner = tiny_aligner(model=model)
+    assert aligner._lean and aligner._triu_mask  # the fast path is the one under test
+    ids = torch.randint(1, 5000, (3, 21), generator=torch.Generator().manual_seed(0))
+    lean = aligner.token_features(ids)
+    aligner._triu_mask = False  # the mask handed to SDPA as it is
+    explicit = aligner.token_features(ids)
+    aligner._lean = False  # open_clip's Transformer.forward
+    reference = aligner.token_features(ids)
+    torch.testing.assert_close(lean, reference, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(explicit, reference, rtol=1e-5, atol=1e-5)
+
+
 def test_per_token_features_reproduce_open_clip_and_eq6():
     aligner = tiny_aligner()
     tok = aligner.tokenizer
