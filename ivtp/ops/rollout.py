@@ -60,7 +60,7 @@ def rollout_query_row(lower: list[torch.Tensor], top_row: torch.Tensor, query_in
 
 def value_norms(value: torch.Tensor) -> torch.Tensor:
     """||V_i|| with the heads concatenated. value: (B, H, N, Dh) -> (B, N)."""
-    return value.float().pow(2).sum(dim=(1, 3)).sqrt()
+    return torch.linalg.vector_norm(value, dim=(1, 3), dtype=torch.float32)
 
 
 def gtp_scores(query_row: torch.Tensor, vnorms: torch.Tensor, query_index: int = 0) -> torch.Tensor:

@@ -142,12 +142,14 @@ class GTPLlamaAttention(nn.Module):
         value = self.v_proj(hidden_states).view(hidden_shape).transpose(1, 2)  # (B, Hkv, L, Dh)
         pcls_x = ivtp_probe.get("pcls_x")  # (B', 1, D), already through this layer's input norm
         if pcls_x is None:
-            query = self.q_proj(hidden_states)  # (B, L, H * Dh)
-            key = self.k_proj(hidden_states)  # (B, L, Hkv * Dh)
+            query = self.q_proj(hidden_states).view(hidden_shape).transpose(1, 2)  # (B, H, L, Dh)
+            key = self.k_proj(hidden_states).view(hidden_shape).transpose(1, 2)  # (B, Hkv, L, Dh)
+            query, key = apply_rotary_pos_emb(query, key, *position_embeddings)
         else:
-            # The pseudo-CLS rides along as one more column of the layer's own q/k projections: one GEMM each,
-            # instead of a second pass over the weights for a single token (which costs a CPU as much as tens
-            # of sequence tokens, since a one-token product is bound by reading the weights).
+            # The pseudo-CLS rides along as one more column of the layer's own q/k projections and RoPE: one
+            # GEMM each, instead of a second pass over the weights for a single token (which costs a CPU as much
+            # as tens of sequence tokens, since a one-token product is bound by reading the weights), and one
+            # RoPE call (`joint_rope` holds the sequence's cos/sin with the pseudo-CLS position appended).
             rows = ivtp_probe["rows"]
             if ivtp_probe["all_rows"]:  # every row is scored: no zero rows to fill, no rows to pick
                 extra, rows = pcls_x.to(hidden_states.dtype), slice(None)
@@ -155,17 +157,12 @@ class GTPLlamaAttention(nn.Module):
                 extra = hidden_states.new_zeros(b, 1, hidden_states.shape[-1])
                 extra[rows] = pcls_x.to(hidden_states.dtype)
             joint = torch.cat([hidden_states, extra], dim=1)  # (B, L + 1, D)
-            query, key = self.q_proj(joint), self.k_proj(joint)  # (B, L + 1, H * Dh), (B, L + 1, Hkv * Dh)
-            n = pcls_x.shape[0]  # B'
-            pcls_q = query[rows, length:].view(n, 1, -1, self.head_dim).transpose(1, 2)  # (B', H, 1, Dh)
-            pcls_k = key[rows, length:].view(n, 1, -1, self.head_dim).transpose(1, 2)  # (B', Hkv, 1, Dh)
-            ivtp_probe["pcls_q"], ivtp_probe["pcls_k"] = apply_rotary_pos_emb(pcls_q, pcls_k,
-                                                                              *ivtp_probe["pcls_rope"])
-            query, key = query[:, :length], key[:, :length]
-        query = query.reshape(hidden_shape).transpose(1, 2)  # (B, H, L, Dh)
-        key = key.reshape(hidden_shape).transpose(1, 2)  # (B, Hkv, L, Dh)
-        cos, sin = position_embeddings
-        query, key = apply_rotary_pos_emb(query, key, cos, sin)
+            joint_shape = (b, length + 1, -1, self.head_dim)
+            query = self.q_proj(joint).view(joint_shape).transpose(1, 2)  # (B, H, L + 1, Dh)
+            key = self.k_proj(joint).view(joint_shape).transpose(1, 2)  # (B, Hkv, L + 1, Dh)
+            query, key = apply_rotary_pos_emb(query, key, *ivtp_probe["joint_rope"])
+            ivtp_probe["pcls_q"], ivtp_probe["pcls_k"] = query[rows, :, length:], key[rows, :, length:]  # (B', h, 1, Dh)
+            query, key = query[:, :, :length], key[:, :, :length]  # (B, H, L, Dh), (B, Hkv, L, Dh)
         with torch.no_grad(), torch.profiler.record_function("ivtp.score"):  # a decision: no graph kept
             _probe_scores(self, ivtp_probe, query, key, value)
         if past_key_values is not None:
@@ -207,19 +204,29 @@ def _probe_scores(attn, probe: dict, query, key, value) -> None:
         return
 
     keys = repeat_kv(torch.cat([take(key), probe["pcls_k"]], dim=2), n_rep)  # (B', H, Nv + 1, Dh)
-    key_ok = torch.cat([ok, ok.new_ones(ok.shape[0], 1)], dim=1)  # (B', Nv + 1)
     if probe["mode"] == "full":
         queries = torch.cat([take(query), probe["pcls_q"]], dim=2)  # (B', H, Nv + 1, Dh)
-        n = queries.shape[2]
-        allowed = torch.ones(n, n, dtype=torch.bool, device=queries.device).tril()  # causal, pseudo-CLS last
-        allowed = (allowed & key_ok[:, None, :]) | torch.eye(n, dtype=torch.bool, device=queries.device)
-        probe["attn"] = head_mean_attention(queries, keys, attn.scaling,
-                                            torch.where(allowed, 0.0, neg)[:, None])  # (B', Nv + 1, Nv + 1)
+        probe["attn"] = head_mean_attention(queries, keys, attn.scaling, probe["mask"])  # (B', Nv + 1, Nv + 1)
     else:
-        mask = torch.where(key_ok, 0.0, neg)[:, None, None, :]  # (B', 1, 1, Nv + 1)
-        probe["row"] = head_mean_attention(probe["pcls_q"], keys, attn.scaling, mask)[:, 0]  # (B', Nv + 1)
+        probe["row"] = head_mean_attention(probe["pcls_q"], keys, attn.scaling, probe["mask"])[:, 0]  # (B', Nv + 1)
         vn = value_norms(take(value))  # (B', Nv)
         probe["vnorm"] = torch.cat([vn, vn.new_zeros(vn.shape[0], 1)], dim=1)  # the query's own norm is unused
+
+
+def probe_mask(vis_ok: torch.Tensor, mode: str) -> torch.Tensor:
+    """The additive float32 mask of a probe over {visual tokens, pseudo-CLS}, the pseudo-CLS last.
+
+    vis_ok: (B', Nv) which visual entries are real. 'full' (every query): causal, padded keys masked, each query
+    sees at least itself -> (B', 1, Nv + 1, Nv + 1). 'row' (the pseudo-CLS query): padded keys masked ->
+    (B', 1, 1, Nv + 1). They depend on the slots alone, so a run builds them once per segment."""
+    neg = torch.finfo(torch.float32).min
+    key_ok = torch.cat([vis_ok, vis_ok.new_ones(vis_ok.shape[0], 1)], dim=1)  # (B', Nv + 1)
+    if mode == "row":
+        return torch.where(key_ok, 0.0, neg)[:, None, None, :]
+    n = key_ok.shape[1]
+    causal = torch.ones(n, n, dtype=torch.bool, device=vis_ok.device).tril()
+    allowed = (causal & key_ok[:, None, :]) | torch.eye(n, dtype=torch.bool, device=vis_ok.device)
+    return torch.where(allowed, 0.0, neg)[:, None]
 
 
 def patch_llama_attention(attn: nn.Module) -> None:
@@ -383,6 +390,7 @@ class _PrefillRun:
         self.last_probe: dict | None = None
         self._vis_slots: tuple[torch.Tensor, torch.Tensor] | None = None
         self._pcls_slots: tuple | None = None  # _pseudo_cls' slot-dependent part
+        self._masks: dict[str, torch.Tensor] = {}  # probe_mask per mode
 
     def _group_of(self, idx: int):
         for g, (lo, hi) in enumerate(self.plan.groups):
@@ -414,6 +422,9 @@ class _PrefillRun:
             target = self.g.last_prompt[rows][:, None]  # (B', 1)
             self.last_probe["query_slot"] = (self.slot_pos[rows] == target).float().argmax(-1)  # (B',)
         else:
+            if mode not in self._masks:  # built once per segment (reset at each drop, with the slots)
+                self._masks[mode] = probe_mask(vis_ok, mode)
+            self.last_probe["mask"] = self._masks[mode]
             self.last_probe.update(self._pseudo_cls(layer, hidden, rows, vis_idx, vis_ok))
         return self.last_probe
 
@@ -439,13 +450,23 @@ class _PrefillRun:
             last_vis = torch.gather(self.slot_pos[rows], 1, vis_idx).masked_fill(~vis_ok, -1).max(-1).values  # (B',)
             pos = torch.gather(self.full_position_ids[rows], 1, last_vis[:, None]) + 1  # (B', 1)
             rope = self.model.rotary_emb(hidden[:1, :1], position_ids=pos)  # cos, sin: (B', 1, Dh)
+            # The cos/sin of the layer's sequence with the pseudo-CLS column appended (rows not scored: zeros).
+            sequence = self.position_embeddings if self.pruned else self.full_embeddings  # each (B, S, Dh)
+            joint = []
+            for seq, pc in zip(sequence, rope):
+                if self.all_rows:
+                    joint.append(torch.cat([seq, pc.to(seq.dtype)], dim=1))  # (B, S + 1, Dh)
+                else:
+                    col = seq.new_zeros(seq.shape[0], 1, seq.shape[-1])
+                    col[rows] = pc.to(seq.dtype)
+                    joint.append(torch.cat([seq, col], dim=1))
             self._pcls_slots = (sel[:, None].float() / count.clamp_min(1)[:, :, None],  # (B', 1, S) mean weights
-                                count > 0, self.g.fallback[rows].float(), rope)
-        weights, has_text, fallback, rope = self._pcls_slots
+                                count > 0, self.g.fallback[rows].float(), tuple(joint))
+        weights, has_text, fallback, joint_rope = self._pcls_slots
         h = hidden if self.all_rows else hidden[rows]  # (B', S, D)
         mean = torch.bmm(weights, h.float())[:, 0]  # (B', D)
         pcls = torch.where(has_text, mean, fallback).to(hidden.dtype)  # (B', D)
-        return {"pcls_x": layer.input_layernorm(pcls[:, None]), "pcls_rope": rope}  # (B', 1, D)
+        return {"pcls_x": layer.input_layernorm(pcls[:, None]), "joint_rope": joint_rope}  # (B', 1, D)
 
     def _query_key(self, layer, hidden, positions):
         """A layer's own q and k for tokens outside the sequence: its input norm, projections and RoPE.
@@ -564,6 +585,7 @@ class _PrefillRun:
         self.slot_ok = torch.gather(self.slot_ok, 1, order) & kept
         self.slot_visual = torch.gather(self.slot_visual, 1, order) & kept
         self._vis_slots = self._pcls_slots = None
+        self._masks = {}
         self.pruned = True
         self.position_ids = torch.gather(self.full_position_ids, 1, self.slot_pos)
         self.position_embeddings = tuple(torch.gather(e, 1, self.slot_pos[..., None].expand(-1, -1, e.shape[-1]))
