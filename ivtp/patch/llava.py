@@ -209,22 +209,24 @@ class PrunedLlavaForConditionalGeneration:
         # tokenising, then overlaps the tower's kernels instead of leaving the GPU idle after them), the image
         # features, the guidance built from both, then the stock forward with the features handed in
         # (mm_encoder_outputs) so the tower runs once.
+        with torch.profiler.record_function("ivtp.guidance"):  # priced as scoring by `ivtp bench`
+            visual = input_ids == state.image_token_id  # (B, L)
+            instr = gd.instruction_mask(visual, attention_mask, kwargs.get("labels"), ivtp_prompt_len)  # (B, L)
         instruction = None
         if state.aligner is not None:  # apply_pruning keeps one exactly when the guidance is CLIP's
-            instruction = self._instruction_text(input_ids, attention_mask, kwargs.get("labels"), ivtp_prompt_len)
+            instruction = self._instruction_text(input_ids, instr)
         image_outputs = self.model.get_image_features(pixel_values=pixel_values)
-        guidance = self._guidance(input_ids, attention_mask, kwargs.get("labels"), ivtp_prompt_len,
+        guidance = self._guidance(input_ids, visual, instr, attention_mask, ivtp_prompt_len,
                                   image_outputs.pooler_output, instruction)
         return super().forward(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                                past_key_values=past_key_values, inputs_embeds=inputs_embeds,
                                mm_encoder_outputs={"image": image_outputs}, ivtp_guidance=guidance, **kwargs)
 
-    def _raters(self, input_ids, visual, images, attention_mask, labels, prompt_len, image_features) -> LLMGuidance:
+    def _raters(self, input_ids, visual, instr, images, image_features) -> LLMGuidance:
         """SparseVLM's text raters, from the input embeddings: the instruction tokens whose softmax relevance to
         the row's visual tokens is above the mean."""
         from ivtp.ops.sparsevlm import select_raters, text_relevance
 
-        instr = gd.instruction_mask(visual, attention_mask, labels, prompt_len)
         embeds = self.get_input_embeddings()(input_ids)  # (B, L, D)
         raters = torch.zeros_like(visual)
         feats = iter(image_features)
@@ -241,25 +243,23 @@ class PrunedLlavaForConditionalGeneration:
                            fallback=torch.zeros(len(images), 1, device=visual.device))
 
     @torch.profiler.record_function("ivtp.guidance")  # `ivtp bench` prices this range as scoring, like _guidance
-    def _instruction_text(self, input_ids, attention_mask, labels, prompt_len) -> gd.InstructionText:
-        """The image-independent half of IVTP's CLIP guidance (gd.prepare_clip)."""
+    def _instruction_text(self, input_ids, instr) -> gd.InstructionText:
+        """The image-independent half of IVTP's CLIP guidance (gd.prepare_clip). instr: (B, L) bool."""
         state = self.ivtp_state
-        visual = input_ids == state.image_token_id  # (B, L)
         state.aligner.to(input_ids.device)  # no-op once it is there; model.to() does not reach it
-        instr = gd.instruction_mask(visual, attention_mask, labels, prompt_len)
         return gd.prepare_clip(state.aligner, state.tokenizer, input_ids, instr)
 
     @torch.profiler.record_function("ivtp.guidance")  # `ivtp bench` prices this range (the aligner) as scoring
-    def _guidance(self, input_ids, attention_mask, labels, prompt_len, image_features,
+    def _guidance(self, input_ids, visual, instr, attention_mask, prompt_len, image_features,
                   instruction: gd.InstructionText | None = None) -> LLMGuidance:
-        """Eq. 8's ingredients for each row: visual positions, selected instruction tokens, the fallback."""
+        """Eq. 8's ingredients for each row: visual positions, selected instruction tokens, the fallback.
+        visual, instr: (B, L) bool, the placeholders and the instruction (gd.instruction_mask)."""
         state = self.ivtp_state
         stage = state.config.llm
         vision = state.last_vision
-        visual = input_ids == state.image_token_id  # (B, L)
         images = visual.sum(1) // state.tokens_per_image  # (B,)
         if state.llm_plan.scorer == "sparsevlm":
-            return self._raters(input_ids, visual, images, attention_mask, labels, prompt_len, image_features)
+            return self._raters(input_ids, visual, instr, images, image_features)
         if state.llm_plan.scorer != "ivtp":  # FastV reads no text guidance, only its prompt's last token
             state.last_guidance = []
             idx = torch.arange(visual.shape[1], device=visual.device)[None]
@@ -276,7 +276,6 @@ class PrunedLlavaForConditionalGeneration:
             return out / images.clamp_min(1)[:, None].to(x.dtype)
 
         fallback = per_row(self.model.multi_modal_projector(vision.cls_feature))  # (B, D)
-        instr = gd.instruction_mask(visual, attention_mask, labels, prompt_len)
         if stage.guidance == "none":
             rated = [[] for _ in range(len(images))]
         elif stage.guidance == "all_text":

@@ -111,10 +111,11 @@ def test_bench_rejects_an_unknown_allocator():
         bench("tiny-random", "ivtp", 64, allocator="jemalloc")
 
 
-@pytest.mark.parametrize("method, guidance_ranges", [("ivtp", 2), ("sparsevlm", 1)])
+@pytest.mark.parametrize("method, guidance_ranges", [("ivtp", 3), ("sparsevlm", 2)])
 def test_scoring_ranges_cover_the_guidance_and_never_nest(method, guidance_ranges):
-    """`scoring_share` adds up the labelled ranges, so the text guidance (IVTP's CLIP aligner: its text half before
-    the tower and its image half after; SparseVLM's raters) must sit in them, and no range inside another."""
+    """`scoring_share` adds up the labelled ranges, so the text guidance (the instruction mask; IVTP's CLIP
+    aligner: its text half before the tower and its image half after; SparseVLM's raters) must sit in them, and no
+    range inside another."""
     import torch
     from torch.profiler import ProfilerActivity, profile
 
