@@ -1,5 +1,6 @@
 """Pure tensor functions behind every pruning method: no model imports, testable on random tensors."""
 
+from ivtp.ops import fused_maps
 from ivtp.ops.rollout import (
     aggregate_group,
     gtp_scores,
@@ -11,6 +12,7 @@ from ivtp.ops.rollout import (
 from ivtp.ops.select import compose_indices, gather_tokens, keep_topk_per_row, keep_topk_sorted, linear_schedule
 
 __all__ = [
+    "fused_maps",
     "aggregate_group",
     "probe_modes",
     "head_mean_attention",

@@ -24,6 +24,7 @@ from ivtp.config import ConfigError, VisionStage, check_schedule_counts, resolve
 from ivtp.ops import (
     aggregate_group,
     compose_indices,
+    fused_maps,
     gather_tokens,
     gtp_scores,
     head_mean_attention,
@@ -67,7 +68,8 @@ class GTPAttention(nn.Module):
         value = self.v_proj(hidden_states).view(hidden_shape).transpose(1, 2)  # (B, H, N, Dh)
 
         mode = ivtp_probe.get("mode")
-        if mode == "full" and attention_mask is None:
+        fused = mode == "full" and attention_mask is None and fused_maps.available(query)
+        if mode == "full" and attention_mask is None and not fused:
             # A lower layer of a rollout group needs every row of its attention anyway: compute the weights once,
             # in float32, and take both the output and the head mean from them (no second pass through SDPA).
             # This replaces the layer's own attention, so only the head mean counts as scoring.
@@ -96,7 +98,9 @@ class GTPAttention(nn.Module):
         # The scores are a decision, not a differentiable path: no graph is kept for them. The label lets
         # `ivtp bench` price the scoring on its own.
         with torch.no_grad(), torch.profiler.record_function("ivtp.score"):
-            if mode == "full" and "attn" not in ivtp_probe:  # with a mask (ToMe's sizes): the rows on their own
+            if fused:  # on a GPU: the layer's own (fused) attention above, the map from one kernel here
+                ivtp_probe["attn"] = fused_maps.head_mean_softmax(query.detach(), key.detach(), self.scale)  # (B, N, N)
+            elif mode == "full" and "attn" not in ivtp_probe:  # with a mask (ToMe's sizes): the rows on their own
                 ivtp_probe["attn"] = head_mean_attention(query, key, self.scale, attention_mask)  # (B, N, N)
             elif mode == "row":  # only the [CLS] query row, plus ||V_i|| for the top layer's scores
                 row = head_mean_attention(query[:, :, CLS_INDEX : CLS_INDEX + 1], key, self.scale,

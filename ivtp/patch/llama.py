@@ -28,7 +28,8 @@ from transformers.utils.generic import merge_with_config_defaults
 from transformers.utils.output_capturing import capture_outputs
 
 from ivtp.config import ConfigError, LLMStage, resolve_budget
-from ivtp.ops import aggregate_group, gtp_scores, head_mean_attention, keep_topk_per_row, probe_modes, value_norms
+from ivtp.ops import aggregate_group, fused_maps, gtp_scores, head_mean_attention, keep_topk_per_row, probe_modes
+from ivtp.ops import value_norms
 from ivtp.patch.clip import group_layers, resolve_schedule
 
 SUPPORTED_ATTENTION = ("sdpa", "eager")
@@ -206,7 +207,11 @@ def _probe_scores(attn, probe: dict, query, key, value) -> None:
     keys = repeat_kv(torch.cat([take(key), probe["pcls_k"]], dim=2), n_rep)  # (B', H, Nv + 1, Dh)
     if probe["mode"] == "full":
         queries = torch.cat([take(query), probe["pcls_q"]], dim=2)  # (B', H, Nv + 1, Dh)
-        probe["attn"] = head_mean_attention(queries, keys, attn.scaling, probe["mask"])  # (B', Nv + 1, Nv + 1)
+        if fused_maps.available(queries):  # one kernel, no (B', H, n, n) tensor (ivtp/ops/fused_maps.py)
+            key_ok = torch.cat([ok, ok.new_ones(ok.shape[0], 1)], dim=1)  # (B', Nv + 1)
+            probe["attn"] = fused_maps.head_mean_softmax(queries, keys, attn.scaling, key_ok, causal=True)
+        else:
+            probe["attn"] = head_mean_attention(queries, keys, attn.scaling, probe["mask"])  # (B', Nv + 1, Nv + 1)
     else:
         probe["row"] = head_mean_attention(probe["pcls_q"], keys, attn.scaling, probe["mask"])[:, 0]  # (B', Nv + 1)
         vn = value_norms(take(value))  # (B', Nv)

@@ -84,9 +84,12 @@ def test_left_padded_batch_equals_single_samples_float32(images):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_sdpa_kernels_agree_with_eager_attention(images, dtype):
+def test_sdpa_kernels_agree_with_eager_attention(images, dtype, monkeypatch):
     """An unpadded pruned prefill passes SDPA no mask, so on a GPU it runs the flash (bf16) or memory-efficient
-    kernel; it must pick the same tokens as eager attention and give the same logits to the dtype's rounding."""
+    kernel; it must pick the same tokens as eager attention and give the same logits to the dtype's rounding.
+    The ViT's rollout layers take their output from the maps they compute (IVTP_FUSED_MAPS=0), the same under
+    both implementations, so that the comparison isolates the LLM's kernels; test_fused_maps_* check the rest."""
+    monkeypatch.setenv("IVTP_FUSED_MAPS", "0")
     runs = {}
     for attn in ("sdpa", "eager"):
         model, processor = model_on_gpu(STAGE2, dtype=dtype, attn=attn)
@@ -123,3 +126,35 @@ def test_bench_on_the_gpu_prices_the_memory_a_prefill_adds():
     assert 0 < base and 0 < ours  # above the resident weights, which both models hold throughout
     assert out["prefill_memory_ratio"] == ours / base
     assert out["pruned"]["kv_cache_bytes"] < out["unpruned"]["kv_cache_bytes"]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("heads, dim, causal", [(16, 64, False), (32, 128, True)])  # CLIP-L/14; Llama-7B's probe
+def test_fused_maps_equal_the_torch_ops(dtype, heads, dim, causal):
+    from ivtp.ops import fused_maps
+    from ivtp.ops.rollout import head_mean_attention
+
+    g = torch.Generator(device=CUDA).manual_seed(0)
+    q, k = (torch.randn(3, heads, 577, dim, device=CUDA, generator=g).to(dtype) for _ in range(2))
+    ok = torch.rand(3, 577, device=CUDA, generator=g) > 0.1
+    allowed = ok[:, None, :].expand(3, 577, 577)
+    if causal:
+        allowed = (allowed & torch.ones(577, 577, dtype=torch.bool, device=CUDA).tril()) | torch.eye(
+            577, dtype=torch.bool, device=CUDA)
+    ref = head_mean_attention(q, k, dim ** -0.5, torch.where(allowed, 0.0, torch.finfo(torch.float32).min)[:, None])
+    got = fused_maps.head_mean_softmax(q, k, dim ** -0.5, ok, causal=causal)
+    torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-6)
+
+
+def test_fused_maps_keep_the_same_tokens(images, monkeypatch):
+    model, processor = model_on_gpu(STAGE2)
+    batch = batch_of(processor, images(2), QUESTIONS[:2], device=CUDA)
+    runs = {}
+    for flag in ("1", "0"):
+        monkeypatch.setenv("IVTP_FUSED_MAPS", flag)
+        with torch.no_grad():
+            logits = model(**batch).logits
+        runs[flag] = logits, model.ivtp_state.last_trace.kept, model.ivtp_state.last_llm_trace.kept_positions
+    assert torch.equal(runs["1"][1], runs["0"][1])
+    assert all(torch.equal(a, b) for a, b in zip(runs["1"][2], runs["0"][2]))
+    torch.testing.assert_close(runs["1"][0], runs["0"][0], rtol=1e-4, atol=1e-5)
