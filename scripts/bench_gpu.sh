@@ -8,6 +8,7 @@ mkdir -p "$out"
 "$py" -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__,
   torch.cuda.get_device_name() if torch.cuda.is_available() else 'no CUDA device')" | tee "$out/env.txt"
 "$py" -m pytest -q -p no:cacheprovider tests/gpu 2>&1 | tee "$out/tests_gpu.log"
+"$py" scripts/bench_fused_maps.py 2>&1 | tee "$out/fused_maps.txt"
 
 # "preset method visual-tokens batch-size", one run per line; each writes
 # OUT_DIR/<preset>_<method>_<tokens>_b<batch>.json. One prompt leaves the 7B model bound by kernel launches (see
