@@ -449,7 +449,7 @@ def load_pruned(path: str | os.PathLike, config=None, tokenizer=None, aligner: A
     if config is None and os.path.isfile(os.path.join(path, "ivtp_config.json")):
         config = path
     cfg = PruneConfig.load(config)
-    if tokenizer is None and cfg.llm.needs_aligner:
+    if tokenizer is None and cfg.needs_aligner:  # only when stage 2 runs with CLIP guidance
         from transformers import AutoTokenizer
 
         tokenizer = AutoTokenizer.from_pretrained(path)

@@ -169,3 +169,16 @@ def test_save_and_load_pruned_round_trip(small_llava, images, tmp_path):
     batch = batch_of(processor, images(1), ["What is it?"])
     with torch.no_grad():
         torch.testing.assert_close(loaded(**batch).logits, model(**batch).logits, rtol=0, atol=1e-6)
+
+
+def test_load_pruned_asks_for_no_tokenizer_when_stage_2_does_not_run(small_llava, images, tmp_path):
+    """topk's config keeps a default `llm` section (CLIP guidance) that never runs: the folder needs no tokenizer."""
+    model, processor = small_llava()
+    cfg = PruneConfig.for_method("topk", 16)
+    assert cfg.llm.needs_aligner and not cfg.needs_aligner
+    apply_pruning(model, cfg)
+    model.save_pretrained(tmp_path)  # no tokenizer files in the folder
+    loaded = load_pruned(str(tmp_path)).eval()
+    batch = batch_of(processor, images(1), ["What is it?"])
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(**batch).logits, model(**batch).logits, rtol=0, atol=1e-6)
