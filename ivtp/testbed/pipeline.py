@@ -132,28 +132,35 @@ def stage_clip(cfg: TestbedConfig, out: str) -> None:
     dump_json({"model": "ivtp-testbed-clip"}, os.path.join(clip_dir, ALIGNER_META))
 
 
+TEMPLATES = (("pretrain.json", "plain"), ("finetune.json", "vicuna_v1"))  # each stage's data and its template
+
+
+def _conversations(data: str):
+    """(template, conversations) of every record of the testbed's two training files."""
+    for name, template in TEMPLATES:
+        with open(os.path.join(data, name)) as f:
+            for record in json.load(f):
+                yield template, record["conversations"]
+
+
 def training_texts(data: str):
     """The tokenizer's corpus: every training sequence as train/*.py renders it, chat template included. With the
     template in the corpus only once, "USER:" and "ASSISTANT:" fell below BPE's merge frequency and cost 16
     single-letter tokens per turn (a six-question record was ~265 text tokens; ~136 with the template learnt)."""
     from ivtp.data.templates import IMAGE_PLACEHOLDER, render
 
-    for name, template in (("pretrain.json", "plain"), ("finetune.json", "vicuna_v1")):
-        with open(os.path.join(data, name)) as f:
-            for record in json.load(f):
-                yield render(template, record["conversations"], eos="").text.replace(IMAGE_PLACEHOLDER, "")
+    for template, conversations in _conversations(data):
+        yield render(template, conversations, eos="").text.replace(IMAGE_PLACEHOLDER, "")
 
 
 def testbed_texts(data: str):
     """Every string the testbed's models read or write: captions, questions, answers, the chat template."""
-    from ivtp.data.templates import VICUNA_V1_SYSTEM
+    from ivtp.data.templates import IMAGE_PLACEHOLDER, VICUNA_V1_SYSTEM
 
     yield f"{VICUNA_V1_SYSTEM} USER: ASSISTANT:"
-    for name in ("pretrain.json", "finetune.json"):
-        with open(os.path.join(data, name)) as f:
-            for record in json.load(f):
-                for turn in record["conversations"]:
-                    yield turn["value"].replace("<image>", "")
+    for _, conversations in _conversations(data):
+        for turn in conversations:
+            yield turn["value"].replace(IMAGE_PLACEHOLDER, "")
 
 
 def stage_llm_init(cfg: TestbedConfig, out: str) -> None:

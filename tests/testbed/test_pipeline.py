@@ -36,6 +36,15 @@ def test_training_texts_are_the_rendered_sequences(data_dir):
     assert all(t["value"].replace("<image>\n", "") in chat for t in turns)
 
 
+def test_testbed_texts_are_the_turns_and_the_template(data_dir):
+    """The aligner's vocabulary: the chat template once, then every turn's own text without the placeholder."""
+    texts = list(pipeline.testbed_texts(str(data_dir)))  # through the module: pytest would collect test*
+    turns = [t["value"] for name in ("pretrain.json", "finetune.json")
+             for record in json.loads((data_dir / name).read_text()) for t in record["conversations"]]
+    assert texts[0].startswith("A chat between") and texts[0].endswith("USER: ASSISTANT:")
+    assert texts[1:] == [t.replace("<image>", "") for t in turns]
+
+
 def test_tokenizer_learns_the_chat_template(data_dir, tmp_path):
     """With the template in the corpus once, "ASSISTANT:" was split into 10 single-letter tokens."""
     tok = train_tokenizer(training_texts(str(data_dir)), str(tmp_path / "tok"), vocab_size=400)
