@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import functools
 import os
+import warnings
 
 import torch
 
@@ -39,11 +40,34 @@ def interpreted() -> bool:
     return os.environ.get("TRITON_INTERPRET") == "1"
 
 
+_failed: set[str] = set()  # devices where the kernels failed once (`maps`): the torch ops serve from then on
+
+
 def available(t: torch.Tensor) -> bool:
-    """Whether head_mean_softmax can run on tensors like `t`."""
-    if os.environ.get("IVTP_FUSED_MAPS", "1") == "0" or triton is None:
+    """Whether head_mean_softmax can run on tensors like `t`: CUDA with Triton on an Ampere or newer GPU (bf16
+    tensor-core products), or a CPU under the interpreter; not where the kernels failed before or where
+    IVTP_FUSED_MAPS=0."""
+    if os.environ.get("IVTP_FUSED_MAPS", "1") == "0" or triton is None or str(t.device) in _failed:
         return False
-    return t.is_cuda or (interpreted() and t.device.type == "cpu")
+    if t.is_cuda:
+        return torch.cuda.get_device_capability(t.device) >= (8, 0)
+    return interpreted() and t.device.type == "cpu"
+
+
+def maps(query: torch.Tensor, key: torch.Tensor, scale: float, key_ok: torch.Tensor | None = None,
+         causal: bool = False) -> torch.Tensor | None:
+    """head_mean_softmax where it is available, else None: the caller then uses the torch ops. A kernel that
+    fails to build or launch (a GPU or Triton version it was not tested on) is reported once and not tried
+    again on that device, so a run continues on the torch ops instead of stopping."""
+    if not available(query):
+        return None
+    try:
+        return head_mean_softmax(query, key, scale, key_ok, causal)
+    except Exception as e:  # noqa: BLE001 - Triton reports build and launch failures with many types
+        _failed.add(str(query.device))
+        warnings.warn(f"ivtp: the fused attention-map kernels failed on {query.device} ({type(e).__name__}: "
+                      f"{str(e)[:200]}); using the torch ops from now on (set IVTP_FUSED_MAPS=0 to skip them)")
+        return None
 
 
 if triton is not None:

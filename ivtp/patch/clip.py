@@ -98,9 +98,9 @@ class GTPAttention(nn.Module):
         # The scores are a decision, not a differentiable path: no graph is kept for them. The label lets
         # `ivtp bench` price the scoring on its own.
         with torch.no_grad(), torch.profiler.record_function("ivtp.score"):
-            if fused:  # on a GPU: the layer's own (fused) attention above, the map from one kernel here
-                ivtp_probe["attn"] = fused_maps.head_mean_softmax(query.detach(), key.detach(), self.scale)  # (B, N, N)
-            elif mode == "full" and "attn" not in ivtp_probe:  # with a mask (ToMe's sizes): the rows on their own
+            if fused:  # on a GPU: the layer's own (fused) attention above, the map from the Triton kernels here
+                ivtp_probe["attn"] = fused_maps.maps(query.detach(), key.detach(), self.scale)  # (B, N, N) or None
+            if mode == "full" and ivtp_probe.get("attn") is None:  # a mask (ToMe's sizes), or no kernel: torch ops
                 ivtp_probe["attn"] = head_mean_attention(query, key, self.scale, attention_mask)  # (B, N, N)
             elif mode == "row":  # only the [CLS] query row, plus ||V_i|| for the top layer's scores
                 row = head_mean_attention(query[:, :, CLS_INDEX : CLS_INDEX + 1], key, self.scale,

@@ -207,10 +207,11 @@ def _probe_scores(attn, probe: dict, query, key, value) -> None:
     keys = repeat_kv(torch.cat([take(key), probe["pcls_k"]], dim=2), n_rep)  # (B', H, Nv + 1, Dh)
     if probe["mode"] == "full":
         queries = torch.cat([take(query), probe["pcls_q"]], dim=2)  # (B', H, Nv + 1, Dh)
-        if fused_maps.available(queries):  # one kernel, no (B', H, n, n) tensor (ivtp/ops/fused_maps.py)
+        probe["attn"] = None
+        if fused_maps.available(queries):  # Triton, no (B', H, n, n) tensor (ivtp/ops/fused_maps.py)
             key_ok = torch.cat([ok, ok.new_ones(ok.shape[0], 1)], dim=1)  # (B', Nv + 1)
-            probe["attn"] = fused_maps.head_mean_softmax(queries, keys, attn.scaling, key_ok, causal=True)
-        else:
+            probe["attn"] = fused_maps.maps(queries, keys, attn.scaling, key_ok, causal=True)
+        if probe["attn"] is None:
             probe["attn"] = head_mean_attention(queries, keys, attn.scaling, probe["mask"])  # (B', Nv + 1, Nv + 1)
     else:
         probe["row"] = head_mean_attention(probe["pcls_q"], keys, attn.scaling, probe["mask"])[:, 0]  # (B', Nv + 1)
