@@ -162,7 +162,8 @@ class GTPLlamaAttention(nn.Module):
             query = self.q_proj(joint).view(joint_shape).transpose(1, 2)  # (B, H, L + 1, Dh)
             key = self.k_proj(joint).view(joint_shape).transpose(1, 2)  # (B, Hkv, L + 1, Dh)
             query, key = apply_rotary_pos_emb(query, key, *ivtp_probe["joint_rope"])
-            ivtp_probe["pcls_q"], ivtp_probe["pcls_k"] = query[rows, :, length:], key[rows, :, length:]  # (B', h, 1, Dh)
+            ivtp_probe["pcls_q"] = query[rows, :, length:]  # (B', H, 1, Dh)
+            ivtp_probe["pcls_k"] = key[rows, :, length:]  # (B', Hkv, 1, Dh)
             query, key = query[:, :, :length], key[:, :, :length]  # (B, H, L, Dh), (B, Hkv, L, Dh)
         with torch.no_grad(), torch.profiler.record_function("ivtp.score"):  # a decision: no graph kept
             _probe_scores(self, ivtp_probe, query, key, value)
