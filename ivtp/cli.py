@@ -236,7 +236,7 @@ def cmd_bench(args) -> int:
     result = bench(args.preset, args.method, args.visual_tokens, device=args.device,
                    dtype=DTYPES[args.dtype] if args.dtype else torch.float32, new_tokens=args.new_tokens,
                    repeats=args.repeats, progress=not args.json, allocator=args.allocator,
-                   attn_implementation=args.attn_implementation, batch_size=args.batch_size)
+                   attn_implementation=args.attn_implementation, batch_size=args.batch_size, trace=args.trace)
     if args.json:
         json.dump(result, sys.stdout, indent=2)
         sys.stdout.write("\n")
@@ -417,6 +417,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="prompts per prefill (each with its own scene); on a GPU, 1 is bound by kernel launches")
     p.add_argument("--attn-implementation", default="sdpa",
                    help="sdpa (on a GPU its flash kernel where no mask is needed), eager, flash_attention_2")
+    p.add_argument("--trace", default=None, metavar="PATH",
+                   help="write a Chrome trace of one profiled pruned prefill (IVTP's scoring in labelled ranges)")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_bench)
 

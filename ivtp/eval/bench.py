@@ -200,14 +200,17 @@ def measure(models: dict, inputs: dict, new_tokens: int, repeats: int, prompt_le
 
 
 @torch.no_grad()
-def scoring_share(model, inputs: dict) -> dict:
-    """Seconds spent in the labelled IVTP scoring ranges during one pruned prefill, and their share of it."""
+def scoring_share(model, inputs: dict, trace: str | None = None) -> dict:
+    """Seconds spent in the labelled IVTP scoring ranges during one pruned prefill, and their share of it.
+    `trace`: also write the profile there as a Chrome trace (chrome://tracing, Perfetto)."""
     from torch.profiler import ProfilerActivity, profile
 
     device = next(model.parameters()).device
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     with profile(activities=activities) as prof:
         total = _timed(lambda: model(**inputs, use_cache=True, logits_to_keep=1), device)
+    if trace is not None:
+        prof.export_chrome_trace(trace)
     spent = 0.0
     for event in prof.events():
         if event.name in SCORING_RANGES:
@@ -295,13 +298,16 @@ def subjects(preset: str, config: PruneConfig, device: str = "cpu", dtype: torch
 
 def bench(preset: str, method: str, visual_tokens: int, device: str = "cpu", dtype: torch.dtype = torch.float32,
           new_tokens: int = 16, repeats: int = 3, progress: bool = True, allocator: str = "steady",
-          attn_implementation: str = "sdpa", batch_size: int = 1) -> dict:
+          attn_implementation: str = "sdpa", batch_size: int = 1, trace: str | None = None) -> dict:
     """Build the preset with random weights, prune a copy with `method` at `visual_tokens`, measure both.
 
     allocator: 'steady' (on a CPU, see `steady_allocator`; it changes this process's malloc for good) or 'default'
     (glibc's own behaviour, page faults and all). batch_size: prompts per prefill. On a GPU one prompt leaves the
     7B model bound by the host's kernel launches, not by its FLOPs (docs/benchmarks.md); a batch shows the regime
-    where the FLOPs decide. Decode tokens/s then counts the tokens of all rows.
+    where the FLOPs decide. Decode tokens/s then counts the tokens of all rows. trace: write a Chrome trace of one
+    profiled pruned prefill to this path, with IVTP's scoring in the ranges "ivtp.score" and "ivtp.guidance" (the
+    profiler adds host time to every operation: on an H100 a batch-16 7B prefill took 294 ms profiled against
+    168 ms without, so read a trace for where time goes, not for how much).
     """
     if allocator not in ALLOCATORS:
         raise ValueError(f"allocator must be one of {ALLOCATORS}, not {allocator!r}")
@@ -316,7 +322,9 @@ def bench(preset: str, method: str, visual_tokens: int, device: str = "cpu", dty
     runs = measure({"unpruned": stock, "pruned": pruned}, inputs, new_tokens, repeats, inputs["input_ids"].shape[1])
     base, ours = runs["unpruned"], runs["pruned"]
     steps.update()
-    overhead = scoring_share(pruned, inputs) if method in ("ivtp", "topk+", "tome+") else None
+    scored = method in ("ivtp", "topk+", "tome+")
+    profiled = scoring_share(pruned, inputs, trace) if scored or trace else None
+    overhead = profiled if scored else None
     steps.update()
     steps.close()
 
@@ -354,4 +362,5 @@ def bench(preset: str, method: str, visual_tokens: int, device: str = "cpu", dty
                     "flops_speedup_llm": f_base["llm"] / f_ours["llm"]},
         },
         "scoring_overhead": overhead,
+        "trace": trace,
     }

@@ -106,6 +106,18 @@ def test_paired_quartiles_against_hand_values():
     assert _quartiles([2.5]) == [2.5, 2.5]
 
 
+@pytest.mark.parametrize("method, scored", [("ivtp", True), ("topk", False)])
+def test_bench_writes_a_chrome_trace_of_a_pruned_prefill(capsys, tmp_path, method, scored):
+    path = tmp_path / "prefill.json"
+    assert main(["bench", "--preset", "tiny-random", "--method", method, "--repeats", "1", "--new-tokens", "1",
+                 "--allocator", "default", "--trace", str(path), "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["trace"] == str(path) and (out["scoring_overhead"] is not None) == scored
+    names = {e.get("name") for e in json.loads(path.read_text())["traceEvents"]}
+    assert "ivtp.score" in names  # each method labels its selection
+    assert ("ivtp.guidance" in names) == scored  # only IVTP's pseudo-CLS has text guidance
+
+
 def test_bench_rejects_an_unknown_allocator():
     with pytest.raises(ValueError, match="allocator"):
         bench("tiny-random", "ivtp", 64, allocator="jemalloc")
