@@ -210,8 +210,7 @@ def _probe_scores(attn, probe: dict, query, key, value) -> None:
         queries = torch.cat([take(query), probe["pcls_q"]], dim=2)  # (B', H, Nv + 1, Dh)
         probe["attn"] = None
         if fused_maps.available(queries):  # Triton, no (B', H, n, n) tensor (ivtp/ops/fused_maps.py)
-            key_ok = torch.cat([ok, ok.new_ones(ok.shape[0], 1)], dim=1)  # (B', Nv + 1)
-            probe["attn"] = fused_maps.maps(queries, keys, attn.scaling, key_ok, causal=True)
+            probe["attn"] = fused_maps.maps(queries, keys, attn.scaling, probe["pcls_key_ok"], causal=True)
         if probe["attn"] is None:
             probe["attn"] = head_mean_attention(queries, keys, attn.scaling, probe["mask"])  # (B', Nv + 1, Nv + 1)
     else:
@@ -220,19 +219,18 @@ def _probe_scores(attn, probe: dict, query, key, value) -> None:
         probe["vnorm"] = torch.cat([vn, vn.new_zeros(vn.shape[0], 1)], dim=1)  # the query's own norm is unused
 
 
-def probe_mask(vis_ok: torch.Tensor, mode: str) -> torch.Tensor:
+def probe_mask(key_ok: torch.Tensor, mode: str) -> torch.Tensor:
     """The additive float32 mask of a probe over {visual tokens, pseudo-CLS}, the pseudo-CLS last.
 
-    vis_ok: (B', Nv) which visual entries are real. 'full' (every query): causal, padded keys masked, each query
-    sees at least itself -> (B', 1, Nv + 1, Nv + 1). 'row' (the pseudo-CLS query): padded keys masked ->
-    (B', 1, 1, Nv + 1). They depend on the slots alone, so a run builds them once per segment."""
+    key_ok: (B', Nv + 1) which entries are real (the pseudo-CLS always). 'full' (every query): causal, padded keys
+    masked, each query sees at least itself -> (B', 1, Nv + 1, Nv + 1). 'row' (the pseudo-CLS query): padded keys
+    masked -> (B', 1, 1, Nv + 1). They depend on the slots alone, so a run builds them once per segment."""
     neg = torch.finfo(torch.float32).min
-    key_ok = torch.cat([vis_ok, vis_ok.new_ones(vis_ok.shape[0], 1)], dim=1)  # (B', Nv + 1)
     if mode == "row":
         return torch.where(key_ok, 0.0, neg)[:, None, None, :]
     n = key_ok.shape[1]
-    causal = torch.ones(n, n, dtype=torch.bool, device=vis_ok.device).tril()
-    allowed = (causal & key_ok[:, None, :]) | torch.eye(n, dtype=torch.bool, device=vis_ok.device)
+    causal = torch.ones(n, n, dtype=torch.bool, device=key_ok.device).tril()
+    allowed = (causal & key_ok[:, None, :]) | torch.eye(n, dtype=torch.bool, device=key_ok.device)
     return torch.where(allowed, 0.0, neg)[:, None]
 
 
@@ -397,7 +395,7 @@ class _PrefillRun:
         self.last_probe: dict | None = None
         self._vis_slots: tuple[torch.Tensor, torch.Tensor] | None = None
         self._pcls_slots: tuple | None = None  # _pseudo_cls' slot-dependent part
-        self._masks: dict[str, torch.Tensor] = {}  # probe_mask per mode
+        self._masks: dict[str, torch.Tensor] = {}  # the probes' key_ok, and probe_mask per mode
 
     def _group_of(self, idx: int):
         for g, (lo, hi) in enumerate(self.plan.groups):
@@ -429,9 +427,13 @@ class _PrefillRun:
             target = self.g.last_prompt[rows][:, None]  # (B', 1)
             self.last_probe["query_slot"] = (self.slot_pos[rows] == target).float().argmax(-1)  # (B',)
         else:
-            if mode not in self._masks:  # built once per segment (reset at each drop, with the slots)
-                self._masks[mode] = probe_mask(vis_ok, mode)
-            self.last_probe["mask"] = self._masks[mode]
+            # Built once per segment (reset at each drop, with the slots): which of {visual, pseudo-CLS} are real
+            # keys, and the mask of this probe's mode (the fused maps take the former, the torch ops the latter).
+            if "key_ok" not in self._masks:
+                self._masks["key_ok"] = torch.cat([vis_ok, vis_ok.new_ones(vis_ok.shape[0], 1)], dim=1)  # (B', Nv + 1)
+            if mode not in self._masks:
+                self._masks[mode] = probe_mask(self._masks["key_ok"], mode)
+            self.last_probe["mask"], self.last_probe["pcls_key_ok"] = self._masks[mode], self._masks["key_ok"]
             self.last_probe.update(self._pseudo_cls(layer, hidden, rows, vis_idx, vis_ok))
         return self.last_probe
 
