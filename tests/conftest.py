@@ -64,3 +64,15 @@ def assert_cache_matches_recompute(model, batch, new_tokens: int) -> None:
     assert torch.equal(cached.sequences, uncached.sequences)
     for a, b in zip(cached.logits, uncached.logits):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+
+
+def assert_static_cache_matches_dynamic(model, batch, new_tokens: int) -> None:
+    """Greedy generation on a static KV cache (preallocated, every layer as long as the longest) equals generation
+    on the default dynamic cache, in tokens and in every step's logits."""
+    kwargs = dict(max_new_tokens=new_tokens, do_sample=False, return_dict_in_generate=True, output_logits=True)
+    with torch.no_grad():
+        dynamic = model.generate(**batch, **kwargs)
+        static = model.generate(**batch, cache_implementation="static", **kwargs)
+    assert torch.equal(static.sequences, dynamic.sequences)
+    for a, b in zip(static.logits, dynamic.logits):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)

@@ -240,11 +240,23 @@ def patch_llama_attention(attn: nn.Module) -> None:
 
 
 # ---- masks -------------------------------------------------------------------------------------------------------
-def _format_mask(allowed: torch.Tensor, impl: str, dtype: torch.dtype) -> torch.Tensor:
-    """A (B, 1, q, k) boolean 'may attend' mask in the form the attention implementation takes."""
+def _format_mask(allowed: torch.Tensor, impl: str, dtype: torch.dtype, keys: int | None = None) -> torch.Tensor:
+    """A (B, 1, q, k) boolean 'may attend' mask in the form the attention implementation takes, widened with
+    hidden keys to `keys` columns: what the layer's cache hands attention (a static cache: all its slots)."""
+    if keys is not None and keys > allowed.shape[-1]:
+        allowed = nn.functional.pad(allowed, (0, keys - allowed.shape[-1]), value=False)  # (B, 1, q, keys)
     if impl == "sdpa":
         return allowed
     return torch.where(allowed, 0.0, torch.finfo(dtype).min).to(dtype)
+
+
+def _key_width(cache, layer_idx: int, q_len: int, own: int) -> int:
+    """How many keys layer `layer_idx`'s attention will see after its cache takes q_len new tokens: `own` (the
+    segment's slots) for a growing cache or none, the cache's whole length for a static one (it returns every
+    preallocated slot, the empty ones included)."""
+    if cache is None:
+        return own
+    return max(own, int(cache.get_mask_sizes(q_len, layer_idx)[0]))
 
 
 def _prefill_mask(slot_pos: torch.Tensor, key_ok: torch.Tensor) -> torch.Tensor:
@@ -309,7 +321,8 @@ class PrunedLlamaModel:
             inputs_embeds = self.embed_tokens(input_ids)
         if use_cache and past_key_values is None:
             past_key_values = DynamicCache(config=self.config)
-        past_len = past_key_values.get_seq_length() if past_key_values is not None else 0
+        # A plain int: a static cache returns its layer-0 counter, a tensor that layer 0 advances in place.
+        past_len = int(past_key_values.get_seq_length()) if past_key_values is not None else 0
         if position_ids is None:
             position_ids = (torch.arange(inputs_embeds.shape[1], device=inputs_embeds.device) + past_len)[None]
         causal_mask = create_causal_mask(config=self.config, inputs_embeds=inputs_embeds,
@@ -322,7 +335,8 @@ class PrunedLlamaModel:
         decode = getattr(past_key_values, "ivtp_decode", None) if past_len > 0 else None
         run = None
         if ivtp_guidance is not None and past_len == 0 and bool(ivtp_guidance.visual.any()):
-            run = _PrefillRun(self, ivtp_guidance, hidden, attention_mask, position_ids, position_embeddings)
+            run = _PrefillRun(self, ivtp_guidance, hidden, attention_mask, position_ids, position_embeddings,
+                              past_key_values)
         decode_masks: dict[int, torch.Tensor | None] = {}  # one mask per pruned segment, shared by its layers
         # The stock mask builder gives SDPA no mask for one new token without padding (create_causal_mask).
         sdpa_unmasked = (decode is not None and causal_mask is None and hidden.shape[1] == 1
@@ -335,13 +349,16 @@ class PrunedLlamaModel:
                 probe = run.probe(idx, layer, hidden)
             elif decode is not None and (seg := decode.segment_for(idx)) is not None:
                 if seg not in decode_masks:
-                    if sdpa_unmasked and decode.dense[seg]:
+                    seg_ok = decode.segments[seg][1]  # (B, S)
+                    own = seg_ok.shape[1] + past_len - decode.prefill_len + hidden.shape[1]  # prefill slots + new
+                    keys = _key_width(past_key_values, idx, hidden.shape[1], own)
+                    if sdpa_unmasked and decode.dense[seg] and keys == own:
                         # One query that may see every key: SDPA needs no mask, as the stock layers get none.
                         decode_masks[seg] = None
                     else:
-                        allowed = _decode_mask(decode.segments[seg][1], attention_mask, decode.prefill_len,
-                                               past_len, hidden.shape[1])
-                        decode_masks[seg] = _format_mask(allowed, self.config._attn_implementation, hidden.dtype)
+                        allowed = _decode_mask(seg_ok, attention_mask, decode.prefill_len, past_len, hidden.shape[1])
+                        decode_masks[seg] = _format_mask(allowed, self.config._attn_implementation, hidden.dtype,
+                                                         keys)
                 mask = decode_masks[seg]
             hidden = layer(hidden, attention_mask=mask, position_embeddings=pos_emb, position_ids=pos_ids,
                            past_key_values=past_key_values, use_cache=use_cache, ivtp_probe=probe, **kwargs)
@@ -360,8 +377,10 @@ class _PrefillRun:
     """The slot bookkeeping of one pruned prefill. A slot is a sequence position still present in a row; rows
     that keep fewer tokens end in filler slots, which nothing attends to and whose outputs are discarded."""
 
-    def __init__(self, model, guidance: LLMGuidance, hidden, attention_mask, position_ids, position_embeddings):
+    def __init__(self, model, guidance: LLMGuidance, hidden, attention_mask, position_ids, position_embeddings,
+                 cache=None):
         self.model = model
+        self.cache = cache  # the KV cache the layers fill (its kind sets how many keys a layer's attention sees)
         self.plan: LLMPlan = model.ivtp_llm_plan
         self.g = guidance
         b, length = guidance.visual.shape
@@ -600,6 +619,7 @@ class _PrefillRun:
         self.position_embeddings = tuple(torch.gather(e, 1, self.slot_pos[..., None].expand(-1, -1, e.shape[-1]))
                                          for e in self.full_embeddings)
         impl = self.model.config._attn_implementation
+        keys = _key_width(self.cache, idx + 1, width, width)
         if impl == "sdpa" and dense:
             # No padding and no fillers: kept tokens stay in position order, so the mask would be the plain
             # causal one, and SDPA reads a missing mask as causal (eager would read it as no mask). Its causal
@@ -607,7 +627,7 @@ class _PrefillRun:
             # 166-230 tokens on a CPU.
             self.mask = None
         else:
-            self.mask = _format_mask(_prefill_mask(self.slot_pos, self.slot_ok), impl, hidden.dtype)
+            self.mask = _format_mask(_prefill_mask(self.slot_pos, self.slot_ok), impl, hidden.dtype, keys)
         self.segments.append((idx + 1, self.slot_ok.clone()))
         self.dense.append(bool(dense))
         self.n_visual.append(self.slot_visual.sum(-1))

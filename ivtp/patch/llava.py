@@ -313,7 +313,17 @@ class PrunedLlavaForConditionalGeneration:
                                  "reordered between beams; use greedy or sampling")
             if input_ids is not None:
                 kwargs["ivtp_prompt_len"] = input_ids.shape[1]
+            # With a static cache, generate compiles the decoder on a GPU by itself. The in-LLM stage's decoder
+            # reads the cache length on the host and builds per-segment masks, which a compiled graph would
+            # recompile for at every step; it runs eagerly unless the caller asks otherwise.
+            kwargs.setdefault("disable_compile", True)
         return super().generate(input_ids, ivtp_shrunk=True, **kwargs)
+
+    def create_masks_for_generate(self, attention_mask=None, **kwargs):
+        """generate() turns the 2-D padding mask into 4-D masks ahead of the forward when the cache is static (for
+        a compiled decoder). A pruned model keeps the 2-D mask: it shrinks it with the <image> runs, and its pruned
+        layers build their own masks from it; the decoder builds the stock layers' 4-D masks in the forward."""
+        return attention_mask
 
     def save_pretrained(self, save_directory, *args, **kwargs):
         """Weights in the llava-hf layout, with ivtp_config.json beside them."""

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from conftest import assert_cache_matches_recompute, batch_of, prompt
+from conftest import assert_cache_matches_recompute, assert_static_cache_matches_dynamic, batch_of, prompt
 from ivtp import ConfigError, PruneConfig, apply_pruning
 from ivtp.config import METHODS
 from ivtp.models import tiny_aligner
@@ -80,6 +80,7 @@ def test_in_llm_methods_decode_exactly_with_the_cache(small_llava, images, metho
     model, processor = pruned(small_llava, {"method": method, **AT_16[method]})
     batch = batch_of(processor, images(2) + [None], ["What colour is it?", "Is there a big red square?", "Hi"])
     assert_cache_matches_recompute(model, batch, new_tokens=6)
+    assert_static_cache_matches_dynamic(model, batch, new_tokens=6)
 
 
 def test_fastv_scores_the_last_tokens_attention_at_layer_k(small_llava, images):

@@ -4,7 +4,7 @@ import pytest
 import torch
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
-from conftest import assert_cache_matches_recompute, batch_of
+from conftest import assert_cache_matches_recompute, assert_static_cache_matches_dynamic, batch_of
 from ivtp import ConfigError, apply_pruning
 from ivtp.models import tiny_aligner
 from ivtp.ops import gtp_scores, head_mean_attention, rollout_query_row, value_norms
@@ -115,6 +115,37 @@ def test_unpadded_decoding_on_sdpa_builds_no_masks_and_matches_eager(small_llava
     assert torch.equal(sdpa.sequences, eager.sequences)
     for a, b in zip(sdpa.logits, eager.logits):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("impl", ["sdpa", "eager"])
+@pytest.mark.parametrize("rows", [1, 3])
+def test_static_cache_generation_equals_the_dynamic_cache(small_llava, images, impl, rows):
+    """A static cache hands each layer's attention every preallocated slot, so the pruned layers' masks must hide
+    the slots past their own, shorter, segment: in the prefill and at each decode step. One unpadded row (SDPA
+    takes no mask in the prefill) and a left-padded batch with a text-only row."""
+    model, processor = small_llava()
+    model.config.text_config._attn_implementation = impl
+    apply_pruning(model, stage2(), aligner=tiny_aligner(), tokenizer=processor.tokenizer)
+    batch = batch_of(processor, (images(2) + [None])[:rows], QUESTIONS[:rows])
+    assert_static_cache_matches_dynamic(model, batch, new_tokens=8)
+
+
+def test_generate_keeps_the_in_llm_stage_eager_unless_asked(small_llava, images, monkeypatch):
+    """With a static cache, generate would compile the decoder by itself on a GPU; the in-LLM stage's host-side
+    segment logic would recompile at every step, so it is left eager unless the caller says disable_compile=False."""
+    from transformers.generation.utils import GenerationMixin
+
+    seen = []
+    real = GenerationMixin._valid_auto_compile_criteria
+    monkeypatch.setattr(GenerationMixin, "_valid_auto_compile_criteria",
+                        lambda self, kw, cfg: seen.append(cfg.disable_compile) or real(self, kw, cfg))
+    model, processor = pruned(small_llava, stage2())
+    batch = batch_of(processor, images(1), QUESTIONS[:1])
+    with torch.no_grad():
+        model.generate(**batch, max_new_tokens=3, do_sample=False, cache_implementation="static")
+        model.generate(**batch, max_new_tokens=3, do_sample=False, cache_implementation="static",
+                       disable_compile=False)
+    assert seen and seen[0] is True and seen[-1] is False
 
 
 def test_left_padded_batch_equals_single_samples(small_llava, images):
