@@ -170,10 +170,11 @@ class GTPLlamaAttention(nn.Module):
         if past_key_values is not None:
             key, value = past_key_values.update(key, value, self.layer_idx)
         attention = ALL_ATTENTION_FUNCTIONS.get_interface(self.config._attn_implementation, eager_attention_forward)
-        out, _ = attention(self, query, key, value, attention_mask,
-                           dropout=0.0 if not self.training else self.attention_dropout, scaling=self.scaling,
-                           **kwargs)
-        return self.o_proj(out.reshape(*input_shape, -1).contiguous()), None
+        out, weights = attention(self, query, key, value, attention_mask,
+                                 dropout=0.0 if not self.training else self.attention_dropout, scaling=self.scaling,
+                                 **kwargs)
+        # The weights (eager only) go back as the stock layer returns them, so output_attentions lists every layer.
+        return self.o_proj(out.reshape(*input_shape, -1).contiguous()), weights
 
 
 def _probe_scores(attn, probe: dict, query, key, value) -> None:

@@ -40,6 +40,30 @@ def test_keep_all_in_both_stages_equals_the_stock_model(small_llava, images):
     assert model.ivtp_state.last_llm_trace.counts == [[N, N, N], [N, N, N], []]
 
 
+def test_output_attentions_lists_every_layer(small_llava, images):
+    """The scored layers return their attention weights like the stock ones (eager): with keep-all, layer by layer
+    the same maps as the stock model; pruned, one map per layer, as wide as that layer's sequence."""
+    stock, processor = small_llava()
+    keep_all, _ = pruned(small_llava, {"vision": {"keep": 1.0}, "llm": {"keep": 1.0, "layers": 6, "tau": -1.0}})
+    model, _ = pruned(small_llava, stage2(tau=-1.0))
+    for m in (stock, keep_all, model):
+        m.config.text_config._attn_implementation = "eager"
+    batch = batch_of(processor, images(2), QUESTIONS[:2])
+    with torch.no_grad():
+        ref, same, out = (m(**batch, output_attentions=True, output_hidden_states=True) for m in (stock, keep_all, model))
+    layers = stock.config.text_config.num_hidden_layers
+    assert len(ref.attentions) == len(same.attentions) == len(out.attentions) == layers
+    real = batch["attention_mask"].bool()  # a left-padding query's row is never read, and the two fill it apart
+    for a, b in zip(same.attentions, ref.attentions):
+        torch.testing.assert_close(a.transpose(1, 2)[real], b.transpose(1, 2)[real], rtol=0, atol=1e-6)
+    # Layer l attends over the tokens that enter it, as wide as its output hidden_states[l + 1] (the pruning comes
+    # after the layer; the last entry is the final output, put back at full length). The first 6 layers are
+    # scored, 3 per group.
+    widths = [h.shape[1] for h in out.hidden_states[1:layers]]
+    assert [a.shape[-1] for a in out.attentions[:-1]] == widths
+    assert widths[0] > widths[3] > widths[6] == widths[-1]
+
+
 def test_kv_cache_holds_exactly_the_kept_tokens_and_never_the_pseudo_cls(small_llava, images):
     model, processor = pruned(small_llava, stage2(tau=-1.0))
     batch = batch_of(processor, images(1), QUESTIONS[:1])
