@@ -60,12 +60,14 @@ class ToMeMatch:
         if mode not in ("sum", "mean"):
             raise ValueError(f"tome: mode must be 'sum' or 'mean', got {mode!r}")
         d = x.shape[-1]
-        out = x.to(torch.promote_types(x.dtype, torch.float32), copy=True)  # (B, N, D)
+        out = x.to(torch.promote_types(x.dtype, torch.float32))  # (B, N, D)
         if self.r:
             moved = torch.gather(out, 1, self.src.unsqueeze(-1).expand(-1, -1, d))  # (B, r, D)
             reduce = "sum" if mode == "sum" else "mean"
-            # include_self: the destination's own value takes part in the sum or the mean.
-            out.scatter_reduce_(1, self.dst.unsqueeze(-1).expand(-1, -1, d), moved, reduce=reduce, include_self=True)
+            # include_self: the destination's own value takes part in the sum or the mean. Out of place: the
+            # gather above keeps `out` for its backward pass, so an in-place scatter would break training.
+            out = out.scatter_reduce(1, self.dst.unsqueeze(-1).expand(-1, -1, d), moved, reduce=reduce,
+                                     include_self=True)
         return torch.gather(out, 1, self.keep.unsqueeze(-1).expand(-1, -1, d)).to(x.dtype)  # (B, N - r, D)
 
     __call__ = merge

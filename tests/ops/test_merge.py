@@ -78,6 +78,19 @@ def test_random_merge_conserves_the_size_weighted_sum_and_keeps_order():
     torch.testing.assert_close((size3 * x3).sum(1), (size * x).sum(1), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("mode", ["sum", "mean"])
+def test_merges_are_differentiable(mode):
+    # A trainable tower (or activation checkpointing, which makes the tower's inputs require grad) backpropagates
+    # through the merges: gradcheck against finite differences, in float64.
+    torch.manual_seed(0)
+    keys = torch.randn(2, 9, 4, dtype=torch.float64)
+    match = bipartite_soft_matching(keys, r=3, protect_cls=True)
+    x = torch.randn(2, 9, 5, dtype=torch.float64, requires_grad=True)
+    size = torch.rand(2, 9, 1, dtype=torch.float64) + 0.5
+    assert torch.autograd.gradcheck(lambda t: match.merge(t, mode=mode), (x,))
+    assert torch.autograd.gradcheck(lambda t: merge_weighted(t, size, match)[0], (x,))
+
+
 def test_each_merged_token_joined_its_best_match():
     torch.manual_seed(1)
     keys = torch.randn(2, 30, 8)
