@@ -469,10 +469,15 @@ class _PrefillRun:
         return self._vis_slots
 
     @torch.profiler.record_function("ivtp.score")
+    @torch.no_grad()
     def _pseudo_cls(self, layer, hidden, rows, vis_idx, vis_ok) -> dict:
         """Eq. 8 at this layer: mean hidden state of the selected instruction tokens, or the fallback, through the
         layer's own input norm; and the RoPE of the position right after the last visual token. The layer's
-        attention projects it with its own q/k weights (GTPLlamaAttention.forward)."""
+        attention projects it with its own q/k weights (GTPLlamaAttention.forward).
+
+        Without a graph: the pseudo-CLS only scores, and its column is cut from the layer's q/k before attention.
+        A graph would also tie the layer's inputs to the outer forward, which reentrant checkpointing cannot
+        replay (it would run the backward of the outer graph twice)."""
         if self._pcls_slots is None:  # which slots to average and where the pseudo-CLS sits: fixed until a drop
             sel = torch.gather(self.g.text_select[rows], 1, self.slot_pos[rows]) & self.slot_real[rows]  # (B', S)
             count = sel.sum(-1, keepdim=True)  # (B', 1)

@@ -233,8 +233,14 @@ class PrunedLlavaForConditionalGeneration:
         for r in range(len(images)):
             row_images = [next(feats) for _ in range(int(images[r]))]
             text_pos = torch.nonzero(instr[r]).flatten()
-            if not row_images or len(text_pos) == 0:
+            if not row_images:
                 continue
+            if len(text_pos) == 0:  # SparseVLM ranks the image by the text's attention: no text, no ranking
+                raise ValueError(
+                    f"sparsevlm: row {r} has an image but no instruction text after it to rate the visual tokens "
+                    "(the prompt ends at the image, or the labels supervise the instruction too: only unsupervised "
+                    "tokens after the last image count). SparseVLM needs a text prompt; IVTP falls back to the "
+                    "image's [CLS] instead")
             vis = torch.cat(row_images)[None].to(embeds.dtype)  # (1, Nv, D)
             chosen = select_raters(text_relevance(vis, embeds[r, text_pos][None]))[0]  # (Nt,)
             raters[r, text_pos[chosen]] = True

@@ -83,6 +83,43 @@ def test_in_llm_methods_decode_exactly_with_the_cache(small_llava, images, metho
     assert_static_cache_matches_dynamic(model, batch, new_tokens=6)
 
 
+@pytest.mark.parametrize("reentrant", [False, True])
+@pytest.mark.parametrize("method", sorted(AT_16))
+def test_gradient_checkpointing_gives_the_same_loss_and_gradients(small_llava, images, method, reentrant):
+    """LLaVA's recipe trains with gradient checkpointing: recomputing each layer in the backward pass (either torch
+    flavour) must give the gradients of the plain run, with the pruning active."""
+    results = []
+    for checkpointing in (False, True):
+        model, processor = pruned(small_llava, {"method": method, **AT_16[method]})
+        model.train()
+        for name, p in model.named_parameters():
+            p.requires_grad_("vision_tower" not in name)  # the tower stays frozen, as in LLaVA-1.5
+        if checkpointing:
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": reentrant})
+        batch = batch_of(processor, images(2) + [None], ["What colour is it?", "Is there a big red square?", "Hi"],
+                         padding_side="right")
+        labels = torch.full_like(batch["input_ids"], -100)  # the last two tokens are the answer
+        end = batch["attention_mask"].sum(1)
+        for r in range(3):
+            labels[r, end[r] - 2 : end[r]] = batch["input_ids"][r, end[r] - 2 : end[r]]
+        out = model(**batch, labels=labels)
+        out.loss.backward()
+        results.append((out.loss.detach(), {n: p.grad for n, p in model.named_parameters() if p.grad is not None}))
+    (loss, grads), (loss_ckpt, grads_ckpt) = results
+    torch.testing.assert_close(loss_ckpt, loss, rtol=0, atol=1e-6)
+    assert grads_ckpt.keys() == grads.keys() and any("language_model" in n for n in grads)
+    for name, g in grads.items():
+        torch.testing.assert_close(grads_ckpt[name], g, rtol=1e-5, atol=1e-7, msg=name)
+
+
+def test_sparsevlm_without_instruction_text_says_why(small_llava, images):
+    model, processor = pruned(small_llava, {"method": "sparsevlm", **AT_16["sparsevlm"]})
+    processor.tokenizer.padding_side = "left"
+    batch = processor(images=images(1), text=["USER: describe <image>"], return_tensors="pt")  # nothing after it
+    with pytest.raises(ValueError, match="row 0 has an image but no instruction text"):
+        model(**batch)
+
+
 def test_fastv_scores_the_last_tokens_attention_at_layer_k(small_llava, images):
     """FastV keeps the visual tokens that the last prompt token attends to most at layer K (eager reference)."""
     model, processor = pruned(small_llava, {"method": "fastv", "fastv": {"layer": 2, "keep": 16}})
