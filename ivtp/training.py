@@ -130,6 +130,7 @@ def load_for_training(args: ModelArguments, dtype=None):
     if config is not None:
         apply_pruning(model, config, aligner=preset_aligner(args.model_name_or_path), tokenizer=processor.tokenizer)
     model = set_trainable(model, args)
+    detach_frozen_tower(model)
     return model, processor, config
 
 
@@ -151,6 +152,28 @@ def set_trainable(model, args: ModelArguments):
         model.model.language_model.requires_grad_(True)
         model.lm_head.requires_grad_(True)
     return model
+
+
+def detach_frozen_tower(model) -> None:
+    """Run a frozen vision tower without an autograd graph, as LLaVA-1.5's own code does (its tower forward is
+    under no_grad).
+
+    With activation checkpointing, transformers makes the output of every input embedding require grad, the
+    tower's patch embedding included. The frozen tower then records a graph, keeps its activations (for GTP, the
+    float32 attention maps of its rollout layers) and runs a backward pass whose gradients nothing uses. A hook on
+    the tower's first layer norm cuts the graph there while no tower parameter trains; a tower that trains is left
+    alone. Idempotent."""
+    tower = unwrap(model).model.vision_tower
+    norm = tower.pre_layrnorm  # every tower forward, stock or pruned (prune_vision_tower), goes through it
+    if getattr(norm, "_ivtp_detach_hook", None) is not None:
+        return
+
+    def detach_if_frozen(module, args, output):
+        if output.requires_grad and not any(p.requires_grad for p in tower.parameters()):
+            return output.detach()
+        return None
+
+    norm._ivtp_detach_hook = norm.register_forward_hook(detach_if_frozen)
 
 
 def unwrap(model):

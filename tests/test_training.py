@@ -15,7 +15,7 @@ from ivtp import load_pruned
 from ivtp.data.llava import Collator, LlavaDataset, MissingImageError, load_records
 from ivtp.data.templates import ConversationError
 from ivtp.models import tiny_aligner, tiny_random
-from ivtp.training import build_trainer, parse_args, load_for_training, save_final
+from ivtp.training import build_trainer, detach_frozen_tower, parse_args, load_for_training, save_final
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DATA = os.path.join(ROOT, "data", "fixtures", "tiny_llava.json")
@@ -183,3 +183,53 @@ def test_launcher_flags_are_training_arguments(script):
     assert len(flags) >= 4
     unknown = sorted(set(flags) - known)
     assert unknown == [], f"{script}: not training arguments: {unknown}"
+
+
+def _step(model, batch):
+    """One forward and backward pass; the loss and every gradient, by parameter name."""
+    labels = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
+    out = model(**batch, labels=labels)
+    out.loss.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad(set_to_none=True)
+    return out.loss.detach(), grads
+
+
+def test_a_frozen_tower_records_no_graph_under_activation_checkpointing():
+    """Checkpointing makes the tower's patch embeddings require grad; the frozen tower must still record no graph
+    (LLaVA runs it under no_grad), with the same loss and gradients. A tower that trains keeps its gradients."""
+    import numpy as np
+    from PIL import Image
+
+    from conftest import batch_of
+    from ivtp import apply_pruning
+
+    rng = np.random.RandomState(0)
+    pictures = [Image.fromarray((rng.rand(112, 112, 3) * 255).astype("uint8")) for _ in range(2)]
+    runs = []
+    for detach in (False, True):
+        model, processor = tiny_random(0, image_size=112)
+        apply_pruning(model, {"vision": {"keep": 32}, "llm": {"keep": 8, "layers": 6}}, aligner=tiny_aligner(),
+                      tokenizer=processor.tokenizer)
+        model.train()
+        model.requires_grad_(False)
+        model.model.multi_modal_projector.requires_grad_(True)
+        model.model.language_model.requires_grad_(True)
+        model.activation_checkpointing_enable()
+        if detach:
+            detach_frozen_tower(model)
+            detach_frozen_tower(model)  # a second call adds nothing
+        seen = []
+        model.model.vision_tower.encoder.layers[0].register_forward_pre_hook(
+            lambda m, args, kwargs: seen.append(args[0].requires_grad), with_kwargs=True)
+        batch = batch_of(processor, pictures, ["What colour is it?", "Is there a square?"], padding_side="right")
+        runs.append((_step(model, batch), seen[0]))
+    ((loss, grads), graph), ((loss_cut, grads_cut), graph_cut) = runs
+    assert graph and not graph_cut  # without the hook the frozen tower's first layer sees a graph
+    torch.testing.assert_close(loss_cut, loss, rtol=0, atol=0)
+    assert grads_cut.keys() == grads.keys()
+    for name in grads:
+        torch.testing.assert_close(grads_cut[name], grads[name], rtol=0, atol=0, msg=name)
+    model.model.vision_tower.requires_grad_(True)  # unfrozen: the hook steps aside
+    _, grads = _step(model, batch)
+    assert any("vision_tower.encoder" in n for n in grads)
