@@ -233,3 +233,12 @@ def test_a_frozen_tower_records_no_graph_under_activation_checkpointing():
     model.model.vision_tower.requires_grad_(True)  # unfrozen: the hook steps aside
     _, grads = _step(model, batch)
     assert any("vision_tower.encoder" in n for n in grads)
+
+
+def test_train_step_bench_script_runs_and_both_ways_agree():
+    out = subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "bench_train_step.py"), "--preset",
+                          "tiny-random", "--visual-tokens", "16", "--steps", "1"],
+                         capture_output=True, text=True, check=True, cwd=ROOT).stdout.splitlines()
+    lines = [line for line in out if line.startswith("tiny-random ivtp:")]
+    assert len(lines) == 2 and "with a graph" in lines[0] and "without a graph" in lines[1]
+    assert lines[0].split("loss ")[1] == lines[1].split("loss ")[1]
