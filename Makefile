@@ -40,7 +40,8 @@ train-smoke: $(STAMP)
 		--prune-config configs/ivtp_64.yaml --model_name_or_path tiny-random \
 		--data_path data/fixtures/tiny_llava.json --image_folder data/fixtures/images \
 		--output_dir ivtp_out/train-smoke --max_steps 3 --per_device_train_batch_size 2 \
-		--learning_rate 1e-3 --use_cpu True --report_to none --save_strategy no --logging_steps 1
+		--learning_rate 1e-3 --use_cpu True --report_to none --save_strategy no --logging_steps 1 \
+		--gradient_checkpointing True
 	test -f ivtp_out/train-smoke/ivtp_config.json && test -f ivtp_out/train-smoke/model.safetensors
 
 # The CPU-trainable miniature (docs/testbed.md): data, tiny CLIP, tiny LLaVA trained unpruned and IVTP-retrained
