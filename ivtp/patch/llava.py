@@ -252,7 +252,8 @@ class PrunedLlavaForConditionalGeneration:
     def _instruction_text(self, input_ids, instr) -> gd.InstructionText:
         """The image-independent half of IVTP's CLIP guidance (gd.prepare_clip). instr: (B, L) bool."""
         state = self.ivtp_state
-        state.aligner.to(input_ids.device)  # no-op once it is there; model.to() does not reach it
+        if state.aligner.visual_proj.device != input_ids.device:  # model.to() does not reach it
+            state.aligner.to(input_ids.device)  # (a no-op .to() still walks every parameter: ~1 ms for ViT-L's)
         return gd.prepare_clip(state.aligner, state.tokenizer, input_ids, instr)
 
     @torch.profiler.record_function("ivtp.guidance")  # `ivtp bench` prices this range (the aligner) as scoring
