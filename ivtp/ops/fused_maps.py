@@ -74,11 +74,17 @@ if triton is not None:
     _NEG = tl.constexpr(NEG)  # jit functions may read globals that are constexpr only
 
     @triton.jit
+    def _tile(ptr, b, h, idx, dims, s_b, s_h, s_n, s_d, n, d):
+        """(len(idx), BLOCK_D) rows `idx` of head h of batch row b of a (B, H, n, d) tensor; rows past n and
+        columns past d read as 0."""
+        return tl.load(ptr + b * s_b + h * s_h + idx[:, None] * s_n + dims[None, :] * s_d,
+                       mask=(idx[:, None] < n) & (dims[None, :] < d), other=0.0)
+
+    @triton.jit
     def _logits(q, k_ptr, rows, cols, dims, b, h, sk_b, sk_h, sk_n, sk_d, ok_ptr, sok_b, n_k, d, scale,
                 CAUSAL: tl.constexpr, HAS_OK: tl.constexpr, PRECISION: tl.constexpr):
         """(BLOCK_M, BLOCK_N) scaled logits of one head for query rows `rows` and keys `cols`; masked: NEG."""
-        k = tl.load(k_ptr + b * sk_b + h * sk_h + cols[:, None] * sk_n + dims[None, :] * sk_d,
-                    mask=(cols[:, None] < n_k) & (dims[None, :] < d), other=0.0)
+        k = _tile(k_ptr, b, h, cols, dims, sk_b, sk_h, sk_n, sk_d, n_k, d)
         s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale
         allowed = (cols < n_k)[None, :] & (rows >= 0)[:, None]
         if HAS_OK:
@@ -99,8 +105,7 @@ if triton is not None:
         rows = pid * BLOCK_M + tl.arange(0, BLOCK_M)
         dims = tl.arange(0, BLOCK_D)
         row_ok = rows < n_q
-        q = tl.load(q_ptr + b * sq_b + h * sq_h + rows[:, None] * sq_n + dims[None, :] * sq_d,
-                    mask=row_ok[:, None] & (dims[None, :] < d), other=0.0)
+        q = _tile(q_ptr, b, h, rows, dims, sq_b, sq_h, sq_n, sq_d, n_q, d)
         m = tl.full([BLOCK_M], _NEG, tl.float32)
         den = tl.zeros([BLOCK_M], tl.float32)
         for start in range(0, n_k, BLOCK_N):
@@ -129,8 +134,7 @@ if triton is not None:
         row_ok = rows < n_q
         acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
         for h in range(n_heads):
-            q = tl.load(q_ptr + b * sq_b + h * sq_h + rows[:, None] * sq_n + dims[None, :] * sq_d,
-                        mask=row_ok[:, None] & (dims[None, :] < d), other=0.0)
+            q = _tile(q_ptr, b, h, rows, dims, sq_b, sq_h, sq_n, sq_d, n_q, d)
             stats = stats_ptr + ((b * n_heads + h) * 2) * n_q
             m = tl.load(stats + rows, mask=row_ok, other=0.0)
             den = tl.load(stats + n_q + rows, mask=row_ok, other=1.0)
