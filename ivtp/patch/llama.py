@@ -198,7 +198,8 @@ def _probe_scores(attn, probe: dict, query, key, value) -> None:
         allowed = (slots[None, None, :] <= probe["rater_idx"][:, :, None]) & probe["key_ok"][:, None, :]  # (B', Nt, S)
         logits = torch.matmul(q.float(), keys.float().transpose(-1, -2)) * attn.scaling  # (B', H, Nt, S)
         probs = logits.masked_fill(~allowed[:, None], neg).softmax(-1)
-        probe["attn_visual"] = torch.gather(probs, 3, idx[:, None, None, :].expand(-1, probs.shape[1], probs.shape[2], -1))
+        columns = idx[:, None, None, :].expand(-1, probs.shape[1], probs.shape[2], -1)  # (B', H, Nt, Nv)
+        probe["attn_visual"] = torch.gather(probs, 3, columns)
         return
     if "query_slot" in probe:  # FastV: the row's last token queries the visual tokens
         q = take(query, probe["query_slot"][:, None])  # (B', H, 1, Dh)
@@ -439,9 +440,10 @@ class _PrefillRun:
                            "vis_ok": vis_ok}
         if self.plan.scorer == "sparsevlm":  # the raters, as slots; short rows padded and marked
             raters = torch.gather(self.g.text_select[rows], 1, self.slot_pos[rows]) & self.slot_real[rows]
-            n_r = raters.sum(-1).clamp_min(1)
-            self.last_probe["rater_idx"] = torch.sort((~raters).to(torch.int8), dim=-1, stable=True).indices[:, : int(n_r.max())]
-            self.last_probe["rater_ok"] = torch.arange(int(n_r.max()), device=raters.device)[None] < raters.sum(-1)[:, None]
+            width = int(raters.sum(-1).clamp_min(1).max())  # the most raters of any row
+            order = torch.sort((~raters).to(torch.int8), dim=-1, stable=True).indices  # raters first, in order
+            self.last_probe["rater_idx"] = order[:, :width]  # (B', Nt)
+            self.last_probe["rater_ok"] = torch.arange(width, device=raters.device)[None] < raters.sum(-1)[:, None]
             self.last_probe["key_ok"] = self.slot_ok[rows]
         elif self.plan.scorer == "fastv":  # the prompt's last token: the slot still holding that position
             target = self.g.last_prompt[rows][:, None]  # (B', 1)

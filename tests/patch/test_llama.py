@@ -50,7 +50,8 @@ def test_output_attentions_lists_every_layer(small_llava, images):
         m.config.text_config._attn_implementation = "eager"
     batch = batch_of(processor, images(2), QUESTIONS[:2])
     with torch.no_grad():
-        ref, same, out = (m(**batch, output_attentions=True, output_hidden_states=True) for m in (stock, keep_all, model))
+        ref, same, out = (m(**batch, output_attentions=True, output_hidden_states=True)
+                          for m in (stock, keep_all, model))
     layers = stock.config.text_config.num_hidden_layers
     assert len(ref.attentions) == len(same.attentions) == len(out.attentions) == layers
     real = batch["attention_mask"].bool()  # a left-padding query's row is never read, and the two fill it apart
