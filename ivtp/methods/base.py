@@ -6,6 +6,7 @@ import torch
 from torch import nn
 
 from ivtp.patch.clip import CLS_INDEX, VisionOutput, VisionTrace, final_cls
+from ivtp.patch.probe import Probe
 
 
 class VisionRunner:
@@ -30,12 +31,12 @@ def encode(tower: nn.Module, pixel_values: torch.Tensor, used: int, probe_last: 
     """Run the feature layers unpruned. Returns the feature layer's tokens (B, 1 + N, D) and, from its last layer,
     the head-mean [CLS] attention row (B, 1 + N), ||V|| (B, 1 + N) and the head-mean keys (B, 1 + N, Dh)."""
     hidden = tower.pre_layrnorm(tower.embeddings(pixel_values))  # (B, 1 + N, D)
-    probe: dict = {}
+    probe: Probe | None = None
     for idx, layer in enumerate(tower.encoder.layers[:used]):
         last = probe_last and idx == used - 1
-        probe = {"mode": "row", "keys": True} if last else None
+        probe = Probe(mode="row", keys=True) if last else None
         hidden = layer(hidden, None, ivtp_probe=probe)
-    return hidden, probe or {}
+    return hidden, probe or Probe()
 
 
 def output(tower, hidden, kept, counts, want_final_cls, used) -> VisionOutput:

@@ -24,6 +24,7 @@ from ivtp.methods import register
 from ivtp.methods.base import VisionRunner, encode, output
 from ivtp.ops import gather_tokens
 from ivtp.patch.clip import layers_used, tower_patches
+from ivtp.patch.probe import Probe
 from ivtp.ops.merge import bipartite_soft_matching, merge_weighted, tome_schedule
 from ivtp.ops.peers import (
     cls_attention_keep,
@@ -170,7 +171,7 @@ class ToMeRunner(PeerRunner):
         counts = [self.num_patches]
         for layer, r in zip(tower.encoder.layers[: self.layers_used], self.schedule):
             bias = None if size is None else size.log().to(hidden.dtype).transpose(1, 2)[:, None]  # (B, 1, 1, n)
-            probe = {"mode": None, "keys": True}
+            probe = Probe(mode=None, keys=True)
             hidden = layer(hidden, bias, ivtp_probe=probe)
             if r:
                 match = bipartite_soft_matching(probe["keys"], r, protect_cls=True)

@@ -33,6 +33,7 @@ from ivtp.ops import (
     probe_modes,
     value_norms,
 )
+from ivtp.patch.probe import Probe
 
 CLS_INDEX = 0  # CLIP puts [CLS] first
 
@@ -58,7 +59,7 @@ class MapScratch:
 class GTPAttention(nn.Module):
     """Mixin forward for CLIPAttention; `patch_attention` builds the concrete subclass."""
 
-    def forward(self, hidden_states: torch.Tensor, attention_mask=None, ivtp_probe: dict | None = None, **kwargs):
+    def forward(self, hidden_states: torch.Tensor, attention_mask=None, ivtp_probe: Probe | None = None, **kwargs):
         if ivtp_probe is None:
             return super().forward(hidden_states, attention_mask, **kwargs)
         input_shape = hidden_states.shape[:-1]
@@ -233,9 +234,9 @@ def prune_vision_tower(vision_tower: nn.Module, pixel_values: torch.Tensor, plan
             continue
         lower: list[torch.Tensor] = []
         rows: list[torch.Tensor] = []
-        probe: dict | None = None
+        probe: Probe | None = None
         for layer_idx, mode in zip(range(lo, hi + 1), probe_modes(plan.aggregation, hi - lo + 1)):
-            probe = None if mode is None else {"mode": mode, "scratch": scratch}
+            probe = None if mode is None else Probe(mode=mode, scratch=scratch)
             hidden = layers[layer_idx](hidden, None, ivtp_probe=probe)  # (B, 1 + n, D)
             if mode == "full":
                 lower.append(probe["attn"])

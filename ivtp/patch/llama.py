@@ -31,6 +31,7 @@ from ivtp.config import ConfigError, LLMStage, resolve_budget
 from ivtp.ops import aggregate_group, fused_maps, gtp_scores, head_mean_attention, keep_topk_per_row, probe_modes
 from ivtp.ops import value_norms
 from ivtp.patch.clip import group_layers, resolve_schedule
+from ivtp.patch.probe import Probe
 
 SUPPORTED_ATTENTION = ("sdpa", "eager")
 
@@ -134,7 +135,7 @@ class GTPLlamaAttention(nn.Module):
     """Mixin forward for LlamaAttention; `patch_llama_attention` builds the concrete subclass."""
 
     def forward(self, hidden_states, position_embeddings=None, attention_mask=None, past_key_values=None,
-                ivtp_probe: dict | None = None, **kwargs):
+                ivtp_probe: Probe | None = None, **kwargs):
         if ivtp_probe is None:
             return super().forward(hidden_states, position_embeddings, attention_mask, past_key_values, **kwargs)
         input_shape = hidden_states.shape[:-1]
@@ -177,7 +178,7 @@ class GTPLlamaAttention(nn.Module):
         return self.o_proj(out.reshape(*input_shape, -1).contiguous()), weights
 
 
-def _probe_scores(attn, probe: dict, query, key, value) -> None:
+def _probe_scores(attn, probe: Probe, query, key, value) -> None:
     """Attention among {visual tokens of the scored rows, pseudo-CLS}, which sits after them (causal).
 
     probe: rows (B',), vis_idx (B', Nv) slot indices (ascending), vis_ok (B', Nv), pcls_q (B', H, 1, Dh) and
@@ -306,6 +307,31 @@ class DecodeState:
         return found
 
 
+def _execution_device(layer: nn.Module) -> torch.device:
+    """Where a decoder layer computes: the device accelerate's dispatch hook moves its inputs to (a model loaded
+    with device_map or offloading), else the device of its weights."""
+    hook = getattr(layer, "_hf_hook", None)
+    for h in getattr(hook, "hooks", [hook]):  # accelerate chains several hooks in a SequentialHook
+        device = getattr(h, "execution_device", None)
+        if device is not None:
+            return torch.device("cuda", device) if isinstance(device, int) else torch.device(device)
+    return next(layer.parameters()).device
+
+
+def _check_one_device(model, plan: LLMPlan, device: torch.device) -> None:
+    """The slot bookkeeping lives on the embeddings' device, and every layer up to the last pruning step reads it
+    (VisionDrop scores with the layer after its step). A model split across devices (device_map) must keep those
+    layers on that device; the layers after them may sit anywhere."""
+    last = max(hi for _, hi in plan.groups) + (1 if plan.scorer == "visiondrop" else 0)
+    layers = model.layers[: min(last + 1, len(model.layers))]
+    elsewhere = sorted({f"{i}: {d}" for i, layer in enumerate(layers) if (d := _execution_device(layer)) != device})
+    if elsewhere:
+        raise ValueError(
+            f"the in-LLM pruning steps need decoder layers 0-{last} on the device of the input embeddings ({device}), "
+            f"but these layers run elsewhere: {', '.join(elsewhere)}. Load the model with a device_map that keeps "
+            f"them together (the layers after {last} may sit on other devices), or on one device")
+
+
 # ---- the decoder loop -------------------------------------------------------------------------------------------
 class PrunedLlamaModel:
     """Mixin for LlamaModel: the decoder loop with in-LLM pruning."""
@@ -383,6 +409,7 @@ class _PrefillRun:
                  cache=None):
         self.model = model
         self.cache = cache  # the KV cache the layers fill (its kind sets how many keys a layer's attention sees)
+        _check_one_device(model, model.ivtp_llm_plan, hidden.device)
         self.plan: LLMPlan = model.ivtp_llm_plan
         self.g = guidance
         b, length = guidance.visual.shape
@@ -413,7 +440,7 @@ class _PrefillRun:
         self.trace = LLMTrace(counts=[], visual_positions=[])  # filled by finish()
         self.lower: list[torch.Tensor] = []
         self.rows_seen: list[torch.Tensor] = []
-        self.last_probe: dict | None = None
+        self.last_probe: Probe | None = None
         self._vis_slots: tuple[torch.Tensor, torch.Tensor] | None = None
         self._pcls_slots: tuple | None = None  # _pseudo_cls' slot-dependent part
         self._masks: dict[str, torch.Tensor] = {}  # the probes' key_ok, and probe_mask per mode
@@ -425,7 +452,7 @@ class _PrefillRun:
         return None
 
     # -- scoring ---------------------------------------------------------------------------------------------
-    def probe(self, idx: int, layer, hidden) -> dict | None:
+    def probe(self, idx: int, layer, hidden) -> Probe | None:
         self.last_probe = None
         found = self._group_of(idx)
         if found is None or self.plan.scorer == "visiondrop":  # VisionDrop scores with the next layer
@@ -436,8 +463,7 @@ class _PrefillRun:
             return None
         rows = self.rows
         vis_idx, vis_ok = self._visual_slots()
-        self.last_probe = {"mode": mode, "rows": rows, "all_rows": self.all_rows, "vis_idx": vis_idx,
-                           "vis_ok": vis_ok}
+        self.last_probe = Probe(mode=mode, rows=rows, all_rows=self.all_rows, vis_idx=vis_idx, vis_ok=vis_ok)
         if self.plan.scorer == "sparsevlm":  # the raters, as slots; short rows padded and marked
             raters = torch.gather(self.g.text_select[rows], 1, self.slot_pos[rows]) & self.slot_real[rows]
             width = int(raters.sum(-1).clamp_min(1).max())  # the most raters of any row
@@ -657,4 +683,5 @@ class _PrefillRun:
             return hidden
         trace.kept_positions = list(torch.split(self.slot_pos[self.slot_visual], last))
         d = hidden.shape[-1]
+        hidden = hidden.to(self.exit_hidden.device)  # the last layer may run on another device (device_map)
         return self.exit_hidden.scatter(1, self._sink()[..., None].expand(-1, -1, d), hidden)[:, : self.length]

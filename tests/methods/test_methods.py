@@ -120,6 +120,24 @@ def test_sparsevlm_without_instruction_text_says_why(small_llava, images):
         model(**batch)
 
 
+@pytest.mark.parametrize("method", sorted(AT_16))
+def test_accelerate_dispatch_hooks_change_nothing(small_llava, images, method):
+    """A model loaded with device_map (or offloading) has accelerate hooks on its layers that rebuild every dict
+    they move to the layer's device; the probes the layers write into must survive them. Hooks on every tower and
+    decoder layer: the same logits and the same greedy generation as without."""
+    from accelerate.hooks import AlignDevicesHook, add_hook_to_module
+
+    plain, processor = pruned(small_llava, {"method": method, **AT_16[method]})
+    hooked, _ = pruned(small_llava, {"method": method, **AT_16[method]})
+    for layer in [*hooked.model.vision_tower.encoder.layers, *hooked.model.language_model.layers]:
+        add_hook_to_module(layer, AlignDevicesHook(execution_device="cpu"))
+    batch = batch_of(processor, images(2) + [None], ["What colour is it?", "Is there a big red square?", "Hi"])
+    with torch.no_grad():
+        torch.testing.assert_close(hooked(**batch).logits, plain(**batch).logits, rtol=0, atol=0)
+        kw = dict(max_new_tokens=4, do_sample=False)
+        assert torch.equal(hooked.generate(**batch, **kw), plain.generate(**batch, **kw))
+
+
 def test_fastv_scores_the_last_tokens_attention_at_layer_k(small_llava, images):
     """FastV keeps the visual tokens that the last prompt token attends to most at layer K (eager reference)."""
     model, processor = pruned(small_llava, {"method": "fastv", "fastv": {"layer": 2, "keep": 16}})

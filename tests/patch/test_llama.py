@@ -173,6 +173,23 @@ def test_generate_keeps_the_in_llm_stage_eager_unless_asked(small_llava, images,
     assert seen and seen[0] is True and seen[-1] is False
 
 
+def test_a_model_split_inside_the_pruning_layers_is_refused(small_llava, images):
+    """device_map may spread the decoder over GPUs, but the layers up to the last pruning step must share the
+    embeddings' device (the slot bookkeeping lives there). Faked with accelerate's hook attribute."""
+    from types import SimpleNamespace
+
+    model, processor = pruned(small_llava, stage2())
+    batch = batch_of(processor, images(1), QUESTIONS[:1])
+    layers = model.model.language_model.layers
+    layers[20]._hf_hook = SimpleNamespace(hooks=[SimpleNamespace(execution_device=1)])  # after layer 5: allowed
+    with torch.no_grad():
+        model(**batch)
+    layers[4]._hf_hook = SimpleNamespace(execution_device=1)
+    with pytest.raises(ValueError, match=r"decoder layers 0-5 on the device of the input embeddings \(cpu\).*4: cuda:1"):
+        with torch.no_grad():
+            model(**batch)
+
+
 def test_left_padded_batch_equals_single_samples(small_llava, images):
     model, processor = pruned(small_llava, stage2(tau=-1.0))
     imgs = images(2) + [None]
