@@ -308,6 +308,7 @@ class PrunedLlavaForConditionalGeneration:
             shrunk = state.shrink(input_ids, pixel_values.shape[0], attention_mask, None,
                                   padding_side=infer_padding_side(attention_mask, default="left"),
                                   already_shrunk=ivtp_shrunk)
+            _shift_length_limits(kwargs, input_ids.shape[1] - shrunk.input_ids.shape[1])
             input_ids = shrunk.input_ids
             if shrunk.attention_mask is not None:
                 kwargs["attention_mask"] = shrunk.attention_mask
@@ -338,6 +339,18 @@ class PrunedLlavaForConditionalGeneration:
         if kwargs.get("is_main_process", True):
             self.ivtp_state.config.save_pretrained(save_directory)
         return out
+
+
+def _shift_length_limits(kwargs: dict, removed: int) -> None:
+    """max_length and min_length count the prompt, and the shrunk prompt is `removed` tokens shorter than the one
+    the caller built: left as given, a limit would grant that many more new tokens than the stock model gets.
+    Shift the limits passed as arguments (not the model's defaults); max_new_tokens needs nothing."""
+    cfg = kwargs.get("generation_config")
+    if not removed or kwargs.get("max_new_tokens") is not None or getattr(cfg, "max_new_tokens", None) is not None:
+        return
+    for name in ("max_length", "min_length"):
+        if kwargs.get(name) is not None:
+            kwargs[name] = max(0, kwargs[name] - removed)
 
 
 def _positions_from_mask(mask: torch.Tensor) -> torch.Tensor:

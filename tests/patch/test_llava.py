@@ -67,6 +67,22 @@ def test_greedy_generation_with_cache_equals_without(small_llava, images):
     assert cached.shape[1] == batch["input_ids"].shape[1] - (N - 10) + 12
 
 
+def test_max_length_grants_the_new_tokens_the_stock_model_gets(small_llava, images):
+    # max_length counts the prompt the caller built; the shrunk prompt is shorter, so the limit moves with it.
+    stock, processor = small_llava()
+    model, _ = small_llava()
+    apply_pruning(model, vision_only(keep=10))
+    batch = batch_of(processor, images(2), ["What colour?", "Is there a square in the picture?"])
+    length = batch["input_ids"].shape[1]
+    with torch.no_grad():
+        ref = stock.generate(**batch, max_length=length + 5, min_length=length + 5, do_sample=False)
+        out = model.generate(**batch, max_length=length + 5, min_length=length + 5, do_sample=False)
+    assert ref.shape[1] - length == 5 and out.shape[1] - (length - (N - 10)) == 5
+    with torch.no_grad():
+        by_new_tokens = model.generate(**batch, max_new_tokens=5, min_new_tokens=5, do_sample=False)
+    assert torch.equal(out, by_new_tokens)
+
+
 def test_batched_generation_equals_per_sample(small_llava, images):
     model, processor = small_llava()
     apply_pruning(model, vision_only(keep=16))
