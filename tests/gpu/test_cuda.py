@@ -10,7 +10,7 @@ are compared by relative error, because their kernels round differently by desig
 import pytest
 import torch
 
-from conftest import assert_cache_matches_recompute, batch_of
+from conftest import assert_cache_matches_recompute, assert_static_cache_matches_dynamic, batch_of
 from ivtp import apply_pruning
 from ivtp.models import tiny_aligner, tiny_random
 
@@ -69,6 +69,14 @@ def test_bf16_cached_decoding_matches_a_forward_over_the_generated_text(images):
                      pixel_values=batch["pixel_values"]).logits  # (1, L - pruned + n, V)
     steps = torch.stack(out.logits, 1)  # (1, n, V): the prediction of each new token
     assert rel_err(steps, full[:, -(n + 1):-1]) < 2e-2
+
+
+def test_static_cache_generation_equals_the_dynamic_cache_float32(images):
+    """On CUDA, where generate would also compile a static-cache decoder: the pruned model stays eager by default
+    and decodes as on the dynamic cache."""
+    model, processor = model_on_gpu(STAGE2)
+    assert_static_cache_matches_dynamic(model, batch_of(processor, images(2) + [None], QUESTIONS, device=CUDA),
+                                        new_tokens=8)
 
 
 def test_left_padded_batch_equals_single_samples_float32(images):
