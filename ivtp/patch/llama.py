@@ -311,11 +311,15 @@ def _execution_device(layer: nn.Module) -> torch.device:
     """Where a decoder layer computes: the device accelerate's dispatch hook moves its inputs to (a model loaded
     with device_map or offloading), else the device of its weights."""
     hook = getattr(layer, "_hf_hook", None)
+    device = next(layer.parameters()).device
     for h in getattr(hook, "hooks", [hook]):  # accelerate chains several hooks in a SequentialHook
-        device = getattr(h, "execution_device", None)
-        if device is not None:
-            return torch.device("cuda", device) if isinstance(device, int) else torch.device(device)
-    return next(layer.parameters()).device
+        if getattr(h, "execution_device", None) is not None:
+            device = h.execution_device
+            device = torch.device("cuda", device) if isinstance(device, int) else torch.device(device)
+            break
+    if device.type == "cuda" and device.index is None:  # "cuda" means the current device; tensors name theirs
+        device = torch.device("cuda", torch.cuda.current_device())
+    return device
 
 
 def _check_one_device(model, plan: LLMPlan, device: torch.device) -> None:
