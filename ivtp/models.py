@@ -207,7 +207,7 @@ def load_model(
                             attn_implementation=attn_implementation or "sdpa")
     source = PRESETS[name_or_path].hub_id if name_or_path in PRESETS else name_or_path
     if os.path.isdir(source):
-        _check_llava_folder(source)
+        check_llava_folder(source)
     kwargs = dict(dtype=dtype or "auto")
     if attn_implementation:
         kwargs["attn_implementation"] = attn_implementation
@@ -259,8 +259,13 @@ def load_for_inference(name: str, config=None, *, random_weights: bool = False, 
     return model.eval(), processor
 
 
-def _check_llava_folder(path: str) -> None:
+def check_llava_folder(path: str) -> None:
     if not os.path.isfile(os.path.join(path, "config.json")):
+        if os.path.isfile(os.path.join(path, "adapter_config.json")):  # transformers would fetch a base from the hub
+            merged = os.path.join(path, "merged")
+            hint = (f"load {merged}, the merged model train/finetune.py wrote beside them" if os.path.isdir(merged)
+                    else "merge them into their base model first (peft's merge_and_unload)")
+            raise FileNotFoundError(f"{path} holds LoRA adapters, not a llava-hf model: {hint}")
         raise FileNotFoundError(f"{path} has no config.json: not a llava-hf checkpoint folder")
     import json
 

@@ -82,6 +82,8 @@ def test_lora_trains_adapters_and_the_projector_and_merges(tmp_path):
     assert any("multi_modal_projector" in n for n in trainable)
     lrs = sorted({g["lr"] for g in trainer.optimizer.param_groups})
     assert lrs == [1e-3, 2e-3]  # the projector has its own learning rate
+    with pytest.raises(FileNotFoundError, match=r"holds LoRA adapters, not a llava-hf model: load .*merged"):
+        load_pruned(str(tmp_path), aligner=tiny_aligner())  # the adapters alone: a pointer to the merged model
     merged = load_pruned(str(tmp_path / "merged"), aligner=tiny_aligner()).eval()
     model.eval()
     batch = Collator(processor.tokenizer.pad_token_id)([trainer.train_dataset[i] for i in (0, 1)])

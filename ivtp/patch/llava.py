@@ -475,6 +475,10 @@ def load_pruned(path: str | os.PathLike, config=None, tokenizer=None, aligner: A
                 **load_kwargs) -> LlavaForConditionalGeneration:
     """Load a llava-hf checkpoint and apply the config saved beside it (or the one given). Stage 2's tokenizer
     defaults to the one saved in the checkpoint folder."""
+    from ivtp.models import check_llava_folder
+
+    if os.path.isdir(path):
+        check_llava_folder(str(path))  # e.g. LoRA adapters, which transformers would try to complete from the hub
     model = LlavaForConditionalGeneration.from_pretrained(path, **load_kwargs)
     if config is None and os.path.isfile(os.path.join(path, "ivtp_config.json")):
         config = path
