@@ -14,14 +14,12 @@ import torch
 
 from ivtp.config import PruneConfig
 from ivtp.eval.bench import steady_allocator, subjects
-from ivtp.training import detach_frozen_tower
+from ivtp.training import ModelArguments, detach_frozen_tower, set_trainable
 
 
 def trainable(model, detach: bool):
-    model.train()
-    model.requires_grad_(False)
-    model.model.multi_modal_projector.requires_grad_(True)
-    model.model.language_model.requires_grad_(True)
+    """Instruction tuning's split (projector and LLM train, the tower is frozen), with checkpointing."""
+    model = set_trainable(model, ModelArguments(tune="projector+llm")).train()
     model.activation_checkpointing_enable()
     if detach:
         detach_frozen_tower(model)

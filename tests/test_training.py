@@ -15,7 +15,8 @@ from ivtp import load_pruned
 from ivtp.data.llava import Collator, LlavaDataset, MissingImageError, load_records
 from ivtp.data.templates import ConversationError
 from ivtp.models import tiny_aligner, tiny_random
-from ivtp.training import build_trainer, detach_frozen_tower, parse_args, load_for_training, save_final
+from ivtp.training import (ModelArguments, build_trainer, detach_frozen_tower, load_for_training, parse_args,
+                           save_final, set_trainable)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DATA = os.path.join(ROOT, "data", "fixtures", "tiny_llava.json")
@@ -213,10 +214,7 @@ def test_a_frozen_tower_records_no_graph_under_activation_checkpointing():
         model, processor = tiny_random(0, image_size=112)
         apply_pruning(model, {"vision": {"keep": 32}, "llm": {"keep": 8, "layers": 6}}, aligner=tiny_aligner(),
                       tokenizer=processor.tokenizer)
-        model.train()
-        model.requires_grad_(False)
-        model.model.multi_modal_projector.requires_grad_(True)
-        model.model.language_model.requires_grad_(True)
+        model = set_trainable(model, ModelArguments(tune="projector+llm")).train()  # the tower frozen
         model.activation_checkpointing_enable()
         if detach:
             detach_frozen_tower(model)
