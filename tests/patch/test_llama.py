@@ -173,6 +173,33 @@ def test_generate_keeps_the_in_llm_stage_eager_unless_asked(small_llava, images,
     assert seen and seen[0] is True and seen[-1] is False
 
 
+def test_opting_into_the_compiled_static_decoder_gives_the_same_tokens(small_llava, images):
+    """disable_compile=False lets generate compile the decoder (forced on here, on a CPU, with dynamo's eager
+    backend: the tracing, not a kernel compiler). The host-side segment logic breaks the graph, but the tokens
+    and logits stay those of the eager dynamic-cache run."""
+    from transformers.generation.configuration_utils import CompileConfig
+
+    model, processor = pruned(small_llava, stage2())
+    batch = batch_of(processor, images(2), QUESTIONS[:2])
+    compile_config = CompileConfig(backend="eager", mode=None)
+    compile_config._compile_all_devices = True  # generate compiles only on accelerators otherwise
+    kwargs = dict(max_new_tokens=6, do_sample=False, return_dict_in_generate=True, output_logits=True)
+    from torch._dynamo.utils import counters
+
+    counters.clear()
+    try:
+        with torch.no_grad():
+            ref = model.generate(**batch, **kwargs)
+            out = model.generate(**batch, cache_implementation="static", disable_compile=False,
+                                 compile_config=compile_config, **kwargs)
+        assert counters["stats"]["unique_graphs"] > 0  # dynamo did trace the decoder
+    finally:
+        torch._dynamo.reset()
+    assert torch.equal(out.sequences, ref.sequences)
+    for a, b in zip(out.logits, ref.logits):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
 def test_a_model_split_inside_the_pruning_layers_is_refused(small_llava, images):
     """device_map may spread the decoder over GPUs, but the layers up to the last pruning step must share the
     embeddings' device (the slot bookkeeping lives there). Faked with accelerate's hook attribute."""
