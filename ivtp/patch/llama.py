@@ -34,6 +34,7 @@ from ivtp.patch.clip import group_layers, resolve_schedule
 from ivtp.patch.probe import Probe
 
 SUPPORTED_ATTENTION = ("sdpa", "eager")
+SEGMENT_MASK = "ivtp_segment_"  # keys of the pruned segments' masks when generate builds them ahead of a step
 
 
 # ---- plan ----------------------------------------------------------------------------------------------------
@@ -306,6 +307,25 @@ class DecodeState:
                 found = i
         return found
 
+    def mask(self, seg: int, attention_mask, past_len: int, q_len: int, cache, impl: str, dtype,
+             may_skip: bool = False) -> torch.Tensor | None:
+        """The attention mask of segment `seg`'s layers for q_len new tokens after past_len cached ones, as wide
+        as what their cache hands attention. may_skip: SDPA with one unpadded query, where a segment whose every
+        slot is a key needs no mask (the stock layers get none either)."""
+        first, seg_ok = self.segments[seg]  # seg_ok: (B, S)
+        own = seg_ok.shape[1] + past_len - self.prefill_len + q_len  # prefill slots, then the new tokens
+        keys = _key_width(cache, first, q_len, own)
+        if may_skip and self.dense[seg] and keys == own:
+            return None
+        allowed = _decode_mask(seg_ok, attention_mask, self.prefill_len, past_len, q_len)
+        return _format_mask(allowed, impl, dtype, keys)
+
+    def premade_masks(self, attention_mask, past_len: int, q_len: int, cache, impl: str, dtype) -> dict:
+        """Every segment's mask, built ahead of a compiled decode step (create_masks_for_generate), keyed as the
+        decoder reads them."""
+        return {f"{SEGMENT_MASK}{i}": self.mask(i, attention_mask, past_len, q_len, cache, impl, dtype)
+                for i in range(len(self.segments))}
+
 
 def _execution_device(layer: nn.Module) -> torch.device:
     """Where a decoder layer computes: the device accelerate's dispatch hook moves its inputs to (a model loaded
@@ -353,23 +373,33 @@ class PrunedLlamaModel:
             inputs_embeds = self.embed_tokens(input_ids)
         if use_cache and past_key_values is None:
             past_key_values = DynamicCache(config=self.config)
-        # A plain int: a static cache returns its layer-0 counter, a tensor that layer 0 advances in place.
-        past_len = int(past_key_values.get_seq_length()) if past_key_values is not None else 0
+        run = None
+        decode_masks: dict[int, torch.Tensor | None] = {}  # one mask per pruned segment, shared by its layers
+        if isinstance(attention_mask, dict):
+            # A decode step whose masks generate built beforehand (create_masks_for_generate, static cache): no
+            # host read of the cache length, so a compiled step has no graph break here.
+            decode = past_key_values.ivtp_decode
+            past_len = past_key_values.get_seq_length()  # a tensor: used for positions only
+            causal_mask = attention_mask["full_attention"]
+            decode_masks.update({i: attention_mask[f"{SEGMENT_MASK}{i}"] for i in range(len(decode.segments))})
+        else:
+            # A plain int: a static cache returns its layer-0 counter, a tensor that layer 0 advances in place.
+            past_len = int(past_key_values.get_seq_length()) if past_key_values is not None else 0
+            decode = getattr(past_key_values, "ivtp_decode", None) if past_len > 0 else None
+            causal_mask = None  # built below, once the positions are known
         if position_ids is None:
             position_ids = (torch.arange(inputs_embeds.shape[1], device=inputs_embeds.device) + past_len)[None]
-        causal_mask = create_causal_mask(config=self.config, inputs_embeds=inputs_embeds,
-                                         attention_mask=attention_mask, past_key_values=past_key_values,
-                                         position_ids=position_ids)
+        if not isinstance(attention_mask, dict):
+            causal_mask = create_causal_mask(config=self.config, inputs_embeds=inputs_embeds,
+                                             attention_mask=attention_mask, past_key_values=past_key_values,
+                                             position_ids=position_ids)
         hidden = inputs_embeds
         position_embeddings = self.rotary_emb(hidden, position_ids=position_ids)
         layers = self.layers[: self.config.num_hidden_layers]
 
-        decode = getattr(past_key_values, "ivtp_decode", None) if past_len > 0 else None
-        run = None
-        if ivtp_guidance is not None and past_len == 0 and bool(ivtp_guidance.visual.any()):
+        if ivtp_guidance is not None and decode is None and past_len == 0 and bool(ivtp_guidance.visual.any()):
             run = _PrefillRun(self, ivtp_guidance, hidden, attention_mask, position_ids, position_embeddings,
                               past_key_values)
-        decode_masks: dict[int, torch.Tensor | None] = {}  # one mask per pruned segment, shared by its layers
         # The stock mask builder gives SDPA no mask for one new token without padding (create_causal_mask).
         sdpa_unmasked = (decode is not None and causal_mask is None and hidden.shape[1] == 1
                          and self.config._attn_implementation == "sdpa")
@@ -381,16 +411,8 @@ class PrunedLlamaModel:
                 probe = run.probe(idx, layer, hidden)
             elif decode is not None and (seg := decode.segment_for(idx)) is not None:
                 if seg not in decode_masks:
-                    seg_ok = decode.segments[seg][1]  # (B, S)
-                    own = seg_ok.shape[1] + past_len - decode.prefill_len + hidden.shape[1]  # prefill slots + new
-                    keys = _key_width(past_key_values, idx, hidden.shape[1], own)
-                    if sdpa_unmasked and decode.dense[seg] and keys == own:
-                        # One query that may see every key: SDPA needs no mask, as the stock layers get none.
-                        decode_masks[seg] = None
-                    else:
-                        allowed = _decode_mask(seg_ok, attention_mask, decode.prefill_len, past_len, hidden.shape[1])
-                        decode_masks[seg] = _format_mask(allowed, self.config._attn_implementation, hidden.dtype,
-                                                         keys)
+                    decode_masks[seg] = decode.mask(seg, attention_mask, past_len, hidden.shape[1], past_key_values,
+                                                    self.config._attn_implementation, hidden.dtype, sdpa_unmasked)
                 mask = decode_masks[seg]
             hidden = layer(hidden, attention_mask=mask, position_embeddings=pos_emb, position_ids=pos_ids,
                            past_key_values=past_key_values, use_cache=use_cache, ivtp_probe=probe, **kwargs)

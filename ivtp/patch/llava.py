@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 
 import torch
 from transformers import LlavaForConditionalGeneration
+from transformers.masking_utils import create_masks_for_generate
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
 from ivtp import guidance as gd
@@ -186,7 +187,9 @@ class PrunedLlavaForConditionalGeneration:
         `ivtp_prompt_len` (set by generate) bounds the instruction that guides stage 2."""
         state = self.ivtp_state
         if pixel_values is None:
-            if input_ids is not None and _is_prefill(past_key_values):
+            # A dict of masks comes from create_masks_for_generate for a decode step: no prefill to check (and no
+            # host read of the cache length in a compiled step).
+            if input_ids is not None and not isinstance(attention_mask, dict) and _is_prefill(past_key_values):
                 state.check_no_placeholders(input_ids)
             return super().forward(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                                    past_key_values=past_key_values, inputs_embeds=inputs_embeds, **kwargs)
@@ -321,17 +324,31 @@ class PrunedLlavaForConditionalGeneration:
                                  "reordered between beams; use greedy or sampling")
             if input_ids is not None:
                 kwargs["ivtp_prompt_len"] = input_ids.shape[1]
-            # With a static cache, generate compiles the decoder on a GPU by itself. The in-LLM stage's decoder
-            # reads the cache length on the host and builds per-segment masks, which a compiled graph would
-            # recompile for at every step; it runs eagerly unless the caller asks otherwise.
+            # With a static cache, generate compiles the decode step on a GPU by itself (CUDA graphs). The pruned
+            # decoder traces as one full graph (tested on a CPU), but the compiled path has not run on a GPU yet,
+            # so it stays eager unless the caller passes disable_compile=False.
             kwargs.setdefault("disable_compile", True)
         return super().generate(input_ids, ivtp_shrunk=True, **kwargs)
 
-    def create_masks_for_generate(self, attention_mask=None, **kwargs):
-        """generate() turns the 2-D padding mask into 4-D masks ahead of the forward when the cache is static (for
-        a compiled decoder). A pruned model keeps the 2-D mask: it shrinks it with the <image> runs, and its pruned
-        layers build their own masks from it; the decoder builds the stock layers' 4-D masks in the forward."""
-        return attention_mask
+    def create_masks_for_generate(self, config, inputs_embeds, attention_mask, past_key_values, position_ids=None,
+                                  **kwargs):
+        """generate() builds the masks of each step ahead of the forward when the cache is static, so that a
+        compiled decoder gets them at a fixed shape. The prefill keeps the 2-D padding mask: it is shrunk with the
+        <image> runs, and the pruned layers build their own masks from it. A decode step after a pruned prefill
+        gets the stock layers' mask and one per pruned segment (DecodeState.premade_masks), in a dict the decoder
+        reads (PrunedLlamaModel.forward)."""
+        decode = getattr(past_key_values, "ivtp_decode", None)
+        if decode is None or attention_mask is None or attention_mask.ndim != 2:
+            return attention_mask
+        past_len = int(past_key_values.get_seq_length())  # on the host, outside the compiled step
+        if past_len == 0:  # a new prefill on a reused cache: its DecodeState is stale
+            return attention_mask
+        masks = {"full_attention": create_masks_for_generate(config, inputs_embeds, attention_mask, past_key_values,
+                                                             position_ids, **kwargs)}
+        impl = self.config.get_text_config()._attn_implementation
+        masks.update(decode.premade_masks(attention_mask, past_len, inputs_embeds.shape[1], past_key_values, impl,
+                                          inputs_embeds.dtype))
+        return masks
 
     def save_pretrained(self, save_directory, *args, **kwargs):
         """Weights in the llava-hf layout, with ivtp_config.json beside them."""

@@ -79,6 +79,23 @@ def test_static_cache_generation_equals_the_dynamic_cache_float32(images):
                                         new_tokens=8)
 
 
+def test_compiled_static_decoding_equals_eager_float32(images):
+    """disable_compile=False: generate's own compile of the decode step (inductor, CUDA graphs) gives the eager
+    tokens and logits of the dynamic cache."""
+    model, processor = model_on_gpu(STAGE2)
+    batch = batch_of(processor, images(2), QUESTIONS[:2], device=CUDA)
+    kwargs = dict(max_new_tokens=8, do_sample=False, return_dict_in_generate=True, output_logits=True)
+    try:
+        with torch.no_grad():
+            ref = model.generate(**batch, **kwargs)
+            out = model.generate(**batch, cache_implementation="static", disable_compile=False, **kwargs)
+    finally:
+        torch._dynamo.reset()
+    assert torch.equal(out.sequences, ref.sequences)
+    for a, b in zip(out.logits, ref.logits):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+
+
 def test_left_padded_batch_equals_single_samples_float32(images):
     model, processor = model_on_gpu(STAGE2)
     imgs = images(2) + [None]
