@@ -68,11 +68,17 @@ def assert_cache_matches_recompute(model, batch, new_tokens: int) -> None:
 
 def assert_static_cache_matches_dynamic(model, batch, new_tokens: int) -> None:
     """Greedy generation on a static KV cache (preallocated, every layer as long as the longest) equals generation
-    on the default dynamic cache, in tokens and in every step's logits."""
+    on the default dynamic cache, in tokens and in every step's logits. Twice: the second run reuses the first
+    one's cache after `reset()`, as a caller may, and must not read the pruned segments of the first."""
     kwargs = dict(max_new_tokens=new_tokens, do_sample=False, return_dict_in_generate=True, output_logits=True)
     with torch.no_grad():
         dynamic = model.generate(**batch, **kwargs)
         static = model.generate(**batch, cache_implementation="static", **kwargs)
-    assert torch.equal(static.sequences, dynamic.sequences)
-    for a, b in zip(static.logits, dynamic.logits):
-        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+        cache = static.past_key_values
+        cache.reset()
+        again = model.generate(**batch, past_key_values=cache, **kwargs)
+    assert again.past_key_values is cache
+    for run in (static, again):
+        assert torch.equal(run.sequences, dynamic.sequences)
+        for a, b in zip(run.logits, dynamic.logits):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
