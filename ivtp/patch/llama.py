@@ -386,6 +386,8 @@ class PrunedLlamaModel:
             # A plain int: a static cache returns its layer-0 counter, a tensor that layer 0 advances in place.
             past_len = int(past_key_values.get_seq_length()) if past_key_values is not None else 0
             decode = getattr(past_key_values, "ivtp_decode", None) if past_len > 0 else None
+            if past_len == 0 and past_key_values is not None:  # a reused cache: forget the last prompt's segments
+                past_key_values.ivtp_decode = None
             causal_mask = None  # built below, once the positions are known
         if position_ids is None:
             position_ids = (torch.arange(inputs_embeds.shape[1], device=inputs_embeds.device) + past_len)[None]

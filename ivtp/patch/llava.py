@@ -187,9 +187,9 @@ class PrunedLlavaForConditionalGeneration:
         `ivtp_prompt_len` (set by generate) bounds the instruction that guides stage 2."""
         state = self.ivtp_state
         if pixel_values is None:
-            # A dict of masks comes from create_masks_for_generate for a decode step: no prefill to check (and no
-            # host read of the cache length in a compiled step).
-            if input_ids is not None and not isinstance(attention_mask, dict) and _is_prefill(past_key_values):
+            # Only a prefill can carry placeholders without images. A compiled forward is a decode step (HF never
+            # compiles the prefill), where reading the cache length would break the graph.
+            if input_ids is not None and not torch.compiler.is_compiling() and _is_prefill(past_key_values):
                 state.check_no_placeholders(input_ids)
             return super().forward(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                                    past_key_values=past_key_values, inputs_embeds=inputs_embeds, **kwargs)
@@ -333,22 +333,24 @@ class PrunedLlavaForConditionalGeneration:
     def create_masks_for_generate(self, config, inputs_embeds, attention_mask, past_key_values, position_ids=None,
                                   **kwargs):
         """generate() builds the masks of each step ahead of the forward when the cache is static, so that a
-        compiled decoder gets them at a fixed shape. The prefill keeps the 2-D padding mask: it is shrunk with the
-        <image> runs, and the pruned layers build their own masks from it. A decode step after a pruned prefill
-        gets the stock layers' mask and one per pruned segment (DecodeState.premade_masks), in a dict the decoder
-        reads (PrunedLlamaModel.forward)."""
+        compiled decoder gets them at a fixed shape. Three cases:
+        - the prefill of a model with an in-LLM stage keeps the 2-D padding mask: the pruned layers build their
+          own masks from it;
+        - a decode step after a pruned prefill gets the stock layers' mask and one per pruned segment
+          (DecodeState.premade_masks), in a dict the decoder reads (PrunedLlamaModel.forward);
+        - everything else gets the stock masks, as an unpruned model does."""
+        past_len = int(past_key_values.get_seq_length()) if past_key_values is not None else 0  # outside the graph
+        two_d = attention_mask is None or attention_mask.ndim == 2  # padding only (or none), not 4-D masks
+        if past_len == 0 and two_d and self.ivtp_state.llm_plan is not None:
+            return attention_mask
+        stock = create_masks_for_generate(config, inputs_embeds, attention_mask, past_key_values, position_ids,
+                                          **kwargs)
         decode = getattr(past_key_values, "ivtp_decode", None)
-        if decode is None or attention_mask is None or attention_mask.ndim != 2:
-            return attention_mask
-        past_len = int(past_key_values.get_seq_length())  # on the host, outside the compiled step
-        if past_len == 0:  # a new prefill on a reused cache: its DecodeState is stale
-            return attention_mask
-        masks = {"full_attention": create_masks_for_generate(config, inputs_embeds, attention_mask, past_key_values,
-                                                             position_ids, **kwargs)}
+        if decode is None or past_len == 0 or not two_d:
+            return stock
         impl = self.config.get_text_config()._attn_implementation
-        masks.update(decode.premade_masks(attention_mask, past_len, inputs_embeds.shape[1], past_key_values, impl,
-                                          inputs_embeds.dtype))
-        return masks
+        return {"full_attention": stock, **decode.premade_masks(attention_mask, past_len, inputs_embeds.shape[1],
+                                                                past_key_values, impl, inputs_embeds.dtype)}
 
     def save_pretrained(self, save_directory, *args, **kwargs):
         """Weights in the llava-hf layout, with ivtp_config.json beside them."""

@@ -173,14 +173,15 @@ def test_generate_keeps_the_in_llm_stage_eager_unless_asked(small_llava, images,
     assert seen and seen[0] is True and seen[-1] is False
 
 
-def test_opting_into_the_compiled_static_decoder_gives_the_same_tokens(small_llava, images):
+@pytest.mark.parametrize("config", [stage2(), {"method": "topk", "topk": {"keep": 16}}], ids=["ivtp", "topk"])
+def test_opting_into_the_compiled_static_decoder_gives_the_same_tokens(small_llava, images, config):
     """disable_compile=False lets generate compile the decode step (forced on here, on a CPU, with dynamo's eager
     backend: the tracing, not a kernel compiler). generate builds the pruned segments' masks ahead of each step,
     so every step of a padded batch is one full graph, traced once, and the tokens and logits stay those of the
-    eager dynamic-cache run."""
+    eager dynamic-cache run. A vision-only method gets the stock masks, as an unpruned model does."""
     from transformers.generation.configuration_utils import CompileConfig
 
-    model, processor = pruned(small_llava, stage2())
+    model, processor = pruned(small_llava, config)
     batch = batch_of(processor, images(2), QUESTIONS[:2])
     compile_config = CompileConfig(backend="eager", mode=None, fullgraph=True)  # a graph break would raise
     compile_config._compile_all_devices = True  # generate compiles only on accelerators otherwise
@@ -199,6 +200,26 @@ def test_opting_into_the_compiled_static_decoder_gives_the_same_tokens(small_lla
     assert torch.equal(out.sequences, ref.sequences)
     for a, b in zip(out.logits, ref.logits):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_a_reused_cache_forgets_the_last_prompts_pruned_segments(small_llava, images):
+    """A cache reused after reset() for a text-only prompt must decode as a fresh one: the pruned segments of the
+    image prompt before it no longer apply."""
+    from transformers import StaticCache
+
+    model, processor = pruned(small_llava, stage2())
+    kwargs = dict(max_new_tokens=5, do_sample=False, return_dict_in_generate=True, output_logits=True)
+    text = batch_of(processor, [None], ["Say hello to the square"])
+    with torch.no_grad():
+        fresh = model.generate(**text, **kwargs)
+        for cache in (None, StaticCache(config=model.config, max_cache_len=128)):
+            first = model.generate(**batch_of(processor, images(1), QUESTIONS[:1]), past_key_values=cache, **kwargs)
+            cache = first.past_key_values
+            cache.reset()
+            again = model.generate(**text, past_key_values=cache, **kwargs)
+            assert torch.equal(again.sequences, fresh.sequences)
+            for a, b in zip(again.logits, fresh.logits):
+                torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
 
 
 def test_a_model_split_inside_the_pruning_layers_is_refused(small_llava, images):
