@@ -34,7 +34,9 @@ from ivtp.patch.clip import group_layers, resolve_schedule
 from ivtp.patch.probe import Probe
 
 SUPPORTED_ATTENTION = ("sdpa", "eager")
-SEGMENT_MASK = "ivtp_segment_"  # keys of the pruned segments' masks when generate builds them ahead of a step
+# Keys of the masks generate builds ahead of a decode step (DecodeState.premade_masks): the stock layers', and
+# each pruned segment's.
+STOCK_MASK, SEGMENT_MASK = "full_attention", "ivtp_segment_"
 
 
 # ---- plan ----------------------------------------------------------------------------------------------------
@@ -320,11 +322,13 @@ class DecodeState:
         allowed = _decode_mask(seg_ok, attention_mask, self.prefill_len, past_len, q_len)
         return _format_mask(allowed, impl, dtype, keys)
 
-    def premade_masks(self, attention_mask, past_len: int, q_len: int, cache, impl: str, dtype) -> dict:
-        """Every segment's mask, built ahead of a compiled decode step (create_masks_for_generate), keyed as the
-        decoder reads them."""
-        return {f"{SEGMENT_MASK}{i}": self.mask(i, attention_mask, past_len, q_len, cache, impl, dtype)
-                for i in range(len(self.segments))}
+    def premade_masks(self, stock_mask, attention_mask, past_len: int, q_len: int, cache, impl: str, dtype) -> dict:
+        """The masks of one decode step built ahead of it (create_masks_for_generate, for a compiled step): the
+        stock layers' `stock_mask` and every segment's, keyed as PrunedLlamaModel.forward reads them."""
+        masks = {STOCK_MASK: stock_mask}
+        for i in range(len(self.segments)):
+            masks[f"{SEGMENT_MASK}{i}"] = self.mask(i, attention_mask, past_len, q_len, cache, impl, dtype)
+        return masks
 
 
 def _execution_device(layer: nn.Module) -> torch.device:
@@ -375,12 +379,13 @@ class PrunedLlamaModel:
             past_key_values = DynamicCache(config=self.config)
         run = None
         decode_masks: dict[int, torch.Tensor | None] = {}  # one mask per pruned segment, shared by its layers
-        if isinstance(attention_mask, dict):
+        premade = isinstance(attention_mask, dict)
+        if premade:
             # A decode step whose masks generate built beforehand (create_masks_for_generate, static cache): no
             # host read of the cache length, so a compiled step has no graph break here.
             decode = past_key_values.ivtp_decode
             past_len = past_key_values.get_seq_length()  # a tensor: used for positions only
-            causal_mask = attention_mask["full_attention"]
+            causal_mask = attention_mask[STOCK_MASK]
             decode_masks.update({i: attention_mask[f"{SEGMENT_MASK}{i}"] for i in range(len(decode.segments))})
         else:
             # A plain int: a static cache returns its layer-0 counter, a tensor that layer 0 advances in place.
@@ -388,10 +393,9 @@ class PrunedLlamaModel:
             decode = getattr(past_key_values, "ivtp_decode", None) if past_len > 0 else None
             if past_len == 0 and past_key_values is not None:  # a reused cache: forget the last prompt's segments
                 past_key_values.ivtp_decode = None
-            causal_mask = None  # built below, once the positions are known
         if position_ids is None:
             position_ids = (torch.arange(inputs_embeds.shape[1], device=inputs_embeds.device) + past_len)[None]
-        if not isinstance(attention_mask, dict):
+        if not premade:
             causal_mask = create_causal_mask(config=self.config, inputs_embeds=inputs_embeds,
                                              attention_mask=attention_mask, past_key_values=past_key_values,
                                              position_ids=position_ids)
@@ -399,7 +403,7 @@ class PrunedLlamaModel:
         position_embeddings = self.rotary_emb(hidden, position_ids=position_ids)
         layers = self.layers[: self.config.num_hidden_layers]
 
-        if ivtp_guidance is not None and decode is None and past_len == 0 and bool(ivtp_guidance.visual.any()):
+        if ivtp_guidance is not None and not premade and past_len == 0 and bool(ivtp_guidance.visual.any()):
             run = _PrefillRun(self, ivtp_guidance, hidden, attention_mask, position_ids, position_embeddings,
                               past_key_values)
         # The stock mask builder gives SDPA no mask for one new token without padding (create_causal_mask).

@@ -349,8 +349,8 @@ class PrunedLlavaForConditionalGeneration:
         if decode is None or past_len == 0 or not two_d:
             return stock
         impl = self.config.get_text_config()._attn_implementation
-        return {"full_attention": stock, **decode.premade_masks(attention_mask, past_len, inputs_embeds.shape[1],
-                                                                past_key_values, impl, inputs_embeds.dtype)}
+        return decode.premade_masks(stock, attention_mask, past_len, inputs_embeds.shape[1], past_key_values, impl,
+                                    inputs_embeds.dtype)
 
     def save_pretrained(self, save_directory, *args, **kwargs):
         """Weights in the llava-hf layout, with ivtp_config.json beside them."""
