@@ -36,7 +36,30 @@ AGGREGATIONS = ("rollout", "mean", "max", "multiply", "single_layer", "layer_wis
 #   all_text       the mean of every instruction token
 #   llm_threshold  instruction tokens whose LLM-embedding cosine to the projected [CLS] reaches tau
 #   clip           instruction tokens whose CLIP-text relevance to the image reaches tau (the method)
-GUIDANCES = ("none", "all_text", "llm_threshold", "clip")
+#   random         a control, not a method: a seeded random pseudo-CLS at the fallback's norm. A scorer whose
+#                  kept set does not change with it reads no instruction (docs/paper.md, "Extensions")
+GUIDANCES = ("none", "all_text", "llm_threshold", "clip", "random")
+# How eq. 6's cosines are read before the tau threshold (our extension; the paper thresholds the raw cosine):
+#   cosine        the raw cosine (the paper)
+#   centred       minus the mean over the row's rated instruction tokens: the aligner's offset per image (its
+#                 mean relevance varies across images five times more than within one) no longer decides
+#                 between "no token passes" and "every token passes"
+#   standardised  centred, then divided by the row's standard deviation: tau in standard deviations
+RELEVANCES = ("cosine", "centred", "standardised")
+# Which instruction tokens are rated (our extension; the paper rates every token after the image):
+#   all       every instruction token, the chat template's and the answer-format suffix's included (the paper)
+#   question  the user's question only: `template_phrases` (role tags, answer-format suffixes) are not rated
+INSTRUCTION_SCOPES = ("all", "question")
+# LLaVA-1.5's answer-format suffixes (its eval scripts) and the vicuna_v1 assistant tag: text of the prompt that
+# no question's meaning depends on.
+TEMPLATE_PHRASES = (
+    "Answer the question using a single word or phrase.",
+    "Answer with the option's letter from the given choices directly.",
+    "Please answer yes or no.",
+    "When the provided information is insufficient, respond with 'Unanswerable'.",
+    "Reference OCR token:",
+    "ASSISTANT:",
+)
 
 
 class ConfigError(ValueError):
@@ -166,11 +189,15 @@ class LLMStage(_GroupedStage):
     keep: Budget = 64
     # "linear" from stage 1's output to `keep`, or one budget per group.
     schedule: Union[str, list] = "linear"
-    # CLIP-text relevance threshold for instruction tokens (eq. 8).
+    # CLIP-text relevance threshold for instruction tokens (eq. 8), in the units `relevance` gives.
     tau: float = 0.2
     aggregation: str = "rollout"
     guidance: str = "clip"
     aligner: AlignerConfig = field(default_factory=AlignerConfig)
+    # Extensions (docs/paper.md); the defaults are the paper's form.
+    relevance: str = "cosine"
+    instruction: str = "all"
+    template_phrases: list = field(default_factory=lambda: list(TEMPLATE_PHRASES))  # with instruction: question
 
     def validate(self, prefix: str = "llm") -> None:
         _check_bool(self.enabled, f"{prefix}.enabled")
@@ -178,10 +205,21 @@ class LLMStage(_GroupedStage):
         _check_int(self.group_size, f"{prefix}.group_size", 1)
         check_budget(self.keep, f"{prefix}.keep")
         _check_schedule(self.schedule, self.keep, prefix)
-        if isinstance(self.tau, bool) or not isinstance(self.tau, (int, float)) or not (-1.0 <= self.tau <= 1.0):
-            raise ConfigError(f"{prefix}.tau: a cosine threshold in [-1, 1] is expected, got {self.tau!r}")
+        _check_choice(self.relevance, RELEVANCES, f"{prefix}.relevance")
+        # A cosine (raw or centred) lies in [-1, 1] (centred: [-2, 2]); standardised relevance is in deviations.
+        bound = {"cosine": 1.0, "centred": 2.0, "standardised": 10.0}[self.relevance]
+        if isinstance(self.tau, bool) or not isinstance(self.tau, (int, float)) or not (-bound <= self.tau <= bound):
+            raise ConfigError(f"{prefix}.tau: with relevance {self.relevance!r} a threshold in [-{bound:g}, "
+                              f"{bound:g}] is expected, got {self.tau!r}")
         _check_choice(self.aggregation, AGGREGATIONS, f"{prefix}.aggregation")
         _check_choice(self.guidance, GUIDANCES, f"{prefix}.guidance")
+        _check_choice(self.instruction, INSTRUCTION_SCOPES, f"{prefix}.instruction")
+        if (self.relevance != "cosine" or self.instruction != "all") and self.guidance != "clip":
+            raise ConfigError(f"{prefix}.relevance and {prefix}.instruction shape the CLIP relevance: they need "
+                              f"{prefix}.guidance 'clip', not {self.guidance!r}")
+        if (not isinstance(self.template_phrases, (list, tuple))
+                or not all(isinstance(p, str) and p.strip() for p in self.template_phrases)):
+            raise ConfigError(f"{prefix}.template_phrases: a list of non-empty strings, got {self.template_phrases!r}")
         if not isinstance(self.aligner, AlignerConfig):
             raise ConfigError(f"{prefix}.aligner: expected a mapping with model and pretrained")
         self.aligner.validate(f"{prefix}.aligner")

@@ -62,17 +62,54 @@ class InstructionText:
     clip_features: torch.Tensor  # (B, C, E) unit CLIP features of every token, start token first
 
 
-def prepare_clip(aligner: Aligner, tokenizer, input_ids: torch.Tensor, instr: torch.Tensor) -> InstructionText:
-    """Decode each row's instruction tokens to text and run CLIP's text tower on them. instr: (B, L) bool."""
+def prepare_clip(aligner: Aligner, tokenizer, input_ids: torch.Tensor, instr: torch.Tensor,
+                 template_phrases=()) -> InstructionText:
+    """Decode each row's instruction tokens to text and run CLIP's text tower on them. instr: (B, L) bool.
+
+    `template_phrases` (llm.instruction 'question'): every occurrence of them in the text is blanked before CLIP
+    reads it (spaces: character offsets stay put), and tokens with no other character are not rated."""
     instr, ids = instr.cpu(), input_ids.cpu()  # the text work is on the host: copy once, not once per row
     positions = [torch.nonzero(instr[b]).flatten().tolist() for b in range(instr.shape[0])]
     texts, spans = [], []
     for b, pos in enumerate(positions):
         text, sp = llm_token_spans(tokenizer, ids[b, pos].tolist()) if pos else ("", [])
+        if template_phrases and pos:
+            text, rated = blank_phrases(text, sp, template_phrases)
+            positions[b] = [p for p, r in zip(pos, rated) if r]
+            sp = [s for s, r in zip(sp, rated) if r]
         texts.append(text)
         spans.append(sp)
     clip_spans, features = aligner.text_features(texts)
     return InstructionText(positions, texts, spans, clip_spans, features)
+
+
+def blank_phrases(text: str, spans: list[Span], phrases) -> tuple[str, list[bool]]:
+    """`text` with every occurrence of each phrase replaced by spaces, and for each token span whether any
+    non-space character of it is left (a token inside a phrase is then not rated)."""
+    hidden = bytearray(len(text))  # 1 where a phrase covers the character
+    for phrase in phrases:
+        start = text.find(phrase)
+        while start >= 0:
+            hidden[start : start + len(phrase)] = b"\x01" * len(phrase)
+            start = text.find(phrase, start + len(phrase))
+    blanked = "".join(" " if h else c for c, h in zip(text, hidden))
+    return blanked, [any(not hidden[i] and not text[i].isspace() for i in range(a, b)) for a, b in spans]
+
+
+def standardise(rated: list[list[TokenRelevance]], mode: str) -> list[list[TokenRelevance]]:
+    """Relevance as llm.relevance reads it: 'cosine' as rated (the paper); 'centred' minus the row's mean over
+    its rated tokens; 'standardised' centred and divided by the row's standard deviation (a row with one rated
+    token, or all equal, gets 0)."""
+    if mode == "cosine":
+        return rated
+    out = []
+    for toks in rated:
+        vals = [t.relevance for t in toks if not math.isnan(t.relevance)]
+        mean = sum(vals) / len(vals) if vals else 0.0
+        std = math.sqrt(sum((v - mean) ** 2 for v in vals) / len(vals)) if vals else 0.0
+        scale = (std if std > 1e-12 else math.inf) if mode == "standardised" else 1.0
+        out.append([TokenRelevance(t.position, t.text, (t.relevance - mean) / scale) for t in toks])
+    return out
 
 
 def rate_prepared(aligner: Aligner, prepared: InstructionText, cls_final: torch.Tensor) -> list[list[TokenRelevance]]:

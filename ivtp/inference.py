@@ -25,13 +25,15 @@ class Result:
     image: str | None
     answer: str
     visual_tokens: list[int]  # tokens per image after the input and after each pruning step ([] if text-only)
-    kept_patches: list[int] = field(default_factory=list)  # original patch indices that reached the LLM
+    kept_patches: list[int] = field(default_factory=list)  # original patch indices left after every step
+    stage1_patches: list[int] = field(default_factory=list)  # those that reached the LLM (before its pruning)
     pixel_values: torch.Tensor | None = field(default=None, repr=False)  # what the tower saw, for overlays
     guidance: dict = field(default_factory=dict)  # stage 2: pseudo_cls_source, selected and rated tokens
 
     def to_json(self) -> dict:
         return {"prompt": self.prompt, "image": self.image, "answer": self.answer,
-                "visual_tokens": self.visual_tokens, "kept_patches": self.kept_patches, **self.guidance}
+                "visual_tokens": self.visual_tokens, "kept_patches": self.kept_patches,
+                "stage1_patches": self.stage1_patches, **self.guidance}
 
 
 def load_image(image: "str | Image.Image") -> Image.Image:
@@ -90,10 +92,11 @@ def _generate_batch(model, processor, batch, batch_images, max_new_tokens, use_c
         if state is not None:
             report = state.row_report(row, image_idx, 1)
             counts, kept = report.pop("visual_tokens"), report.pop("kept_patches")[0]
+            stage1 = report.pop("stage1_patches")[0]
         else:  # an unpruned model: every patch reaches the LLM
             n = num_patches(model.config)
-            counts, kept, report = [n], list(range(n)), {}
-        results.append(Result(sample.prompt, image_name, answer.strip(), counts, kept,
+            counts, kept, stage1, report = [n], list(range(n)), list(range(n)), {}
+        results.append(Result(sample.prompt, image_name, answer.strip(), counts, kept, stage1,
                               inputs["pixel_values"][image_idx].float().cpu(), guidance=report))
         image_idx += 1
     return results

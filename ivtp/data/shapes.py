@@ -352,6 +352,88 @@ def short_caption(scene: Scene, rng, p_background: float = 0.25) -> str:
     return text
 
 
+Item = tuple  # (colour or None, shape or None): "some object of this colour / shape / both is in the image"
+
+
+@dataclass
+class Description:
+    """A caption with what each of its content words claims: `claims[k]` = (end of the word in `text`, the items
+    the text up to that word asserts), the last claim being the whole caption's. `true_of` checks a claim."""
+
+    text: str
+    claims: list[tuple[int, tuple[Item, ...]]]
+
+    @staticmethod
+    def true_of(items: tuple[Item, ...], scene: Scene) -> bool:
+        return all(scene.find(colour, shape) for colour, shape in items)
+
+
+# Every item a claim can hold, for vectorised truth: a scene is the set of items present in it (`scene_items`).
+ITEMS: tuple[Item, ...] = (*[(c, s) for c in COLOURS for s in SHAPES], *[(c, None) for c in COLOURS],
+                           *[(None, s) for s in SHAPES])
+ITEM_INDEX = {item: k for k, item in enumerate(ITEMS)}
+
+
+def scene_items(scene: Scene) -> list[bool]:
+    """Which of ITEMS are present in the scene (a claim is true when all its items are)."""
+    return [bool(scene.find(colour, shape)) for colour, shape in ITEMS]
+
+
+def _described(parts: list[tuple[str, Item]], joiner=_join) -> Description:
+    """A Description from words or phrases with the item each asserts (None: a word that asserts nothing)."""
+    text, claims, items = "", [], []
+    phrases = [p for p, _ in parts]
+    joined = joiner(phrases)
+    pos = 0
+    for phrase, item in parts:
+        start = joined.index(phrase, pos)
+        pos = start + len(phrase)
+        if item is None:
+            continue
+        colour, shape = item
+        # Within "a red circle", "red" already claims a red object, "circle" the red circle.
+        if colour is not None and shape is not None and f"{colour} {shape}" in phrase:
+            claims.append((start + phrase.index(colour) + len(colour), (*items, (colour, None))))
+        items.append(item)
+        claims.append((pos, tuple(items)))
+    return Description(joined, claims)
+
+
+_PLURAL = {"circle": "circles", "square": "squares", "triangle": "triangles"}
+_OBJECT_WORDS = ("object", "shape", "one", "thing")
+
+
+def web_caption(scene: Scene, rng) -> Description:
+    """A caption of the kinds web alt-text has: the whole scene (as `short_caption`), one object, a bare colour
+    or a bare shape, each about something in `scene` ("a red circle", "something green", "circles", "a square
+    and a blue shape"). The testbed aligner learns words from these, as CLIP learns them from the web: with
+    `short_caption` alone, shape words never stand alone and rate at chance (docs/testbed.md)."""
+    rng = _as_rng(rng)
+    objs = list(scene.objects)
+    kind = rng.random()
+    if kind < 0.3:  # the whole scene, as short_caption
+        rng.shuffle(objs)
+        return _described([(_a(f"{o.colour} {o.shape}"), (o.colour, o.shape)) for o in objs])
+    picked = rng.sample(objs, k=min(len(objs), rng.choice((1, 1, 2))))
+    parts = []
+    for o in picked:
+        form = rng.random()
+        if form < 0.35:
+            parts.append((rng.choice((_a(f"{o.colour} {o.shape}"), f"the {o.colour} {o.shape}",
+                                      f"{o.colour} {o.shape}")), (o.colour, o.shape)))
+        elif form < 0.65:
+            parts.append((rng.choice((o.colour, f"something {o.colour}", _a(f"{o.colour} {rng.choice(_OBJECT_WORDS)}"),
+                                      f"the {o.colour} {rng.choice(_OBJECT_WORDS)}")), (o.colour, None)))
+        else:
+            parts.append((rng.choice((_a(o.shape), f"the {o.shape}", o.shape, _PLURAL[o.shape])), (None, o.shape)))
+    return _described(parts)
+
+
+def web_caption_words() -> list[str]:
+    """Every word `web_caption` can write (the aligner's exported vocabulary must hold them)."""
+    return [*COLOURS, *SHAPES, *_PLURAL.values(), *_OBJECT_WORDS, "something", "the", "a", "an", "and"]
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Questions
 # ---------------------------------------------------------------------------------------------------------------

@@ -168,6 +168,11 @@ class Benchmark:
         """Submission or judge files; the paths written."""
         return []
 
+    def selection_targets(self, root: str, items: list[Item]) -> dict[str, tuple[list[int], str]]:
+        """{question id: (the patches the answer lies on, the question's type)} where the data says so; {} for
+        benchmarks that do not (every public one)."""
+        return {}
+
     def _llava_questions(self, root: str, question_file: str, image_folder: str, suffix: str = SHORT_ANSWER,
                          meta_keys: tuple[str, ...] = ()) -> list[Item]:
         """LLaVA-1.5's question jsonl: question_id, image, text (the question plus the answer instruction)."""
@@ -232,6 +237,13 @@ class GQA(Benchmark):
         questions = entries(read_json(path, self.name, dict), path, self.name, ("answer",))
         _check_ids(predictions, questions, path, self.name)
         return metrics.gqa_score(predictions, questions)
+
+    def selection_targets(self, root, items):
+        # The testbed's GQA layout adds "target_patches" to each official question (ivtp.data.shapes).
+        path = require(root, self.name, "data/testdev_balanced_questions.json", "testdev_balanced_questions.json")
+        questions = read_json(path, self.name, dict)
+        return {it.id: (q["target_patches"], q.get("types", {}).get("detailed", "all")) for it in items
+                if (q := questions.get(it.id)) is not None and q.get("target_patches")}
 
     def write_outputs(self, root, items, predictions, out_dir, model_id):
         # The input of GQA's eval.py: [{questionId, prediction}], as LLaVA's convert_gqa_for_eval writes it.

@@ -549,3 +549,41 @@ def mmbench_circular(records: list[dict]) -> dict:
         "categories": {c: _percent(sum(v), len(v)) for c, v in categories.items()},
         "n": len(by_question),
     }
+
+
+# ------------------------------------------------------------------------------------------------ selection
+def _share(kept, target: set) -> float | None:
+    return sum(p in target for p in kept) / len(kept) if kept else None
+
+
+def selection_metrics(rows: Iterable[Mapping], targets: Mapping[str, tuple[list[int], str]]) -> dict:
+    """Whether the kept visual tokens lie where the answer is, for questions whose target patches are known.
+
+    rows: prediction lines (question_id, stage1_patches, kept_patches, optionally pseudo_cls_source).
+    targets: {question id: (target patches, question type)}. Per question, a share is the part of the kept
+    patches that lie on the targets; `kept_on_target_share` averages the final one, `stage1_on_target_share`
+    the one after the tokens reached the LLM, over questions with targets and kept patches (merged tokens have
+    none), overall and per type. `aligner_fallback_rate`: the share of rows whose pseudo-CLS fell back to the
+    visual [CLS] (stage-2 methods only)."""
+    final: dict[str, list[float]] = defaultdict(list)
+    stage1: dict[str, list[float]] = defaultdict(list)
+    sources = []
+    for row in rows:
+        if "pseudo_cls_source" in row:
+            sources.append(row["pseudo_cls_source"])
+        found = targets.get(str(row["question_id"]))
+        if found is None:
+            continue
+        target, qtype = set(found[0]), found[1]
+        for key, into in (("kept_patches", final), ("stage1_patches", stage1)):
+            share = _share(row.get(key) or [], target)
+            if share is not None:
+                into[qtype].append(share)
+                into["all"].append(share)
+
+    def means(d):
+        return {k: round(sum(v) / len(v), 4) for k, v in sorted(d.items()) if v}
+
+    return {"questions": len(final.get("all", [])), "kept_on_target_share": means(final),
+            "stage1_on_target_share": means(stage1),
+            "aligner_fallback_rate": round(sources.count("visual") / len(sources), 4) if sources else None}

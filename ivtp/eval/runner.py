@@ -23,6 +23,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from ivtp.eval.benchmarks import Benchmark, BenchmarkDataError, Item
+from ivtp.eval.metrics import selection_metrics
 
 logger = logging.getLogger(__name__)
 COMPARED_RUN_KEYS = ("benchmark", "model", "prune_config", "max_new_tokens", "image_aspect_ratio")
@@ -134,13 +135,25 @@ def run_chunk(model, processor, bench: Benchmark, items: list[Item], out_dir: st
             results = generate(model, processor, samples, max_new_tokens=max_new, batch_size=len(batch))
             for it, r in zip(batch, results):
                 out.write(json.dumps({"benchmark": bench.name, "question_id": it.id, "prompt": it.prompt,
-                                      "text": r.answer, "visual_tokens": r.visual_tokens}, ensure_ascii=False)
-                          + "\n")
+                                      "text": r.answer, "visual_tokens": r.visual_tokens, **selection_record(r)},
+                                     ensure_ascii=False) + "\n")
             out.flush()
             os.fsync(out.fileno())  # a finished batch survives a crash or a pre-empted job
             bar.update(len(batch))
     bar.close()
     return len(todo)
+
+
+def selection_record(result) -> dict:
+    """What a prediction line keeps of the pruning, for `selection_metrics`: the patches that reached the LLM and
+    those left at the end (empty for merged tokens), and stage 2's pseudo-CLS source and selected words."""
+    if not result.visual_tokens:  # a text-only question
+        return {}
+    record = {"stage1_patches": result.stage1_patches, "kept_patches": result.kept_patches}
+    if "pseudo_cls_source" in result.guidance:
+        record["pseudo_cls_source"] = result.guidance["pseudo_cls_source"]
+        record["selected_tokens"] = [t["token"] for t in result.guidance["selected_tokens"]]
+    return record
 
 
 def collect(bench: Benchmark, items: list[Item], out_dir: str, num_chunks: int) -> dict[str, dict] | None:
@@ -179,6 +192,9 @@ def finish(bench: Benchmark, root: str, items: list[Item], out_dir: str, num_chu
         "files": bench.write_outputs(root, items, predictions, out_dir, model_id),
         "mean_final_visual_tokens": round(sum(finals) / len(finals), 2) if finals else None,
     }
+    targets = bench.selection_targets(root, items)
+    if targets:  # a split that knows where each question's answer lies (the testbed's GQA layout)
+        result["selection"] = selection_metrics([rows[it.id] for it in items], targets)
     with open(os.path.join(out_dir, "results.json"), "w", encoding="utf-8") as f:
         json.dump(result, f, indent=2, ensure_ascii=False)
     return result

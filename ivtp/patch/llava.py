@@ -114,7 +114,7 @@ class PruningState:
         vision = self.last_vision.trace
         counts = list(vision.counts)
         kept = [vision.kept[first_image + j].tolist() for j in range(n_images)]  # [] for merged tokens
-        report = {}
+        report = {"stage1_patches": [list(k) for k in kept]}  # what reached the LLM, before its own pruning
         llm = self.last_llm_trace
         if self.llm_plan is not None and llm is not None:
             counts += [c // n_images for c in llm.counts[row][1:]]
@@ -257,7 +257,9 @@ class PrunedLlavaForConditionalGeneration:
         state = self.ivtp_state
         if state.aligner.visual_proj.device != input_ids.device:  # model.to() does not reach it
             state.aligner.to(input_ids.device)  # (a no-op .to() still walks every parameter: ~1 ms for ViT-L's)
-        return gd.prepare_clip(state.aligner, state.tokenizer, input_ids, instr)
+        stage = state.config.llm
+        phrases = stage.template_phrases if stage.instruction == "question" else ()
+        return gd.prepare_clip(state.aligner, state.tokenizer, input_ids, instr, phrases)
 
     @torch.profiler.record_function("ivtp.guidance")  # `ivtp bench` prices this range (the aligner) as scoring
     def _guidance(self, input_ids, visual, instr, attention_mask, prompt_len, image_features,
@@ -286,15 +288,20 @@ class PrunedLlavaForConditionalGeneration:
             return out / images.clamp_min(1)[:, None].to(x.dtype)
 
         fallback = per_row(self.model.multi_modal_projector(vision.cls_feature))  # (B, D)
-        if stage.guidance == "none":
+        if stage.guidance in ("none", "random"):
             rated = [[] for _ in range(len(images))]
+            if stage.guidance == "random":  # the control: a fixed random direction at the fallback's norm
+                gen = torch.Generator().manual_seed(0)
+                noise = torch.randn(fallback.shape[-1], generator=gen).to(fallback.device, fallback.dtype)
+                fallback = noise[None] * (fallback.norm(dim=-1, keepdim=True) / noise.norm())
         elif stage.guidance == "all_text":
             rated = gd.rate_by_embedding(self.get_input_embeddings()(input_ids), instr, fallback)
             rated = [[gd.TokenRelevance(t.position, t.text, 1.0) for t in row] for row in rated]
         elif stage.guidance == "llm_threshold":
             rated = gd.rate_by_embedding(self.get_input_embeddings()(input_ids), instr, fallback)
         else:  # "clip": the text side was prepared before the tower ran (_instruction_text)
-            rated = gd.rate_prepared(state.aligner, instruction, per_row(vision.cls_final))
+            rated = gd.standardise(gd.rate_prepared(state.aligner, instruction, per_row(vision.cls_final)),
+                                   stage.relevance)
         tau = -1.0 if stage.guidance == "all_text" else stage.tau
         select, report = gd.select(rated, tau, tuple(visual.shape), visual.device)
         state.last_guidance = report

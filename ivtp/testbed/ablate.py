@@ -27,10 +27,29 @@ from ivtp.data.jsonio import dump_jsonl
 from ivtp.methods.peers import PeerRunner
 from ivtp.testbed.configs import TESTBED_METHODS, fit_prune_config
 
-SUITES = ("methods", "group", "tau", "aggregation", "guidance", "stages")
+SUITES = ("methods", "group", "tau", "aggregation", "guidance", "stages", "extensions", "tau_extended")
 QTYPES = ("colour", "shape", "position", "count", "existence")
 DEFAULT_BUDGETS = (4, 7, 14)
 MAIN_TOKENS = 7  # 1/9 of the 64 patches: the paper's 576 -> 64
+# Our extensions (config overrides of the vision and llm sections), measured against the paper's form. A name is
+# "<geometry>:<guidance>": "paper" keeps the paper's geometry (stage 1 to 14, stage 2 over layers 0-2), "early"
+# drops in the LLM after layer 0 and lets stage 1 keep 28 (the same visual tokens x LLM layers: 14 x 3 + 7 x 3 =
+# 28 + 7 x 5), so that the instruction decides more of the selection. Each geometry has its random-query control.
+QUESTION = {"instruction": "question", "relevance": "standardised", "tau": 1.0}
+EARLY_VISION, EARLY_LLM = {"keep": 28}, {"layers": 1, "group_size": 1}
+EXTENSIONS = {
+    "paper:clip": ({}, {}),
+    "paper:question": ({}, QUESTION),
+    "paper:question+own_rows": ({}, {**QUESTION, "aggregation": "mean"}),
+    "paper:none": ({}, {"guidance": "none"}),
+    "paper:random": ({}, {"guidance": "random"}),
+    "early:clip": (EARLY_VISION, EARLY_LLM),
+    "early:question": (EARLY_VISION, {**EARLY_LLM, **QUESTION}),
+    "early:none": (EARLY_VISION, {**EARLY_LLM, "guidance": "none"}),
+    "early:random": (EARLY_VISION, {**EARLY_LLM, "guidance": "random"}),
+}
+EXTENSION_ROWS = [(name, vision, llm) for name, (vision, llm) in EXTENSIONS.items()]
+BEST_EXTENSION = "early:question"
 
 
 @dataclass
@@ -42,6 +61,7 @@ class Row:
     config: dict | None = None  # the prune config, None for the unpruned model and the baselines
     baseline: str | None = None  # "no_image" or "oracle"
     metrics: dict = field(default_factory=dict)
+    compare: str | None = None  # a row of the same suite whose kept sets this row's are compared with (Jaccard)
 
 
 class OracleRunner(PeerRunner):
@@ -96,8 +116,18 @@ def plan_rows(suites, budgets, aligner: str, llm_layers: int, retrained: bool) -
                      cfg("ivtp", MAIN_TOKENS, vision={"aggregation": a}, llm={"aggregation": a}))
                  for a in ("rollout", "mean", "max", "multiply", "single_layer", "layer_wise")]
     if "guidance" in suites:
-        rows += [Row("guidance", f"guidance={g}", "finetuned", MAIN_TOKENS, cfg("ivtp", MAIN_TOKENS, llm={"guidance": g}))
-                 for g in ("clip", "llm_threshold", "all_text", "none")]
+        rows += [Row("guidance", f"guidance={g}", "finetuned", MAIN_TOKENS, cfg("ivtp", MAIN_TOKENS, llm={"guidance": g}),
+                     compare="guidance=random" if g != "random" else None)
+                 for g in ("clip", "llm_threshold", "all_text", "none", "random")]
+    if "extensions" in suites:  # ours, against the paper's form (docs/paper.md, "Extensions")
+        for name, vision, llm in EXTENSION_ROWS:
+            control = name.split(":")[0] + ":random"
+            rows.append(Row("extensions", name, "finetuned", MAIN_TOKENS, cfg("ivtp", MAIN_TOKENS, vision=vision, llm=llm),
+                            compare=control if name != control else None))
+    if "tau_extended" in suites:  # the threshold on the extension's standardised relevance
+        vision, llm = EXTENSIONS[BEST_EXTENSION]
+        rows += [Row("tau_extended", f"{BEST_EXTENSION} tau={t}", "finetuned", MAIN_TOKENS,
+                     cfg("ivtp", MAIN_TOKENS, vision=vision, llm={**llm, "tau": t})) for t in (-0.5, 0.0, 0.5, 1.0, 1.5)]
     if "stages" in suites:
         rows += [Row("stages", "vision_only", "finetuned", MAIN_TOKENS,
                      cfg("ivtp", MAIN_TOKENS, vision={"keep": MAIN_TOKENS}, llm={"enabled": False})),
@@ -147,7 +177,7 @@ def run_row(row: Row, model_dir: str, data: str, out: str, limit: int | None, ba
         if bench_name == "pope" and (row.baseline == "oracle" or row.suite != "methods"):
             continue  # the oracle: POPE's negatives are about absent objects; ablations: GQA-layout questions
         bench = get_benchmark(bench_name)
-        run_dir = os.path.join(out, "runs", row.suite, f"{row.model}-{row.name}-{row.tokens}", bench_name)
+        run_dir = row_dir(out, row, bench_name)
         run = {"benchmark": bench_name, "model": model_dir, "prune_config": row.config, "max_new_tokens": 4,
                "image_aspect_ratio": "pad", "baseline": row.baseline}
         root = os.path.join(data, "gqa") if bench_name == "gqa" else pope_subset(data, out, pope_images)
@@ -157,8 +187,27 @@ def run_row(row: Row, model_dir: str, data: str, out: str, limit: int | None, ba
         metrics[bench_name] = result["metrics"]
         if bench_name == "gqa":
             metrics["gqa_by_type"] = _by_type(data, run_dir)
+            metrics["selection"] = result.get("selection")
+            metrics["key_word_hit"] = key_word_hits(data, run_dir)
         metrics["mean_final_visual_tokens"] = result["mean_final_visual_tokens"]
     return metrics
+
+
+def row_dir(out: str, row: Row, bench_name: str) -> str:
+    return os.path.join(out, "runs", row.suite, f"{row.model}-{row.name}-{row.tokens}", bench_name)
+
+
+def kept_jaccard(a_dir: str, b_dir: str) -> float | None:
+    """Mean Jaccard index of the final kept patches of two runs over their common questions (1: the same sets)."""
+    def kept(d):
+        with open(os.path.join(d, "predictions.jsonl")) as f:
+            return {r["question_id"]: set(r["kept_patches"]) for r in map(json.loads, f) if r.get("kept_patches")}
+
+    a, b = kept(a_dir), kept(b_dir)
+    common = [q for q in a if q in b]
+    if not common:
+        return None
+    return sum(len(a[q] & b[q]) / len(a[q] | b[q]) for q in common) / len(common)
 
 
 def _gqa_targets(data: str) -> dict[str, list[int]]:
@@ -181,6 +230,36 @@ def _by_type(data: str, run_dir: str) -> dict[str, float]:
     return out
 
 
+def key_words(question: str) -> set[str]:
+    """The words of a testbed question that name the object it asks about: its colour and shape words."""
+    from ivtp.data.shapes import COLOURS, SHAPES
+
+    return {w for w in _words(question) if w in COLOURS or w in SHAPES}
+
+
+def _words(text: str) -> list[str]:
+    return [w.strip("?.,:!").lower() for w in text.split()]
+
+
+def key_word_hits(data: str, run_dir: str) -> dict[str, float] | None:
+    """Per question type, the share of questions naming their object (key_words) for which stage 2's pseudo-CLS
+    holds at least one of those words (a fallback to the visual [CLS] is a miss); None without stage-2 guidance."""
+    with open(os.path.join(data, "gqa", "testdev_balanced_questions.json")) as f:
+        questions = json.load(f)
+    hits: dict[str, list[bool]] = {}
+    with open(os.path.join(run_dir, "predictions.jsonl")) as f:
+        for r in map(json.loads, f):
+            if "selected_tokens" not in r:
+                return None
+            q = questions[r["question_id"]]
+            keys = key_words(q["question"])
+            if keys:
+                hit = bool(keys & {w for t in r["selected_tokens"] for w in _words(t)})
+                for qtype in (q["types"]["detailed"], "all"):
+                    hits.setdefault(qtype, []).append(hit)
+    return {k: round(100 * sum(v) / len(v), 1) for k, v in sorted(hits.items())}
+
+
 def ablate(testbed: str, out: str, suites=SUITES, budgets=DEFAULT_BUDGETS, limit: int | None = None,
            batch_size: int = 32, pope_images: int = 100, progress: bool = True) -> list[Row]:
     """Run the suites on a testbed folder (`ivtp.testbed.pipeline`'s output) and write the tables and plots."""
@@ -195,6 +274,11 @@ def ablate(testbed: str, out: str, suites=SUITES, budgets=DEFAULT_BUDGETS, limit
     rows = plan_rows(suites, budgets, os.path.join(testbed, "clip", "aligner.safetensors"), llm_layers, retrained)
     for row in tqdm(rows, desc="ablate", disable=not progress):
         row.metrics = run_row(row, models[row.model], data, out, limit, batch_size, pope_images)
+    by_name = {(r.suite, r.name): r for r in rows}
+    for row in rows:
+        other = by_name.get((row.suite, row.compare))
+        if other is not None:
+            row.metrics["jaccard_to_compare"] = kept_jaccard(row_dir(out, row, "gqa"), row_dir(out, other, "gqa"))
     write_reports(rows, out)
     return rows
 
@@ -218,20 +302,57 @@ def write_reports(rows: list[Row], out: str) -> dict[str, str]:
     return paths
 
 
+SELECTION_TYPES = ("colour", "shape", "position")  # the questions about one object: where selection can be judged
+
+
+def on_target(row: Row, key: str = "kept_on_target_share", qtype: str = "all") -> float | None:
+    """A row's share of kept patches on the question's target patches (percent), or None."""
+    sel = row.metrics.get("selection") or {}
+    value = (sel.get(key) or {}).get(qtype)
+    return None if value is None else 100 * value
+
+
+def selection_cells(r: Row) -> list[str]:
+    """Final share on colour/shape/position questions together and per type, the share after stage 1, the
+    aligner's fallback rate and the key-word hit rate (all percent; blank where they do not apply)."""
+    def fmt(v):
+        return "" if v is None else f"{v:.1f}"
+
+    sel = r.metrics.get("selection") or {}
+    final = [on_target(r, qtype=q) for q in SELECTION_TYPES]
+    stage1 = [on_target(r, "stage1_on_target_share", q) for q in SELECTION_TYPES]
+    fallback = sel.get("aligner_fallback_rate")
+    hits = r.metrics.get("key_word_hit") or {}
+    jaccard = r.metrics.get("jaccard_to_compare")
+    return [fmt(_mean(final)), *map(fmt, final), fmt(_mean(stage1)), fmt(None if fallback is None else 100 * fallback),
+            fmt(hits.get("all")), "" if jaccard is None else f"{jaccard:.2f} ({r.compare})"]
+
+
+def _mean(values):
+    values = [v for v in values if v is not None]
+    return sum(values) / len(values) if values else None
+
+
 def markdown(rows: list[Row]) -> str:
     unpruned = next((r for r in rows if r.name == "unpruned"), None)
     ref = headline(unpruned)[0] if unpruned else None
-    lines = []
+    lines = ["On target: the share of the final kept patches that lie on the question's object (colour, shape and "
+             "position questions, mean of the three types, then each); stage 1: the same for the tokens that reached "
+             "the LLM; fallback: rows whose pseudo-CLS fell back to the visual [CLS]; key word: questions whose "
+             "pseudo-CLS holds a colour or shape word of the question (all percent); Jaccard: the mean Jaccard index "
+             "of the final kept patches with those of the row named (its random-query control: 1.00 means the "
+             "instruction changed nothing).", ""]
+    sel_head = ["on target c+s+p", "colour", "shape", "position", "stage 1", "fallback", "key word", "Jaccard"]
     for suite in dict.fromkeys(r.suite for r in rows):
         lines += [f"## {suite}", "", "| model | row | tokens | GQA-layout acc | retained | " + " | ".join(QTYPES)
-                  + " | POPE F1 |", "|" + " --- |" * (6 + len(QTYPES))]
+                  + " | POPE F1 | " + " | ".join(sel_head) + " |", "|" + " --- |" * (6 + len(QTYPES) + len(sel_head))]
         for r in (r for r in rows if r.suite == suite):
             acc, f1 = headline(r)
             kept = "" if ref in (None, 0) else f"{100 * acc / ref:.0f}%"
             by_type = " | ".join(f"{r.metrics['gqa_by_type'].get(q, float('nan')):.1f}" for q in QTYPES)
             tokens = "64" if r.tokens is None else str(r.tokens)
             lines.append(f"| {r.model} | {r.name} | {tokens} | {acc:.1f} | {kept} | {by_type} | "
-                         f"{'' if f1 is None else f'{f1:.1f}'} |")
+                         f"{'' if f1 is None else f'{f1:.1f}'} | " + " | ".join(selection_cells(r)) + " |")
         lines.append("")
     return "\n".join(lines)
 
@@ -266,14 +387,25 @@ def plot(rows: list[Row], out: str) -> dict[str, str]:
         plt.close(fig)
     others = [s for s in dict.fromkeys(r.suite for r in rows) if s != "methods"]
     if others:
-        fig, axes = plt.subplots(1, len(others), figsize=(4 * len(others), 4), squeeze=False)
-        for ax, suite in zip(axes[0], others):
+        # Top: accuracy. Bottom: where the kept tokens lie (final and after stage 1, colour/shape/position).
+        fig, axes = plt.subplots(2, len(others), figsize=(4 * len(others), 7.5), squeeze=False)
+        for col, suite in enumerate(others):
             sub = [r for r in rows if r.suite == suite]
+            names = [r.name.split("=")[-1] for r in sub]
+            ax = axes[0][col]
             ax.bar(range(len(sub)), [headline(r)[0] for r in sub], color="tab:blue")
-            ax.set_xticks(range(len(sub)), [r.name.split("=")[-1] for r in sub], rotation=45, ha="right",
-                          fontsize=8)
+            ax.set_xticks(range(len(sub)), names, rotation=45, ha="right", fontsize=8)
             ax.set_title(suite)
             ax.set_ylabel("GQA-layout accuracy (%)")
+            ax = axes[1][col]
+            x = torch.arange(len(sub)).float()
+            for offset, key, label, colour in ((-0.2, "kept_on_target_share", "final", "tab:green"),
+                                               (0.2, "stage1_on_target_share", "after stage 1", "tab:gray")):
+                values = [_mean([on_target(r, key, q) for q in SELECTION_TYPES]) or 0.0 for r in sub]
+                ax.bar((x + offset).tolist(), values, width=0.4, color=colour, label=label)
+            ax.set_xticks(range(len(sub)), names, rotation=45, ha="right", fontsize=8)
+            ax.set_ylabel("kept patches on target (%)")
+            ax.legend(fontsize=7)
         fig.tight_layout()
         paths["ablations_png"] = os.path.join(out, "ablate_ablations.png")
         fig.savefig(paths["ablations_png"], dpi=120)

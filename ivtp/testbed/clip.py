@@ -253,6 +253,145 @@ def train_clip(tsv: str, out_dir: str, *, epochs: float | None = None, steps: in
         torch.set_num_threads(old_threads)
 
 
+def image_embeddings(tower: nn.Module, aligner, image_paths: list[str], batch: int = 256,
+                     progress: bool = False) -> torch.Tensor:
+    """(N, E) unit joint-space embeddings of images: the HF vision tower's post-layernormed [CLS] through the
+    aligner's `visual.proj`, as IVTP's eq. 6 places an image (`Aligner.image_features`)."""
+    from tqdm import tqdm
+
+    size = tower.config.image_size
+    out = []
+    with torch.no_grad():
+        for i in tqdm(range(0, len(image_paths), batch), desc="aligner: images", disable=not progress):
+            pixels = normalize_images(load_images(image_paths[i: i + batch], size))
+            cls = tower(pixel_values=pixels.to(tower.dtype)).pooler_output  # (b, Dv), post-layernormed
+            out.append(nn.functional.normalize(aligner.image_features(cls.float()).float(), dim=-1))
+    return torch.cat(out)
+
+
+def train_aligner(aligner, embeds: torch.Tensor, scenes: list, *, steps: int = 1500, batch_size: int = 128,
+                  lr: float = 2e-4, eval_images: int = 256, seed: int = 0, progress: bool = True) -> dict:
+    """Teach the aligner's text tower words as web text teaches real CLIP's, with the image side locked.
+
+    Locked-image tuning: the vision tower and `visual.proj` stay as they are (LLaVA's tower is this tower, so
+    nothing downstream changes); `embeds` (N, E) are the N images' unit embeddings (`image_embeddings`), in the
+    order of `scenes`. The text tower reads `ivtp.data.shapes.web_caption`s (whole scenes, single objects, bare
+    colours, bare shapes), and every content word's token feature, which IVTP's eq. 6 reads, is trained on what the
+    caption up to that word claims, against every image of the batch, with SigLIP's sigmoid loss (a caption may be
+    true of many images). The last `eval_images` images are held out for `aligner_metrics`. Trains `aligner.text`
+    in place; returns the metrics.
+    """
+    import random
+
+    from tqdm import tqdm
+
+    from ivtp.aligner import clip_tokens_with_offsets
+    from ivtp.data.shapes import ITEM_INDEX, ITEMS, scene_items, web_caption, web_caption_words
+
+    tokenizer = aligner.tokenizer
+    n_train = len(scenes) - eval_images
+    # The captions use a few dozen BPE ids of 49k: train a compact copy of their embedding rows (Adam over the
+    # whole table cost two thirds of a step), written back at the end.
+    full = aligner.text.token_embedding
+    vocab = torch.tensor(vocabulary_ids([*web_caption_words(), ","], tokenizer))
+    remap = torch.full((full.num_embeddings,), -1, dtype=torch.long)
+    remap[vocab] = torch.arange(len(vocab))
+    aligner.text.token_embedding = nn.Embedding.from_pretrained(full.weight[vocab].clone(), freeze=False)
+    text_params = [p for n, p in aligner.text.named_parameters() if n not in ("logit_scale", "logit_bias")]
+    aligner.text.requires_grad_(False)
+    for p in text_params:
+        p.requires_grad_(True)
+    head = nn.Parameter(torch.tensor([math.log(10.0), -10.0]))  # SigLIP: logits = t * cos + b, t = 10, b = -10
+    # Two scalars that must travel far (SigLIP trains them at its full rate over far more steps): 50x the rate.
+    optimizer = torch.optim.AdamW([{"params": text_params}, {"params": [head], "lr": 50 * lr}], lr=lr,
+                                  betas=(0.9, 0.98), eps=1e-6, weight_decay=0.0)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(max(1, steps // 20), steps))
+    gen, text_rng = torch.Generator().manual_seed(seed), random.Random(seed)
+    absent = ~torch.tensor([scene_items(sc) for sc in scenes])  # (N, len(ITEMS))
+    losses: list[float] = []
+    t0 = time.time()
+    aligner.text.train()
+    bar = tqdm(range(steps), desc="aligner", disable=not progress)
+    for _ in bar:
+        idx = torch.randperm(n_train, generator=gen)[:batch_size].tolist()
+        batch_scenes = [scenes[i] for i in idx]
+        ids = torch.zeros(len(idx), aligner.context_length, dtype=torch.long)
+        rows, cols, claimed = [], [], []
+        for b, desc in enumerate(web_caption(sc, text_rng) for sc in batch_scenes):
+            tok_ids, spans = clip_tokens_with_offsets(tokenizer, desc.text, aligner.context_length - 2)
+            seq = [tokenizer.sot_token_id] + tok_ids + [tokenizer.eot_token_id]
+            ids[b, : len(seq)] = torch.tensor(seq)
+            token_at_end = {end: k + 1 for k, (_, end) in enumerate(spans)}  # +1: the start token comes first
+            claims = [(token_at_end[end], items) for end, items in desc.claims if end in token_at_end]
+            claims.append((len(seq) - 1, desc.claims[-1][1]))  # the end token: the whole caption
+            for pos, items in claims:
+                rows.append(b)
+                cols.append(pos)
+                claimed.append([ITEM_INDEX[item] for item in items])
+        claims_hot = torch.zeros(len(claimed), len(ITEMS))  # (M, items)
+        for m, items in enumerate(claimed):
+            claims_hot[m, items] = 1.0
+        labels = (claims_hot @ absent[idx].float().T == 0).float()  # (M, B): no claimed item is absent
+        width = int((ids != 0).sum(1).max())
+        compact = remap[ids[:, :width]].masked_fill(ids[:, :width] == 0, 0)  # the padding (id 0) after each caption
+        if bool((compact < 0).any()):
+            raise ValueError("a web caption holds a word outside web_caption_words()")
+        feats = nn.functional.normalize(aligner.token_features(compact).float(), dim=-1)  # (B, C, E)
+        picked = feats[torch.tensor(rows), torch.tensor(cols)]  # (M, E): the claims' token features
+        logits = head[0].exp() * picked @ embeds[idx].T + head[1]  # (M, B)
+        loss = nn.functional.binary_cross_entropy_with_logits(logits, labels)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        scheduler.step()
+        losses.append(loss.item())
+        bar.set_postfix(loss=f"{np.mean(losses[-20:]):.4f}")
+    with torch.no_grad():
+        full.weight[vocab] = aligner.text.token_embedding.weight
+    aligner.text.token_embedding = full
+    aligner.text.eval()
+    aligner.requires_grad_(False)
+    metrics = {"steps": steps, "batch_size": batch_size, "lr": lr, "train_seconds": round(time.time() - t0, 1),
+               "loss_first": losses[0], "loss_last50": float(np.mean(losses[-50:])), "held_out": eval_images}
+    with torch.no_grad():
+        metrics.update(aligner_metrics(aligner, embeds[n_train:], scenes[n_train:]))
+    return metrics
+
+
+def question_relevance(aligner, image_embeds: torch.Tensor, template: str, words: list[str]) -> torch.Tensor:
+    """(N, W): eq. 6's cosine of each word (its BPE tokens' mean) inside `template` ("What colour is the {w}?")
+    to each of N images given by their unit joint-space embeddings, as IVTP rates an instruction."""
+    from ivtp.aligner import clip_tokens_with_offsets
+
+    tokenizer = aligner.tokenizer
+    out = []
+    for w in words:
+        text = template.format(w=w)
+        tok_ids, spans = clip_tokens_with_offsets(tokenizer, text, aligner.context_length - 2)
+        start = text.index(w)
+        pos = [k + 1 for k, (a, b) in enumerate(spans) if a < start + len(w) and b > start]
+        ids = torch.tensor([[tokenizer.sot_token_id] + tok_ids + [tokenizer.eot_token_id]])
+        feats = nn.functional.normalize(aligner.token_features(ids)[0, pos].float(), dim=-1)  # (k, E)
+        out.append((image_embeds @ feats.T).mean(dim=1))
+    return torch.stack(out, dim=1)
+
+
+def aligner_metrics(aligner, image_embeds: torch.Tensor, scenes: list) -> dict:
+    """How the aligner rates the key word of the testbed's questions: present vs absent shape words in "What colour
+    is the <shape>?", colour words in "What shape is the <colour> object?", and shape words in "a <shape>", as
+    AUCs per image and pooled over images (`relevance_aucs`)."""
+    from ivtp.data.shapes import COLOURS, SHAPES
+
+    out = {}
+    for kind, words, template, attr in (("shape_question", list(SHAPES), "What colour is the {w}?", "shape"),
+                                        ("colour_question", list(COLOURS), "What shape is the {w} object?", "colour"),
+                                        ("shape_word", list(SHAPES), "a {w}", "shape")):
+        cos = question_relevance(aligner, image_embeds, template, words)
+        present = torch.tensor([[any(getattr(o, attr) == w for o in sc.objects) for w in words] for sc in scenes])
+        out[f"relevance_auc_{kind}"], out[f"relevance_auc_{kind}_pooled"] = relevance_aucs(cos, present)
+    return out
+
+
 def _as_labels(labels) -> tuple[int, ...]:
     return (labels,) if isinstance(labels, int) else tuple(labels)
 
@@ -460,10 +599,12 @@ def export_vision_tower(model: nn.Module, out_dir: str, dtype: torch.dtype = tor
 
 
 def text_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """What the aligner needs from an open_clip CLIP: every text-tower tensor and `visual.proj`."""
-    sd = {k: t for k, t in model.state_dict().items()
+    """What the aligner needs from an open_clip CLIP, or from an `ivtp.aligner.Aligner` (its text tower and
+    projection): every text-tower tensor and `visual.proj`."""
+    text, proj = (model.text, model.visual_proj) if hasattr(model, "visual_proj") else (model, model.visual.proj)
+    sd = {k: t for k, t in text.state_dict().items()
           if not k.startswith("visual.") and k not in ("logit_scale", "logit_bias")}
-    sd["visual.proj"] = model.visual.proj
+    sd["visual.proj"] = proj
     return sd
 
 
@@ -477,7 +618,7 @@ def vocabulary_ids(texts: Iterable[str], tokenizer) -> list[int]:
 
 def export_aligner(model: nn.Module, path: str, vocabulary_texts: Iterable[str],
                    model_name: str = MODEL_NAME) -> dict:
-    """Save what `ivtp.aligner.Aligner` needs as fp16 safetensors: the text tower, `text_projection` and
+    """Save what `ivtp.aligner.Aligner` needs, from an open_clip CLIP or an Aligner, as fp16 safetensors: the text tower, `text_projection` and
     `visual.proj`, with only the `token_embedding` rows of the BPE ids that occur in `vocabulary_texts` (and
     <start>/<end>): `token_embedding.rows` (fp16 [k, W]) and `token_embedding.ids` (int64 [k]) replace
     `token_embedding.weight`. On loading, every other id gets a ZERO embedding, so text outside that vocabulary

@@ -7,6 +7,8 @@ Stages, each skipped when its output exists (``--force STAGE`` redoes one and wh
 1. data      ivtp.data.shapes.generate_testbed: 112 px scenes (64 patches), captions, QA, GQA/POPE-layout evals
 2. clip      a tiny open_clip CLIP trained contrastively on the captions; exported as an HF vision tower and
              as the aligner (text tower + visual projection) for IVTP's pseudo-CLS
+2b. aligner  the aligner's text tower tuned on web-like captions (single objects, bare colours and shapes), the
+             image side locked: it then rates words as real CLIP does (testbed.clip.train_aligner)
 3. llm_init  a small Llama with random weights and a tokenizer trained on the testbed's text
 4. pretrain  train/pretrain.py (DeepSpeed ZeRO-2 on CPU): projector and LLM on the captions, plain template
 5. finetune  train/finetune.py: projector + LLM on the QA, vicuna_v1 template, unpruned
@@ -31,8 +33,9 @@ from dataclasses import dataclass, field
 from ivtp.data.jsonio import dump_json
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-STAGES = ("data", "clip", "llm_init", "pretrain", "finetune", "retrain")
+STAGES = ("data", "clip", "aligner", "llm_init", "pretrain", "finetune", "retrain")
 ALIGNER_FILE, ALIGNER_META = "aligner.safetensors", "aligner.json"
+CONTRASTIVE_ALIGNER = "aligner_contrastive.safetensors"  # the clip stage's aligner, before the aligner stage
 
 
 @dataclass
@@ -60,6 +63,13 @@ class TestbedConfig:
     # tokens and the system prompt, and the types the LLM learns last (position, existence) are asked most.
     finetune_counts: dict = field(default_factory=lambda: {"colour": 2, "shape": 2, "position": 3, "count": 2,
                                                            "existence": 3})
+    # The aligner stage: locked-image tuning of the text tower on web-like captions (0 steps: the contrastive
+    # aligner as the clip stage exports it, whose shape words rate at chance). The image embeddings of the first
+    # `aligner_images` training images are computed once; the last 256 of them are held out for its metrics.
+    aligner_steps: int = 1500
+    aligner_images: int = 8000
+    aligner_batch: int = 128
+    aligner_lr: float = 2e-4
     vocab_size: int = 600
     # The LLM is sized for 2 CPU cores: a training step costs about 6 x params FLOPs per token, and a finetuning
     # sequence is 64 visual + ~245 text tokens.
@@ -97,7 +107,8 @@ class TestbedConfig:
     @classmethod
     def smoke(cls) -> "TestbedConfig":
         """Every stage on a handful of samples: a check that the pipeline runs, not a model."""
-        return cls(n_train=64, n_eval=12, clip_steps=2, clip_batch=32, clip_precision="fp32", vocab_size=300, llm_hidden=64, llm_layers=6,
+        return cls(n_train=64, n_eval=12, clip_steps=2, clip_batch=32, clip_precision="fp32", aligner_steps=2,
+                   aligner_images=48, aligner_batch=16, vocab_size=300, llm_hidden=64, llm_layers=6,
                    llm_intermediate=128, batch_size=8, pretrain_epochs=1, finetune_epochs=1, retrain_epochs=1)
 
 
@@ -130,6 +141,32 @@ def stage_clip(cfg: TestbedConfig, out: str) -> None:
     export_vision_tower(model, os.path.join(clip_dir, "vision"))
     export_aligner(model, os.path.join(clip_dir, ALIGNER_FILE), testbed_texts(data))
     dump_json({"model": "ivtp-testbed-clip"}, os.path.join(clip_dir, ALIGNER_META))
+
+
+def stage_aligner(cfg: TestbedConfig, out: str) -> None:
+    from transformers import CLIPVisionModel
+
+    from ivtp.aligner import Aligner
+    from ivtp.config import AlignerConfig
+    from ivtp.data.shapes import image_name, scene_for, web_caption_words
+    from ivtp.testbed.clip import MODEL_NAME, aligner_metrics, export_aligner, image_embeddings, train_aligner
+
+    clip_dir, data = os.path.join(out, "clip"), os.path.join(out, "data")
+    contrastive = os.path.join(clip_dir, CONTRASTIVE_ALIGNER)
+    if not os.path.exists(contrastive):  # keep the clip stage's aligner: the comparison, and a redo's start
+        shutil.copy(os.path.join(clip_dir, ALIGNER_FILE), contrastive)
+    aligner = Aligner.from_config(AlignerConfig(model=MODEL_NAME, pretrained=contrastive))
+    tower = CLIPVisionModel.from_pretrained(os.path.join(clip_dir, "vision")).eval()
+    n = min(cfg.aligner_images, cfg.n_train)
+    scenes = [scene_for(cfg.seed, "train", i, cfg.image_size) for i in range(n)]
+    embeds = image_embeddings(tower, aligner, [os.path.join(data, "images", image_name("train", i))
+                                               for i in range(n)], progress=True)
+    held = min(256, n // 4)
+    before = aligner_metrics(aligner, embeds[n - held:], scenes[n - held:])
+    metrics = train_aligner(aligner, embeds, scenes, steps=cfg.aligner_steps, batch_size=cfg.aligner_batch,
+                            lr=cfg.aligner_lr, eval_images=held, seed=cfg.seed)
+    export_aligner(aligner, os.path.join(clip_dir, ALIGNER_FILE), [*testbed_texts(data), *web_caption_words()])
+    dump_json({"contrastive": before, "tuned": metrics}, os.path.join(clip_dir, "aligner_metrics.json"), indent=1)
 
 
 TEMPLATES = (("pretrain.json", "plain"), ("finetune.json", "vicuna_v1"))  # each stage's data and its template
@@ -233,9 +270,11 @@ def attach_aligner(out: str, model_dir: str) -> None:
         shutil.copy(os.path.join(out, "clip", name), os.path.join(out, model_dir, name))
 
 
-STAGE_FUNCS = {"data": stage_data, "clip": stage_clip, "llm_init": stage_llm_init, "pretrain": stage_pretrain,
+STAGE_FUNCS = {"data": stage_data, "clip": stage_clip, "aligner": stage_aligner, "llm_init": stage_llm_init,
+               "pretrain": stage_pretrain,
                "finetune": stage_finetune, "retrain": stage_retrain}
-STAGE_OUTPUTS = {"data": "data/manifest.json", "clip": f"clip/{ALIGNER_META}", "llm_init": "llm-init/config.json",
+STAGE_OUTPUTS = {"data": "data/manifest.json", "clip": f"clip/{ALIGNER_META}", "aligner": "clip/aligner_metrics.json",
+                 "llm_init": "llm-init/config.json",
                  "pretrain": "pretrain/config.json", "finetune": f"llava/{ALIGNER_META}",
                  "retrain": f"llava-ivtp/{ALIGNER_META}"}
 

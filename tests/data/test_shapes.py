@@ -370,3 +370,35 @@ def test_png_bytes_round_trip():
     assert np.array_equal(np.asarray(decoded), pixels)
     odd = np.arange(5 * 7 * 3, dtype=np.uint8).reshape(5, 7, 3)
     assert np.array_equal(np.asarray(Image.open(io.BytesIO(shapes.png_bytes(odd, level=9)))), odd)
+
+
+def test_web_captions_claim_only_what_their_scene_holds():
+    """Every claim of a web caption is true of its own scene, ends at a word of the text, and grows word by word;
+    the vectorised truth (ITEMS) agrees with Description.true_of on other scenes."""
+    rng = random.Random(0)
+    kinds = Counter()
+    others = [shapes.scene_for(0, "train", 1000 + i) for i in range(20)]
+    for i in range(300):
+        scene = shapes.scene_for(0, "train", i)
+        desc = shapes.web_caption(scene, rng)
+        assert desc.claims and desc.claims[-1][0] <= len(desc.text)
+        previous = ()
+        for end, items in desc.claims:
+            assert desc.text[end - 1].isalpha() and (end == len(desc.text) or not desc.text[end].isalpha())
+            assert shapes.Description.true_of(items, scene)
+            assert items[: len(previous) - 1] == previous[: len(previous) - 1]  # only the last item may sharpen
+            previous = items
+        words = set(desc.text.replace(",", " ").split())
+        assert words <= set(shapes.web_caption_words())
+        kinds[len(desc.claims[-1][1])] += 1
+        for other in others:
+            present = shapes.scene_items(other)
+            vectorised = all(present[shapes.ITEM_INDEX[item]] for item in desc.claims[-1][1])
+            assert vectorised == shapes.Description.true_of(desc.claims[-1][1], other)
+    assert kinds[1] > 100 and max(kinds) >= 3  # mostly single things, some whole scenes
+    bare = shapes._described([("a circle", (None, "circle"))])
+    assert bare.text == "a circle" and bare.claims == [(8, ((None, "circle"),))]
+    pair = shapes._described([("the red square", ("red", "square")), ("blue", ("blue", None))])
+    assert pair.text == "the red square and blue"
+    assert pair.claims == [(7, (("red", None),)), (14, (("red", "square"),)),
+                           (23, (("red", "square"), ("blue", None)))]

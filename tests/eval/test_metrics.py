@@ -423,3 +423,19 @@ def test_mmbench_circular_bad_rounds():
         mmbench_circular([{"index": "1", "prediction": "A", "answer": "A"}])
     with pytest.raises(ValueError):
         mmbench_circular([])
+
+
+def test_selection_shares_by_hand():
+    from ivtp.eval.metrics import selection_metrics
+
+    rows = [{"question_id": "1", "stage1_patches": [1, 2, 3, 4], "kept_patches": [1, 2], "pseudo_cls_source": "text"},
+            {"question_id": "2", "stage1_patches": [5, 6], "kept_patches": [6], "pseudo_cls_source": "visual"},
+            {"question_id": "3", "stage1_patches": [], "kept_patches": [], "pseudo_cls_source": "visual"},  # merged
+            {"question_id": "4", "stage1_patches": [1], "kept_patches": [1]}]  # no target known
+    targets = {"1": ([2, 3, 9], "colour"), "2": ([5], "shape"), "3": ([1], "shape")}
+    out = selection_metrics(rows, targets)
+    assert out["questions"] == 2
+    assert out["kept_on_target_share"] == {"all": 0.25, "colour": 0.5, "shape": 0.0}  # 1/2 and 0/1
+    assert out["stage1_on_target_share"] == {"all": 0.5, "colour": 0.5, "shape": 0.5}  # 2/4 and 1/2
+    assert out["aligner_fallback_rate"] == round(2 / 3, 4)
+    assert selection_metrics(rows[3:], targets)["aligner_fallback_rate"] is None

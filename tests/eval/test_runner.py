@@ -161,3 +161,34 @@ def test_benchmark_script_runs_under_torchrun(tmp_path):
     bad = subprocess.run(["bash", "scripts/v1_5/eval/run.sh", "vqa3", "64"], cwd=repo, env=env,
                          capture_output=True, text=True)
     assert bad.returncode == 2 and "unknown benchmark vqa3" in bad.stderr
+
+
+def test_a_split_with_target_patches_reports_where_the_kept_tokens_lie(monkeypatch, tmp_path):
+    """The testbed's GQA layout carries each question's target patches: results.json then has `selection`."""
+    root = tmp_path / "gqa"
+    shutil.copytree(os.path.join(FIXTURES, "gqa"), root)
+    path = root / "data" / "testdev_balanced_questions.json"
+    questions = json.load(open(path))
+    ids = sorted(questions)
+    for k, qid in enumerate(ids):
+        questions[qid]["target_patches"] = [k, 10]
+        questions[qid]["types"] = {"detailed": "colour"}
+    json.dump(questions, open(path, "w"))
+
+    def fake(model, processor, samples, max_new_tokens, batch_size):
+        return [Result(s.prompt, None, "no", [64, 14, 7], kept_patches=[10, 11], stage1_patches=[10, 11, 12, 13],
+                       guidance={"pseudo_cls_source": "text", "selected_tokens": [{"token": " red"}]})
+                for s in samples]
+
+    monkeypatch.setattr(ivtp.inference, "generate", fake)
+    bench = get_benchmark("gqa")
+    summary = evaluate(None, PROCESSOR, bench, str(root), str(tmp_path / "out"), dict(RUN, benchmark="gqa"),
+                       progress=False)
+    sel = summary["result"]["selection"]
+    assert sel["questions"] == len(ids) and sel["aligner_fallback_rate"] == 0.0
+    assert sel["kept_on_target_share"] == {"all": 0.5, "colour": 0.5}  # patch 10 of [10, 11]
+    assert sel["stage1_on_target_share"]["all"] == 0.25
+    line = lines(tmp_path / "out" / "predictions.jsonl")[0]
+    assert line["kept_patches"] == [10, 11] and line["selected_tokens"] == [" red"]
+    # A split without targets (every public one) reports none.
+    assert "selection" not in run(monkeypatch, tmp_path / "pope", FakeGenerate())["result"]

@@ -7,7 +7,17 @@ import pytest
 import torch
 
 from ivtp import PruneConfig, apply_pruning
-from ivtp.testbed.ablate import OracleRunner, Row, markdown, plan_rows, pope_subset, write_reports
+from ivtp.testbed.ablate import (
+    SUITES,
+    OracleRunner,
+    Row,
+    key_word_hits,
+    kept_jaccard,
+    markdown,
+    plan_rows,
+    pope_subset,
+    write_reports,
+)
 from ivtp.testbed.configs import TESTBED_METHODS, scale_layer, fit_prune_config
 
 
@@ -25,8 +35,7 @@ def test_layers_scale_to_the_testbed_llm():
 
 
 def test_plan_covers_every_suite_with_valid_configs():
-    rows = plan_rows(("methods", "group", "tau", "aggregation", "guidance", "stages"), (4, 7), "/x/a.safetensors",
-                     6, retrained=True)
+    rows = plan_rows(SUITES, (4, 7), "/x/a.safetensors", 6, retrained=True)
     names = {(r.suite, r.name, r.model, r.tokens) for r in rows}
     assert ("methods", "ivtp", "retrained", 7) in names and ("methods", "oracle", "finetuned", 4) in names
     assert {n for s, n, _, _ in names if s == "group"} == {f"group_size={g}" for g in (1, 2, 3, 4, 6)}
@@ -36,6 +45,14 @@ def test_plan_covers_every_suite_with_valid_configs():
     stages = {r.name: PruneConfig.from_dict(r.config) for r in rows if r.suite == "stages"}
     assert not stages["vision_only"].llm.enabled and stages["vision_only"].vision.keep == 7
     assert not stages["llm_only"].vision.enabled and stages["two_stage"].llm.enabled
+    ext = {r.name: r for r in rows if r.suite == "extensions"}
+    paper, early = PruneConfig.from_dict(ext["paper:clip"].config), PruneConfig.from_dict(ext["early:question"].config)
+    assert paper.to_dict() == stages["two_stage"].to_dict()  # the paper's form, unchanged, is the reference row
+    assert (early.vision.keep, early.llm.layers, early.llm.group_size) == (28, 1, 1)
+    assert (early.llm.instruction, early.llm.relevance) == ("question", "standardised")
+    # Visual tokens x LLM layers are the same for both geometries: 14 x 3 + 7 x 3 and 28 + 7 x 5.
+    assert ext["early:question"].compare == "early:random" and ext["paper:random"].compare is None
+    assert {r.name.split()[-1] for r in rows if r.suite == "tau_extended"} >= {"tau=0.0", "tau=1.0"}
 
 
 def test_oracle_keeps_the_target_patches_then_tops_up(small_llava):
@@ -85,3 +102,37 @@ def test_reports_write_tables_and_plots(tmp_path):
     assert os.path.getsize(paths["methods_png"]) > 10000 and os.path.exists(paths["ablations_png"])
     assert json.load(open(paths["json"]))[2]["name"] == "ivtp"
     assert markdown(rows).count("## ") == 2
+
+
+def test_selection_columns_key_words_and_jaccard(tmp_path):
+    data = tmp_path / "data" / "gqa"
+    data.mkdir(parents=True)
+    questions = {"0": {"question": "What colour is the square?", "types": {"detailed": "colour"}},
+                 "1": {"question": "What shape is the red object?", "types": {"detailed": "shape"}},
+                 "2": {"question": "How many objects are there?", "types": {"detailed": "count"}}}
+    (data / "testdev_balanced_questions.json").write_text(json.dumps(questions))
+
+    def run(name, selected, kept):
+        d = tmp_path / name
+        d.mkdir()
+        with open(d / "predictions.jsonl", "w") as f:
+            for qid in questions:
+                f.write(json.dumps({"question_id": qid, "selected_tokens": selected[qid], "kept_patches": kept[qid]})
+                        + "\n")
+        return str(d)
+
+    a = run("a", {"0": [" square", "?"], "1": [" What"], "2": [" objects"]}, {"0": [1, 2], "1": [3, 4], "2": [5]})
+    b = run("b", {"0": [], "1": [], "2": []}, {"0": [1, 2], "1": [4, 6], "2": [7]})
+    assert key_word_hits(str(tmp_path / "data"), a) == {"all": 50.0, "colour": 100.0, "shape": 0.0}
+    assert kept_jaccard(a, b) == pytest.approx((1 + 1 / 3 + 0) / 3)
+    row = Row("extensions", "early:question", "finetuned", 7, compare="early:random",
+              metrics={"gqa": {"accuracy": 60.0}, "gqa_by_type": {"colour": 60.0},
+                       "selection": {"kept_on_target_share": {"colour": 0.5, "shape": 0.25, "position": 0.75},
+                                     "stage1_on_target_share": {"colour": 0.2, "shape": 0.2, "position": 0.2},
+                                     "aligner_fallback_rate": 0.1},
+                       "key_word_hit": {"all": 80.0}, "jaccard_to_compare": 0.4})
+    line = next(ln for ln in markdown([row]).splitlines() if "early:question" in ln)
+    assert line.endswith("| 50.0 | 50.0 | 25.0 | 75.0 | 20.0 | 10.0 | 80.0 | 0.40 (early:random) |")
+    paths = write_reports([row, Row("extensions", "early:random", "finetuned", 7, metrics={
+        "gqa": {"accuracy": 55.0}, "gqa_by_type": {}})], str(tmp_path / "out"))
+    assert os.path.exists(paths["ablations_png"])

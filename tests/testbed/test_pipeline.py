@@ -46,9 +46,15 @@ def test_testbed_texts_are_the_turns_and_the_template(data_dir):
 
 
 def test_tokenizer_learns_the_chat_template(data_dir, tmp_path):
-    """With the template in the corpus once, "ASSISTANT:" was split into 10 single-letter tokens."""
+    """With the template in the corpus once, "ASSISTANT:" was split into 10 single-letter tokens. Punctuation and
+    newlines stand alone, as in Llama's tokenizer: the question's last word is a token of its own (it was merged
+    with the answer-format suffix, "▁square?\nAnswer")."""
     tok = train_tokenizer(training_texts(str(data_dir)), str(tmp_path / "tok"), vocab_size=400)
-    assert tok.tokenize(" USER: ASSISTANT:") == ["▁USER:", "▁ASSISTANT:"]
+    assert tok.tokenize(" USER: ASSISTANT:") == ["▁USER", ":", "▁ASSISTANT", ":"]
+    pieces = tok.tokenize(" What colour is the square?\nAnswer the question")
+    assert pieces[pieces.index("▁square") + 1 : pieces.index("▁square") + 3] == ["?", "\n"]
+    text = "What colour is the square?\nAnswer the question using a single word or phrase. ASSISTANT: red"
+    assert tok.decode(tok(text)["input_ids"], skip_special_tokens=True) == text
 
 
 def test_recipe_settings_and_overrides():
