@@ -51,7 +51,8 @@ TESTBED_ABLATE := $(VENV)/bin/ivtp ablate --testbed ivtp_out/testbed --limit 700
 testbed: $(STAMP)
 	$(PY) -m ivtp.testbed.pipeline --out ivtp_out/testbed
 	$(TESTBED_ABLATE) --suites methods --threads 1 > ivtp_out/testbed/ablate_methods.log 2>&1 & pid=$$!; \
-	$(TESTBED_ABLATE) --suites group,tau,aggregation,guidance,stages --threads 1 > ivtp_out/testbed/ablate_rest.log 2>&1; \
+	$(TESTBED_ABLATE) --suites group,tau,aggregation,guidance,stages,extensions,tau_extended --threads 1 \
+		> ivtp_out/testbed/ablate_rest.log 2>&1; \
 	wait $$pid
 	$(TESTBED_ABLATE)
 	$(PY) -m ivtp.testbed.pipeline --out ivtp_out/testbed --ship ivtp/assets/testbed

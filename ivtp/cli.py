@@ -320,7 +320,7 @@ def cmd_ablate(args) -> int:
         torch.set_num_threads(args.threads)
     out = args.out or os.path.join(args.testbed, "ablate")
     rows = ablate(args.testbed, out, suites=suites, budgets=budgets, limit=args.limit, batch_size=args.batch_size,
-                  pope_images=args.pope_images, progress=not args.json)
+                  pope_images=args.pope_images, progress=not args.json, fresh=args.fresh, finetuned=args.finetuned)
     paths = write_reports(rows, out)
     if args.json:
         json.dump({"rows": [r.__dict__ for r in rows], "files": paths}, sys.stdout, indent=2)
@@ -386,6 +386,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="visual tokens per image (of 64) for the methods suite")
     p.add_argument("--limit", type=int, default=None, help="only the first N questions of the GQA-layout split")
     p.add_argument("--pope-images", type=int, default=100, help="POPE-layout images (each with its 3 settings)")
+    p.add_argument("--fresh", type=int, default=None, metavar="N",
+                   help="GQA-layout questions of a new split of N images (written under --out) instead of the "
+                        "testbed's: for reporting settings chosen on the testbed's own split")
+    p.add_argument("--finetuned", default=None, metavar="PATH",
+                   help="the model the suites prune in pure inference (default <testbed>/llava)")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--threads", type=int, default=None, help="torch threads (two 1-thread sweeps beat one 2-thread)")
     p.add_argument("--json", action="store_true")

@@ -379,43 +379,48 @@ def scene_items(scene: Scene) -> list[bool]:
     return [bool(scene.find(colour, shape)) for colour, shape in ITEMS]
 
 
-def _described(parts: list[tuple[str, Item]], joiner=_join) -> Description:
-    """A Description from words or phrases with the item each asserts (None: a word that asserts nothing)."""
-    text, claims, items = "", [], []
-    phrases = [p for p, _ in parts]
-    joined = joiner(phrases)
-    pos = 0
-    for phrase, item in parts:
-        start = joined.index(phrase, pos)
+def _described(parts: list[tuple[str, Item]], framing: str = "", tail: str = "") -> Description:
+    """A Description from phrases joined as a list ("a, b and c"), each with the item it asserts, between words
+    that assert nothing (`framing` before, `tail` after: "this is ...", "... on the left")."""
+    text = " ".join(x for x in (framing, _join([p for p, _ in parts]), tail) if x)
+    claims, items, pos = [], [], len(framing)
+    for phrase, (colour, shape) in parts:
+        start = text.index(phrase, pos)
         pos = start + len(phrase)
-        if item is None:
-            continue
-        colour, shape = item
         # Within "a red circle", "red" already claims a red object, "circle" the red circle.
         if colour is not None and shape is not None and f"{colour} {shape}" in phrase:
             claims.append((start + phrase.index(colour) + len(colour), (*items, (colour, None))))
-        items.append(item)
+        items.append((colour, shape))
         claims.append((pos, tuple(items)))
-    return Description(joined, claims)
+    return Description(text, claims)
 
 
 _PLURAL = {"circle": "circles", "square": "squares", "triangle": "triangles"}
 _OBJECT_WORDS = ("object", "shape", "one", "thing")
+# Words around the claims that assert nothing one can see: web text is full of them, and an aligner that never
+# reads them rates them at random (the testbed's questions start with them).
+_FRAMINGS = ("this is", "here is", "what is in the picture:", "the image shows", "is there", "which one is",
+             "what colour is it:", "what color is the", "what shape is the", "the colour of the", "the shape of",
+             "is it", "a photo of", "what is the")
+_TAILS = ("on the left", "on the right", "at the top", "at the bottom", "in the middle", "or the", "in the image",
+          "of the image", "side of the image", "half of the image")
 
 
 def web_caption(scene: Scene, rng) -> Description:
     """A caption of the kinds web alt-text has: the whole scene (as `short_caption`), one object, a bare colour
     or a bare shape, each about something in `scene` ("a red circle", "something green", "circles", "a square
-    and a blue shape"). The testbed aligner learns words from these, as CLIP learns them from the web: with
-    `short_caption` alone, shape words never stand alone and rate at chance (docs/testbed.md)."""
+    and a blue shape"), sometimes framed by words that assert nothing ("this is", "on the left"). The testbed
+    aligner learns words from these, as CLIP learns them from the web: with `short_caption` alone, shape words
+    never stand alone and rate at chance, and no question word is ever read (docs/testbed.md)."""
     rng = _as_rng(rng)
     objs = list(scene.objects)
     kind = rng.random()
-    if kind < 0.3:  # the whole scene, as short_caption
+    if kind < 0.25:  # the whole scene, as short_caption
         rng.shuffle(objs)
         return _described([(_a(f"{o.colour} {o.shape}"), (o.colour, o.shape)) for o in objs])
     picked = rng.sample(objs, k=min(len(objs), rng.choice((1, 1, 2))))
-    parts = []
+    parts: list[tuple[str, Item]] = []
+    framing = rng.choice(_FRAMINGS) if rng.random() < 0.5 else ""
     for o in picked:
         form = rng.random()
         if form < 0.35:
@@ -426,12 +431,14 @@ def web_caption(scene: Scene, rng) -> Description:
                                       f"the {o.colour} {rng.choice(_OBJECT_WORDS)}")), (o.colour, None)))
         else:
             parts.append((rng.choice((_a(o.shape), f"the {o.shape}", o.shape, _PLURAL[o.shape])), (None, o.shape)))
-    return _described(parts)
+    tail = rng.choice(_TAILS) if len(picked) == 1 and rng.random() < 0.3 else ""
+    return _described(parts, framing, tail)
 
 
 def web_caption_words() -> list[str]:
     """Every word `web_caption` can write (the aligner's exported vocabulary must hold them)."""
-    return [*COLOURS, *SHAPES, *_PLURAL.values(), *_OBJECT_WORDS, "something", "the", "a", "an", "and"]
+    return [*COLOURS, *SHAPES, *_PLURAL.values(), *_OBJECT_WORDS, "something", "the", "a", "an", "and",
+            *_FRAMINGS, *_TAILS]
 
 
 # ---------------------------------------------------------------------------------------------------------------

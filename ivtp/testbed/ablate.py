@@ -62,6 +62,7 @@ class Row:
     baseline: str | None = None  # "no_image" or "oracle"
     metrics: dict = field(default_factory=dict)
     compare: str | None = None  # a row of the same suite whose kept sets this row's are compared with (Jaccard)
+    path: str | None = None  # the model folder that `model` named in this run
 
 
 class OracleRunner(PeerRunner):
@@ -260,20 +261,43 @@ def key_word_hits(data: str, run_dir: str) -> dict[str, float] | None:
     return {k: round(100 * sum(v) / len(v), 1) for k, v in sorted(hits.items())}
 
 
+def fresh_split(testbed: str, out: str, images: int) -> str:
+    """An eval folder whose GQA-layout split is new (`images` images of the split "fresh", which no stage of the
+    testbed reads), and whose POPE layout is the testbed's: for reporting settings chosen on the testbed's own
+    split. Written once under `out`; returns the folder."""
+    from ivtp.data.shapes import write_gqa_eval
+
+    folder = os.path.join(out, f"fresh_{images}")
+    if not os.path.isfile(os.path.join(folder, "gqa", "testdev_balanced_questions.json")):
+        with open(os.path.join(testbed, "testbed.json")) as f:
+            cfg = json.load(f)
+        write_gqa_eval(folder, images, cfg["seed"], cfg["image_size"], split="fresh")
+    pope = os.path.join(folder, "pope")
+    if not os.path.exists(pope):
+        os.symlink(os.path.abspath(os.path.join(testbed, "data", "eval", "pope")), pope)
+    return folder
+
+
 def ablate(testbed: str, out: str, suites=SUITES, budgets=DEFAULT_BUDGETS, limit: int | None = None,
-           batch_size: int = 32, pope_images: int = 100, progress: bool = True) -> list[Row]:
-    """Run the suites on a testbed folder (`ivtp.testbed.pipeline`'s output) and write the tables and plots."""
+           batch_size: int = 32, pope_images: int = 100, progress: bool = True, fresh: int | None = None,
+           finetuned: str | None = None) -> list[Row]:
+    """Run the suites on a testbed folder (`ivtp.testbed.pipeline`'s output) and write the tables and plots.
+    fresh: evaluate the GQA-layout questions of a new split of that many images instead (`fresh_split`).
+    finetuned: the model the suites prune in pure inference, instead of <testbed>/llava."""
     data = os.path.join(testbed, "data", "eval")
-    models = {"finetuned": os.path.join(testbed, "llava"), "retrained": os.path.join(testbed, "llava-ivtp")}
+    models = {"finetuned": finetuned or os.path.join(testbed, "llava"), "retrained": os.path.join(testbed, "llava-ivtp")}
     for name, path in models.items():
         if name == "finetuned" and not os.path.isfile(os.path.join(path, "config.json")):
             raise FileNotFoundError(f"{path}: no trained testbed model; run `make testbed` first")
     with open(os.path.join(testbed, "testbed.json")) as f:
         llm_layers = json.load(f)["llm_layers"]
+    if fresh:
+        data = fresh_split(testbed, out, fresh)
     retrained = os.path.isfile(os.path.join(models["retrained"], "config.json"))
     rows = plan_rows(suites, budgets, os.path.join(testbed, "clip", "aligner.safetensors"), llm_layers, retrained)
     for row in tqdm(rows, desc="ablate", disable=not progress):
-        row.metrics = run_row(row, models[row.model], data, out, limit, batch_size, pope_images)
+        row.path = models[row.model]
+        row.metrics = run_row(row, row.path, data, out, limit, batch_size, pope_images)
     by_name = {(r.suite, r.name): r for r in rows}
     for row in rows:
         other = by_name.get((row.suite, row.compare))
@@ -342,6 +366,9 @@ def markdown(rows: list[Row]) -> str:
              "pseudo-CLS holds a colour or shape word of the question (all percent); Jaccard: the mean Jaccard index "
              "of the final kept patches with those of the row named (its random-query control: 1.00 means the "
              "instruction changed nothing).", ""]
+    paths = dict.fromkeys(f"{r.model} = {r.path}" for r in rows if r.path)
+    if paths:
+        lines += ["Models: " + "; ".join(paths) + ".", ""]
     sel_head = ["on target c+s+p", "colour", "shape", "position", "stage 1", "fallback", "key word", "Jaccard"]
     for suite in dict.fromkeys(r.suite for r in rows):
         lines += [f"## {suite}", "", "| model | row | tokens | GQA-layout acc | retained | " + " | ".join(QTYPES)

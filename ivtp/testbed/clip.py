@@ -253,10 +253,9 @@ def train_clip(tsv: str, out_dir: str, *, epochs: float | None = None, steps: in
         torch.set_num_threads(old_threads)
 
 
-def image_embeddings(tower: nn.Module, aligner, image_paths: list[str], batch: int = 256,
-                     progress: bool = False) -> torch.Tensor:
-    """(N, E) unit joint-space embeddings of images: the HF vision tower's post-layernormed [CLS] through the
-    aligner's `visual.proj`, as IVTP's eq. 6 places an image (`Aligner.image_features`)."""
+def tower_cls(tower: nn.Module, image_paths: list[str], batch: int = 256, progress: bool = False) -> torch.Tensor:
+    """(N, Dv): the HF vision tower's post-layernormed [CLS] of each image, which `Aligner.image_features` takes
+    into the joint space (IVTP's eq. 6)."""
     from tqdm import tqdm
 
     size = tower.config.image_size
@@ -264,22 +263,27 @@ def image_embeddings(tower: nn.Module, aligner, image_paths: list[str], batch: i
     with torch.no_grad():
         for i in tqdm(range(0, len(image_paths), batch), desc="aligner: images", disable=not progress):
             pixels = normalize_images(load_images(image_paths[i: i + batch], size))
-            cls = tower(pixel_values=pixels.to(tower.dtype)).pooler_output  # (b, Dv), post-layernormed
-            out.append(nn.functional.normalize(aligner.image_features(cls.float()).float(), dim=-1))
+            out.append(tower(pixel_values=pixels.to(tower.dtype)).pooler_output.float())  # (b, Dv)
     return torch.cat(out)
 
 
-def train_aligner(aligner, embeds: torch.Tensor, scenes: list, *, steps: int = 1500, batch_size: int = 128,
-                  lr: float = 2e-4, eval_images: int = 256, seed: int = 0, progress: bool = True) -> dict:
-    """Teach the aligner's text tower words as web text teaches real CLIP's, with the image side locked.
+def _joint(aligner, cls: torch.Tensor) -> torch.Tensor:
+    return nn.functional.normalize(aligner.image_features(cls).float(), dim=-1)  # (N, E), unit
 
-    Locked-image tuning: the vision tower and `visual.proj` stay as they are (LLaVA's tower is this tower, so
-    nothing downstream changes); `embeds` (N, E) are the N images' unit embeddings (`image_embeddings`), in the
-    order of `scenes`. The text tower reads `ivtp.data.shapes.web_caption`s (whole scenes, single objects, bare
+
+def train_aligner(aligner, cls: torch.Tensor, scenes: list, *, steps: int = 1500, batch_size: int = 128,
+                  lr: float = 2e-4, eval_images: int = 256, seed: int = 0, progress: bool = True) -> dict:
+    """Teach the aligner's text tower words as web text teaches real CLIP's, with the vision tower locked.
+
+    Locked-image tuning: the vision tower stays as it is (LLaVA's tower is this tower, so nothing downstream
+    changes); `cls` (N, Dv) are the N images' post-layernormed [CLS] (`tower_cls`), in the order of `scenes`. The
+    aligner's `visual.proj`, which only the aligner reads, trains with the text tower. The text tower reads `ivtp.data.shapes.web_caption`s (whole scenes, single objects, bare
     colours, bare shapes), and every content word's token feature, which IVTP's eq. 6 reads, is trained on what the
     caption up to that word claims, against every image of the batch, with SigLIP's sigmoid loss (a caption may be
-    true of many images). The last `eval_images` images are held out for `aligner_metrics`. Trains `aligner.text`
-    in place; returns the metrics.
+    true of many images). Every other word (framings such as "this is", "on the left") is trained as true of no
+    image: evidence for nothing, so that within an instruction the words that name something rate above the words
+    around them, as in real CLIP. The last `eval_images` images are held out for `aligner_metrics`. Trains
+    `aligner.text` in place; returns the metrics.
     """
     import random
 
@@ -298,7 +302,8 @@ def train_aligner(aligner, embeds: torch.Tensor, scenes: list, *, steps: int = 1
     remap[vocab] = torch.arange(len(vocab))
     aligner.text.token_embedding = nn.Embedding.from_pretrained(full.weight[vocab].clone(), freeze=False)
     text_params = [p for n, p in aligner.text.named_parameters() if n not in ("logit_scale", "logit_bias")]
-    aligner.text.requires_grad_(False)
+    text_params.append(aligner.visual_proj)
+    aligner.requires_grad_(False)
     for p in text_params:
         p.requires_grad_(True)
     head = nn.Parameter(torch.tensor([math.log(10.0), -10.0]))  # SigLIP: logits = t * cos + b, t = 10, b = -10
@@ -324,21 +329,27 @@ def train_aligner(aligner, embeds: torch.Tensor, scenes: list, *, steps: int = 1
             token_at_end = {end: k + 1 for k, (_, end) in enumerate(spans)}  # +1: the start token comes first
             claims = [(token_at_end[end], items) for end, items in desc.claims if end in token_at_end]
             claims.append((len(seq) - 1, desc.claims[-1][1]))  # the end token: the whole caption
+            claimed_ends = {end for end, _ in desc.claims}
+            claims += [(k, None) for end, k in token_at_end.items()  # words that claim nothing: true of no image
+                       if end not in claimed_ends and desc.text[end - 1].isalpha()
+                       and (end == len(desc.text) or not desc.text[end].isalpha())]
             for pos, items in claims:
                 rows.append(b)
                 cols.append(pos)
-                claimed.append([ITEM_INDEX[item] for item in items])
+                claimed.append(None if items is None else [ITEM_INDEX[item] for item in items])
         claims_hot = torch.zeros(len(claimed), len(ITEMS))  # (M, items)
         for m, items in enumerate(claimed):
-            claims_hot[m, items] = 1.0
+            if items is not None:
+                claims_hot[m, items] = 1.0
         labels = (claims_hot @ absent[idx].float().T == 0).float()  # (M, B): no claimed item is absent
+        labels[[m for m, items in enumerate(claimed) if items is None]] = 0.0
         width = int((ids != 0).sum(1).max())
         compact = remap[ids[:, :width]].masked_fill(ids[:, :width] == 0, 0)  # the padding (id 0) after each caption
         if bool((compact < 0).any()):
             raise ValueError("a web caption holds a word outside web_caption_words()")
         feats = nn.functional.normalize(aligner.token_features(compact).float(), dim=-1)  # (B, C, E)
         picked = feats[torch.tensor(rows), torch.tensor(cols)]  # (M, E): the claims' token features
-        logits = head[0].exp() * picked @ embeds[idx].T + head[1]  # (M, B)
+        logits = head[0].exp() * picked @ _joint(aligner, cls[idx]).T + head[1]  # (M, B)
         loss = nn.functional.binary_cross_entropy_with_logits(logits, labels)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -354,16 +365,17 @@ def train_aligner(aligner, embeds: torch.Tensor, scenes: list, *, steps: int = 1
     metrics = {"steps": steps, "batch_size": batch_size, "lr": lr, "train_seconds": round(time.time() - t0, 1),
                "loss_first": losses[0], "loss_last50": float(np.mean(losses[-50:])), "held_out": eval_images}
     with torch.no_grad():
-        metrics.update(aligner_metrics(aligner, embeds[n_train:], scenes[n_train:]))
+        metrics.update(aligner_metrics(aligner, cls[n_train:], scenes[n_train:]))
     return metrics
 
 
-def question_relevance(aligner, image_embeds: torch.Tensor, template: str, words: list[str]) -> torch.Tensor:
+def question_relevance(aligner, cls: torch.Tensor, template: str, words: list[str]) -> torch.Tensor:
     """(N, W): eq. 6's cosine of each word (its BPE tokens' mean) inside `template` ("What colour is the {w}?")
-    to each of N images given by their unit joint-space embeddings, as IVTP rates an instruction."""
+    to each of N images given by their post-layernormed [CLS] (N, Dv), as IVTP rates an instruction."""
     from ivtp.aligner import clip_tokens_with_offsets
 
     tokenizer = aligner.tokenizer
+    image_embeds = _joint(aligner, cls)
     out = []
     for w in words:
         text = template.format(w=w)
@@ -376,7 +388,7 @@ def question_relevance(aligner, image_embeds: torch.Tensor, template: str, words
     return torch.stack(out, dim=1)
 
 
-def aligner_metrics(aligner, image_embeds: torch.Tensor, scenes: list) -> dict:
+def aligner_metrics(aligner, cls: torch.Tensor, scenes: list) -> dict:
     """How the aligner rates the key word of the testbed's questions: present vs absent shape words in "What colour
     is the <shape>?", colour words in "What shape is the <colour> object?", and shape words in "a <shape>", as
     AUCs per image and pooled over images (`relevance_aucs`)."""
@@ -386,7 +398,7 @@ def aligner_metrics(aligner, image_embeds: torch.Tensor, scenes: list) -> dict:
     for kind, words, template, attr in (("shape_question", list(SHAPES), "What colour is the {w}?", "shape"),
                                         ("colour_question", list(COLOURS), "What shape is the {w} object?", "colour"),
                                         ("shape_word", list(SHAPES), "a {w}", "shape")):
-        cos = question_relevance(aligner, image_embeds, template, words)
+        cos = question_relevance(aligner, cls, template, words)
         present = torch.tensor([[any(getattr(o, attr) == w for o in sc.objects) for w in words] for sc in scenes])
         out[f"relevance_auc_{kind}"], out[f"relevance_auc_{kind}_pooled"] = relevance_aucs(cos, present)
     return out

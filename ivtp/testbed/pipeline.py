@@ -66,10 +66,10 @@ class TestbedConfig:
     # The aligner stage: locked-image tuning of the text tower on web-like captions (0 steps: the contrastive
     # aligner as the clip stage exports it, whose shape words rate at chance). The image embeddings of the first
     # `aligner_images` training images are computed once; the last 256 of them are held out for its metrics.
-    aligner_steps: int = 1500
+    aligner_steps: int = 1000
     aligner_images: int = 8000
     aligner_batch: int = 128
-    aligner_lr: float = 2e-4
+    aligner_lr: float = 5e-4
     vocab_size: int = 600
     # The LLM is sized for 2 CPU cores: a training step costs about 6 x params FLOPs per token, and a finetuning
     # sequence is 64 visual + ~245 text tokens.
@@ -149,7 +149,7 @@ def stage_aligner(cfg: TestbedConfig, out: str) -> None:
     from ivtp.aligner import Aligner
     from ivtp.config import AlignerConfig
     from ivtp.data.shapes import image_name, scene_for, web_caption_words
-    from ivtp.testbed.clip import MODEL_NAME, aligner_metrics, export_aligner, image_embeddings, train_aligner
+    from ivtp.testbed.clip import MODEL_NAME, aligner_metrics, export_aligner, tower_cls, train_aligner
 
     clip_dir, data = os.path.join(out, "clip"), os.path.join(out, "data")
     contrastive = os.path.join(clip_dir, CONTRASTIVE_ALIGNER)
@@ -159,11 +159,10 @@ def stage_aligner(cfg: TestbedConfig, out: str) -> None:
     tower = CLIPVisionModel.from_pretrained(os.path.join(clip_dir, "vision")).eval()
     n = min(cfg.aligner_images, cfg.n_train)
     scenes = [scene_for(cfg.seed, "train", i, cfg.image_size) for i in range(n)]
-    embeds = image_embeddings(tower, aligner, [os.path.join(data, "images", image_name("train", i))
-                                               for i in range(n)], progress=True)
+    cls = tower_cls(tower, [os.path.join(data, "images", image_name("train", i)) for i in range(n)], progress=True)
     held = min(256, n // 4)
-    before = aligner_metrics(aligner, embeds[n - held:], scenes[n - held:])
-    metrics = train_aligner(aligner, embeds, scenes, steps=cfg.aligner_steps, batch_size=cfg.aligner_batch,
+    before = aligner_metrics(aligner, cls[n - held:], scenes[n - held:])
+    metrics = train_aligner(aligner, cls, scenes, steps=cfg.aligner_steps, batch_size=cfg.aligner_batch,
                             lr=cfg.aligner_lr, eval_images=held, seed=cfg.seed)
     export_aligner(aligner, os.path.join(clip_dir, ALIGNER_FILE), [*testbed_texts(data), *web_caption_words()])
     dump_json({"contrastive": before, "tuned": metrics}, os.path.join(clip_dir, "aligner_metrics.json"), indent=1)

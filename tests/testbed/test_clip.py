@@ -211,3 +211,35 @@ def test_region_loss_trains_and_checks_its_labels(tmp_path):
     with pytest.raises(ValueError, match="1 weights for 2 label sets"):
         train_clip(tsv, str(tmp_path / "d"), steps=1, batch_size=24, threads=1, progress=False,
                    regions=regions, region_weight=(1.0,))
+
+
+def test_aligner_tuning_trains_the_text_side_only_and_exports(clip, tmp_path):
+    """Locked-image tuning: a few steps move the text tower, the caption words' embedding rows and visual.proj,
+    leave every other embedding row as it was, and the tuned aligner exports and loads like the contrastive one."""
+    from ivtp.data.shapes import scene_for, web_caption_words
+    from ivtp.testbed.clip import aligner_metrics, train_aligner, vocabulary_ids
+
+    path = str(tmp_path / "a.safetensors")
+    export_aligner(clip, path, ["What colour is the square?", *web_caption_words()])
+    aligner = Aligner.from_config(AlignerConfig(model=MODEL_NAME, pretrained=path))
+    before = copy.deepcopy(aligner.state_dict())
+    scenes = [scene_for(0, "train", i) for i in range(24)]
+    cls = torch.randn(len(scenes), aligner.vision_width)
+    metrics = train_aligner(aligner, cls, scenes, steps=3, batch_size=8, lr=1e-3, eval_images=8, progress=False)
+    after = aligner.state_dict()
+    assert np.isfinite(metrics["loss_last50"]) and 0 <= metrics["relevance_auc_shape_question"] <= 1
+    assert set(aligner_metrics(aligner, cls[:4], scenes[:4])) == set(k for k in metrics if k.startswith("relevance"))
+    assert not torch.equal(before["visual_proj"], after["visual_proj"])
+    assert not torch.equal(before["text.ln_final.weight"], after["text.ln_final.weight"])
+    used = vocabulary_ids([*web_caption_words(), ","], aligner.tokenizer)
+    emb_b, emb_a = before["text.token_embedding.weight"], after["text.token_embedding.weight"]
+    assert not torch.equal(emb_b[used], emb_a[used])
+    other = torch.ones(emb_b.shape[0], dtype=torch.bool)
+    other[used] = False
+    assert torch.equal(emb_b[other], emb_a[other])
+    assert not any(p.requires_grad for p in aligner.parameters())
+    out = str(tmp_path / "tuned.safetensors")
+    export_aligner(aligner, out, ["What colour is the square?", *web_caption_words()])
+    loaded = Aligner.from_config(AlignerConfig(model=MODEL_NAME, pretrained=out))
+    ids = aligner.tokenizer(["a red circle on the left"])
+    torch.testing.assert_close(loaded.token_features(ids), aligner.token_features(ids), rtol=2e-2, atol=2e-2)
