@@ -56,7 +56,7 @@ class InstructionText:
     token features (`prepare_clip`). `rate_prepared` finishes the job once the image's [CLS] is known."""
 
     positions: list[list[int]]  # per row: positions of its instruction tokens in the LLM input
-    texts: list[str]  # per row: the text they decode to
+    texts: list[str]  # per row: the text they decode to (CLIP reads it with any template phrases blanked)
     spans: list[list[Span]]  # per row: each LLM token's character span in that text
     clip_spans: list[list[Span]]  # per row: each CLIP token's character span
     clip_features: torch.Tensor  # (B, C, E) unit CLIP features of every token, start token first
@@ -70,16 +70,18 @@ def prepare_clip(aligner: Aligner, tokenizer, input_ids: torch.Tensor, instr: to
     reads it (spaces: character offsets stay put), and tokens with no other character are not rated."""
     instr, ids = instr.cpu(), input_ids.cpu()  # the text work is on the host: copy once, not once per row
     positions = [torch.nonzero(instr[b]).flatten().tolist() for b in range(instr.shape[0])]
-    texts, spans = [], []
+    texts, clip_texts, spans = [], [], []
     for b, pos in enumerate(positions):
         text, sp = llm_token_spans(tokenizer, ids[b, pos].tolist()) if pos else ("", [])
+        clip_text = text
         if template_phrases and pos:
-            text, rated = blank_phrases(text, sp, template_phrases)
+            clip_text, rated = blank_phrases(text, sp, template_phrases)
             positions[b] = [p for p, r in zip(pos, rated) if r]
             sp = [s for s, r in zip(sp, rated) if r]
         texts.append(text)
+        clip_texts.append(clip_text)
         spans.append(sp)
-    clip_spans, features = aligner.text_features(texts)
+    clip_spans, features = aligner.text_features(clip_texts)
     return InstructionText(positions, texts, spans, clip_spans, features)
 
 

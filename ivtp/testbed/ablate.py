@@ -34,7 +34,8 @@ MAIN_TOKENS = 7  # 1/9 of the 64 patches: the paper's 576 -> 64
 # Our extensions (config overrides of the vision and llm sections), measured against the paper's form. A name is
 # "<geometry>:<guidance>": "paper" keeps the paper's geometry (stage 1 to 14, stage 2 over layers 0-2), "early"
 # drops in the LLM after layer 0 and lets stage 1 keep 28 (the same visual tokens x LLM layers: 14 x 3 + 7 x 3 =
-# 28 + 7 x 5), so that the instruction decides more of the selection. Each geometry has its random-query control.
+# 28 + 7 x 5), so that the instruction decides more of the selection; "llm_only" drops after layer 0 from all 64.
+# Each geometry has its random-query control.
 QUESTION = {"instruction": "question", "relevance": "standardised", "tau": 1.0}
 EARLY_VISION, EARLY_LLM = {"keep": 28}, {"layers": 1, "group_size": 1}
 EXTENSIONS = {
@@ -47,6 +48,9 @@ EXTENSIONS = {
     "early:question": (EARLY_VISION, {**EARLY_LLM, **QUESTION}),
     "early:none": (EARLY_VISION, {**EARLY_LLM, "guidance": "none"}),
     "early:random": (EARLY_VISION, {**EARLY_LLM, "guidance": "random"}),
+    # Stage 1 off: the instruction chooses 7 of all 64 after layer 0 (more compute: 64 + 7 x 5 token-layers).
+    "llm_only:question": ({"enabled": False}, {**EARLY_LLM, **QUESTION}),
+    "llm_only:random": ({"enabled": False}, {**EARLY_LLM, "guidance": "random"}),
 }
 EXTENSION_ROWS = [(name, vision, llm) for name, (vision, llm) in EXTENSIONS.items()]
 BEST_EXTENSION = "early:question"
