@@ -86,3 +86,30 @@ def test_shipped_aligner_picks_the_key_word_and_the_pseudo_cls_finds_the_object(
                     for q, r in zip(questions, results)]
             assert sum(hits) / len(hits) >= 0.8
     assert shares["guided"] > shares["random"] + 0.05
+
+
+def test_a_testbed_folder_from_the_shipped_model(tmp_path):
+    """scripts/testbed_from_shipped.py: the folder the aligner stage and `ivtp ablate --finetuned` read."""
+    import subprocess
+    import sys
+
+    from safetensors.torch import load_file
+    from transformers import CLIPVisionModel
+
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    script, out = os.path.join(root, "scripts", "testbed_from_shipped.py"), tmp_path / "tb"
+    (tmp_path / "data").mkdir()
+    subprocess.run([sys.executable, script, str(out), "--data", str(tmp_path / "data")], check=True, cwd=root,
+                   capture_output=True)
+    model, _ = load_for_inference("testbed", None)
+    tower = CLIPVisionModel.from_pretrained(out / "clip" / "vision")
+    pixels = torch.randn(1, 3, 112, 112)
+    with torch.no_grad():
+        torch.testing.assert_close(tower(pixel_values=pixels).pooler_output,
+                                   model.model.vision_tower.float()(pixel_values=pixels).pooler_output)
+    assert os.path.realpath(out / "data") == str(tmp_path / "data")
+    subprocess.run([sys.executable, script, str(out), "--attach"], check=True, cwd=root, capture_output=True)
+    for name in ("aligner.safetensors", "config.json", "model.safetensors"):
+        assert (out / "llava" / name).is_file()
+    assert load_file(out / "llava" / "aligner.safetensors").keys() == load_file(
+        os.path.join(TESTBED_MODEL, "aligner.safetensors")).keys()
