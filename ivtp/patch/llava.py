@@ -114,7 +114,7 @@ class PruningState:
         vision = self.last_vision.trace
         counts = list(vision.counts)
         kept = [vision.kept[first_image + j].tolist() for j in range(n_images)]  # [] for merged tokens
-        report = {"stage1_patches": [list(k) for k in kept]}  # what reached the LLM, before its own pruning
+        report = {"stage1_patches": kept}  # what reached the LLM, before its own pruning (`kept` is rebound below)
         llm = self.last_llm_trace
         if self.llm_plan is not None and llm is not None:
             counts += [c // n_images for c in llm.counts[row][1:]]

@@ -52,7 +52,6 @@ EXTENSIONS = {
     "llm_only:question": ({"enabled": False}, {**EARLY_LLM, **QUESTION}),
     "llm_only:random": ({"enabled": False}, {**EARLY_LLM, "guidance": "random"}),
 }
-EXTENSION_ROWS = [(name, vision, llm) for name, (vision, llm) in EXTENSIONS.items()]
 BEST_EXTENSION = "early:question"
 
 
@@ -121,18 +120,19 @@ def plan_rows(suites, budgets, aligner: str, llm_layers: int, retrained: bool) -
                      cfg("ivtp", MAIN_TOKENS, vision={"aggregation": a}, llm={"aggregation": a}))
                  for a in ("rollout", "mean", "max", "multiply", "single_layer", "layer_wise")]
     if "guidance" in suites:
-        rows += [Row("guidance", f"guidance={g}", "finetuned", MAIN_TOKENS, cfg("ivtp", MAIN_TOKENS, llm={"guidance": g}),
-                     compare="guidance=random" if g != "random" else None)
+        rows += [Row("guidance", f"guidance={g}", "finetuned", MAIN_TOKENS,
+                     cfg("ivtp", MAIN_TOKENS, llm={"guidance": g}), compare="guidance=random" if g != "random" else None)
                  for g in ("clip", "llm_threshold", "all_text", "none", "random")]
     if "extensions" in suites:  # ours, against the paper's form (docs/paper.md, "Extensions")
-        for name, vision, llm in EXTENSION_ROWS:
+        for name, (vision, llm) in EXTENSIONS.items():
             control = name.split(":")[0] + ":random"
-            rows.append(Row("extensions", name, "finetuned", MAIN_TOKENS, cfg("ivtp", MAIN_TOKENS, vision=vision, llm=llm),
-                            compare=control if name != control else None))
+            rows.append(Row("extensions", name, "finetuned", MAIN_TOKENS,
+                            cfg("ivtp", MAIN_TOKENS, vision=vision, llm=llm), compare=control if name != control else None))
     if "tau_extended" in suites:  # the threshold on the extension's standardised relevance
         vision, llm = EXTENSIONS[BEST_EXTENSION]
         rows += [Row("tau_extended", f"{BEST_EXTENSION} tau={t}", "finetuned", MAIN_TOKENS,
-                     cfg("ivtp", MAIN_TOKENS, vision=vision, llm={**llm, "tau": t})) for t in (-0.5, 0.0, 0.5, 1.0, 1.5)]
+                     cfg("ivtp", MAIN_TOKENS, vision=vision, llm={**llm, "tau": t}))
+                 for t in (-0.5, 0.0, 0.5, 1.0, 1.5)]
     if "stages" in suites:
         rows += [Row("stages", "vision_only", "finetuned", MAIN_TOKENS,
                      cfg("ivtp", MAIN_TOKENS, vision={"keep": MAIN_TOKENS}, llm={"enabled": False})),
@@ -289,7 +289,8 @@ def ablate(testbed: str, out: str, suites=SUITES, budgets=DEFAULT_BUDGETS, limit
     fresh: evaluate the GQA-layout questions of a new split of that many images instead (`fresh_split`).
     finetuned: the model the suites prune in pure inference, instead of <testbed>/llava."""
     data = os.path.join(testbed, "data", "eval")
-    models = {"finetuned": finetuned or os.path.join(testbed, "llava"), "retrained": os.path.join(testbed, "llava-ivtp")}
+    models = {"finetuned": finetuned or os.path.join(testbed, "llava"),
+              "retrained": os.path.join(testbed, "llava-ivtp")}
     for name, path in models.items():
         if name == "finetuned" and not os.path.isfile(os.path.join(path, "config.json")):
             raise FileNotFoundError(f"{path}: no trained testbed model; run `make testbed` first")

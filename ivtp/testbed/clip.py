@@ -277,10 +277,10 @@ def train_aligner(aligner, cls: torch.Tensor, scenes: list, *, steps: int = 1500
 
     Locked-image tuning: the vision tower stays as it is (LLaVA's tower is this tower, so nothing downstream
     changes); `cls` (N, Dv) are the N images' post-layernormed [CLS] (`tower_cls`), in the order of `scenes`. The
-    aligner's `visual.proj`, which only the aligner reads, trains with the text tower. The text tower reads `ivtp.data.shapes.web_caption`s (whole scenes, single objects, bare
-    colours, bare shapes), and every content word's token feature, which IVTP's eq. 6 reads, is trained on what the
-    caption up to that word claims, against every image of the batch, with SigLIP's sigmoid loss (a caption may be
-    true of many images). Every other word (framings such as "this is", "on the left") is trained as true of no
+    aligner's `visual.proj`, which only the aligner reads, trains with the text tower. The text tower reads
+    `ivtp.data.shapes.web_caption`s (whole scenes, single objects, bare colours, bare shapes), and every content
+    word's token feature, which IVTP's eq. 6 reads, is trained on what the caption up to that word claims, against
+    every image of the batch, with SigLIP's sigmoid loss (a caption may be true of many images). Every other word (framings such as "this is", "on the left") is trained as true of no
     image: evidence for nothing, so that within an instruction the words that name something rate above the words
     around them, as in real CLIP. The last `eval_images` images are held out for `aligner_metrics`. Trains
     `aligner.text` in place; returns the metrics.
@@ -289,8 +289,7 @@ def train_aligner(aligner, cls: torch.Tensor, scenes: list, *, steps: int = 1500
 
     from tqdm import tqdm
 
-    from ivtp.aligner import clip_tokens_with_offsets
-    from ivtp.data.shapes import ITEM_INDEX, ITEMS, scene_items, web_caption, web_caption_words
+    from ivtp.data.shapes import ITEMS, scene_items, web_caption, web_caption_words
 
     tokenizer = aligner.tokenizer
     n_train = len(scenes) - eval_images
@@ -323,20 +322,12 @@ def train_aligner(aligner, cls: torch.Tensor, scenes: list, *, steps: int = 1500
         ids = torch.zeros(len(idx), aligner.context_length, dtype=torch.long)
         rows, cols, claimed = [], [], []
         for b, desc in enumerate(web_caption(sc, text_rng) for sc in batch_scenes):
-            tok_ids, spans = clip_tokens_with_offsets(tokenizer, desc.text, aligner.context_length - 2)
-            seq = [tokenizer.sot_token_id] + tok_ids + [tokenizer.eot_token_id]
+            seq, claims = _caption_claims(desc, tokenizer, aligner.context_length)
             ids[b, : len(seq)] = torch.tensor(seq)
-            token_at_end = {end: k + 1 for k, (_, end) in enumerate(spans)}  # +1: the start token comes first
-            claims = [(token_at_end[end], items) for end, items in desc.claims if end in token_at_end]
-            claims.append((len(seq) - 1, desc.claims[-1][1]))  # the end token: the whole caption
-            claimed_ends = {end for end, _ in desc.claims}
-            claims += [(k, None) for end, k in token_at_end.items()  # words that claim nothing: true of no image
-                       if end not in claimed_ends and desc.text[end - 1].isalpha()
-                       and (end == len(desc.text) or not desc.text[end].isalpha())]
             for pos, items in claims:
                 rows.append(b)
                 cols.append(pos)
-                claimed.append(None if items is None else [ITEM_INDEX[item] for item in items])
+                claimed.append(items)
         claims_hot = torch.zeros(len(claimed), len(ITEMS))  # (M, items)
         for m, items in enumerate(claimed):
             if items is not None:
@@ -369,20 +360,44 @@ def train_aligner(aligner, cls: torch.Tensor, scenes: list, *, steps: int = 1500
     return metrics
 
 
+def _clip_ids(tokenizer, text: str, context_length: int) -> tuple[list[int], list[tuple[int, int]]]:
+    """CLIP's ids of `text` with the start and end tokens, and the character span of each text token (the k-th
+    span is the token at position k + 1)."""
+    from ivtp.aligner import clip_tokens_with_offsets
+
+    tok_ids, spans = clip_tokens_with_offsets(tokenizer, text, context_length - 2)
+    return [tokenizer.sot_token_id, *tok_ids, tokenizer.eot_token_id], spans
+
+
+def _caption_claims(desc, tokenizer, context_length: int) -> tuple[list[int], list[tuple[int, list[int] | None]]]:
+    """A web caption's CLIP ids and what train_aligner supervises: (token position, indices into ITEMS that must
+    all be present) for the last token of each content word and for the end token (the whole caption), and
+    (position, None) for every other word's last token (true of no image)."""
+    from ivtp.data.shapes import ITEM_INDEX
+
+    seq, spans = _clip_ids(tokenizer, desc.text, context_length)
+    token_at_end = {end: k + 1 for k, (_, end) in enumerate(spans)}
+    claims = [(token_at_end[end], items) for end, items in desc.claims if end in token_at_end]
+    claims.append((len(seq) - 1, desc.claims[-1][1]))
+    claims = [(pos, [ITEM_INDEX[item] for item in items]) for pos, items in claims]
+    claimed_ends = {end for end, _ in desc.claims}
+    text = desc.text
+    claims += [(k, None) for end, k in token_at_end.items()
+               if end not in claimed_ends and text[end - 1].isalpha() and (end == len(text) or not text[end].isalpha())]
+    return seq, claims
+
+
 def question_relevance(aligner, cls: torch.Tensor, template: str, words: list[str]) -> torch.Tensor:
     """(N, W): eq. 6's cosine of each word (its BPE tokens' mean) inside `template` ("What colour is the {w}?")
     to each of N images given by their post-layernormed [CLS] (N, Dv), as IVTP rates an instruction."""
-    from ivtp.aligner import clip_tokens_with_offsets
-
-    tokenizer = aligner.tokenizer
     image_embeds = _joint(aligner, cls)
     out = []
     for w in words:
         text = template.format(w=w)
-        tok_ids, spans = clip_tokens_with_offsets(tokenizer, text, aligner.context_length - 2)
+        seq, spans = _clip_ids(aligner.tokenizer, text, aligner.context_length)
         start = text.index(w)
         pos = [k + 1 for k, (a, b) in enumerate(spans) if a < start + len(w) and b > start]
-        ids = torch.tensor([[tokenizer.sot_token_id] + tok_ids + [tokenizer.eot_token_id]])
+        ids = torch.tensor([seq])
         feats = nn.functional.normalize(aligner.token_features(ids)[0, pos].float(), dim=-1)  # (k, E)
         out.append((image_embeds @ feats.T).mean(dim=1))
     return torch.stack(out, dim=1)
@@ -613,7 +628,9 @@ def export_vision_tower(model: nn.Module, out_dir: str, dtype: torch.dtype = tor
 def text_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     """What the aligner needs from an open_clip CLIP, or from an `ivtp.aligner.Aligner` (its text tower and
     projection): every text-tower tensor and `visual.proj`."""
-    text, proj = (model.text, model.visual_proj) if hasattr(model, "visual_proj") else (model, model.visual.proj)
+    from ivtp.aligner import Aligner
+
+    text, proj = (model.text, model.visual_proj) if isinstance(model, Aligner) else (model, model.visual.proj)
     sd = {k: t for k, t in text.state_dict().items()
           if not k.startswith("visual.") and k not in ("logit_scale", "logit_bias")}
     sd["visual.proj"] = proj
@@ -630,8 +647,8 @@ def vocabulary_ids(texts: Iterable[str], tokenizer) -> list[int]:
 
 def export_aligner(model: nn.Module, path: str, vocabulary_texts: Iterable[str],
                    model_name: str = MODEL_NAME) -> dict:
-    """Save what `ivtp.aligner.Aligner` needs, from an open_clip CLIP or an Aligner, as fp16 safetensors: the text tower, `text_projection` and
-    `visual.proj`, with only the `token_embedding` rows of the BPE ids that occur in `vocabulary_texts` (and
+    """Save what `ivtp.aligner.Aligner` needs, from an open_clip CLIP or an Aligner, as fp16 safetensors: the
+    text tower, `text_projection` and `visual.proj`, with only the `token_embedding` rows of the BPE ids that occur in `vocabulary_texts` (and
     <start>/<end>): `token_embedding.rows` (fp16 [k, W]) and `token_embedding.ids` (int64 [k]) replace
     `token_embedding.weight`. On loading, every other id gets a ZERO embedding, so text outside that vocabulary
     (new words) is rated from position and context only. Returns {"path", "bytes", "vocabulary"}."""

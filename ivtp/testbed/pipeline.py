@@ -270,12 +270,10 @@ def attach_aligner(out: str, model_dir: str) -> None:
 
 
 STAGE_FUNCS = {"data": stage_data, "clip": stage_clip, "aligner": stage_aligner, "llm_init": stage_llm_init,
-               "pretrain": stage_pretrain,
-               "finetune": stage_finetune, "retrain": stage_retrain}
+               "pretrain": stage_pretrain, "finetune": stage_finetune, "retrain": stage_retrain}
 STAGE_OUTPUTS = {"data": "data/manifest.json", "clip": f"clip/{ALIGNER_META}", "aligner": "clip/aligner_metrics.json",
-                 "llm_init": "llm-init/config.json",
-                 "pretrain": "pretrain/config.json", "finetune": f"llava/{ALIGNER_META}",
-                 "retrain": f"llava-ivtp/{ALIGNER_META}"}
+                 "llm_init": "llm-init/config.json", "pretrain": "pretrain/config.json",
+                 "finetune": f"llava/{ALIGNER_META}", "retrain": f"llava-ivtp/{ALIGNER_META}"}
 
 
 def run(out: str, cfg: TestbedConfig, stages=STAGES, force: str | None = None) -> dict:
