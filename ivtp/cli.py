@@ -386,7 +386,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="visual tokens per image (of 64) for the methods suite")
     p.add_argument("--limit", type=int, default=None, help="only the first N questions of the GQA-layout split")
     p.add_argument("--pope-images", type=int, default=100, help="POPE-layout images (each with its 3 settings)")
-    p.add_argument("--fresh", type=int, default=None, metavar="N",
+    p.add_argument("--fresh", type=positive_int, default=None, metavar="N",
                    help="GQA-layout questions of a new split of N images (written under --out) instead of the "
                         "testbed's: for reporting settings chosen on the testbed's own split")
     p.add_argument("--finetuned", default=None, metavar="PATH",
@@ -446,6 +446,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", choices=sorted(DTYPES), default=None)
     p.set_defaults(func=cmd_convert)
     return parser
+
+
+def positive_int(text: str) -> int:
+    """argparse type: a count of at least 1 (argparse turns the ValueError into a one-line usage error, exit 2)."""
+    value = int(text)
+    if value < 1:
+        raise ValueError(text)
+    return value
 
 
 def main(argv: list[str] | None = None) -> int:

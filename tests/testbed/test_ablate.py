@@ -136,3 +136,30 @@ def test_selection_columns_key_words_and_jaccard(tmp_path):
     paths = write_reports([row, Row("extensions", "early:random", "finetuned", 7, metrics={
         "gqa": {"accuracy": 55.0}, "gqa_by_type": {}})], str(tmp_path / "out"))
     assert os.path.exists(paths["ablations_png"])
+
+
+def test_fresh_split_is_new_written_once_and_keeps_the_testbeds_pope(tmp_path):
+    from ivtp.testbed.ablate import fresh_split
+
+    testbed = tmp_path / "tb"
+    (testbed / "data" / "eval" / "pope").mkdir(parents=True)
+    (testbed / "testbed.json").write_text(json.dumps({"seed": 0, "image_size": 112}))
+    folder = fresh_split(str(testbed), str(tmp_path / "out"), 3)
+    questions = json.load(open(os.path.join(folder, "gqa", "testdev_balanced_questions.json")))
+    assert questions and all(q["imageId"].startswith("fresh_") and "target_patches" in q for q in questions.values())
+    assert os.path.realpath(os.path.join(folder, "pope")) == str(testbed / "data" / "eval" / "pope")
+    before = os.path.getmtime(os.path.join(folder, "gqa", "testdev_balanced_questions.json"))
+    assert fresh_split(str(testbed), str(tmp_path / "out"), 3) == folder  # a second call reuses it
+    assert os.path.getmtime(os.path.join(folder, "gqa", "testdev_balanced_questions.json")) == before
+
+
+def test_ablate_cli_refuses_bad_input_in_one_line_before_any_compute(tmp_path, capsys):
+    from ivtp.cli import main
+
+    with pytest.raises(SystemExit) as e:
+        main(["ablate", "--testbed", str(tmp_path), "--fresh", "0"])
+    assert e.value.code == 2 and "--fresh: invalid positive_int value: '0'" in capsys.readouterr().err
+    assert main(["ablate", "--testbed", str(tmp_path), "--finetuned", str(tmp_path / "nope")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and err.startswith("error: ") and "nope: no trained testbed model" in err
+    assert not os.path.exists(tmp_path / "ablate")  # nothing written
