@@ -17,6 +17,8 @@ import os
 from dataclasses import dataclass, field
 from typing import Any, Union
 
+from ivtp.errors import InputError
+
 Budget = Union[int, float]
 
 CONFIG_NAME = "ivtp_config.json"
@@ -62,7 +64,7 @@ TEMPLATE_PHRASES = (
 )
 
 
-class ConfigError(ValueError):
+class ConfigError(InputError):
     """A prune config key is unknown or holds an impossible value."""
 
 
@@ -443,7 +445,19 @@ class PruneConfig:
         if not os.path.isfile(path):
             raise FileNotFoundError(f"prune config not found: {path}")
         with open(path) as f:
-            data = yaml.safe_load(f)
+            try:
+                data = yaml.safe_load(f)
+            except yaml.YAMLError as e:
+                where = getattr(e, "problem_mark", None)
+                at = f" at line {where.line + 1}, column {where.column + 1}" if where else ""
+                raise ConfigError(f"{path} is not valid YAML{at}: {getattr(e, 'problem', None) or e}") from None
+        return cls._from_file_data(data, path)
+
+    @classmethod
+    def _from_file_data(cls, data, path) -> "PruneConfig":
+        if data is None:  # an empty file would silently mean the paper's defaults
+            raise ConfigError(f"{path} is empty; write the settings to change, or leave --prune-config out for "
+                              "the paper's defaults")
         try:
             return cls.from_dict(data)
         except ConfigError as e:
@@ -459,9 +473,17 @@ class PruneConfig:
 
     @classmethod
     def from_pretrained(cls, directory: str | os.PathLike) -> "PruneConfig":
-        path = os.path.join(directory, CONFIG_NAME)
+        return cls._from_json(os.path.join(directory, CONFIG_NAME))
+
+    @classmethod
+    def _from_json(cls, path) -> "PruneConfig":
         with open(path) as f:
-            return cls.from_dict(json.load(f))
+            text = f.read()
+        try:
+            data = json.loads(text) if text.strip() else None
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"{path} is not valid JSON: {e}") from None
+        return cls._from_file_data(data, path)
 
     @classmethod
     def load(cls, source: "str | os.PathLike | dict | PruneConfig | None") -> "PruneConfig":
@@ -475,8 +497,9 @@ class PruneConfig:
         if os.path.isdir(source):
             return cls.from_pretrained(source)
         if str(source).endswith(".json"):
-            with open(source) as f:
-                return cls.from_dict(json.load(f))
+            if not os.path.isfile(source):
+                raise FileNotFoundError(f"prune config not found: {source}")
+            return cls._from_json(source)
         return cls.from_yaml(source)
 
 

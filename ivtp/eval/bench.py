@@ -27,11 +27,11 @@ from ivtp.config import PruneConfig
 from ivtp.data.shapes import draw_scene
 from ivtp.data.templates import vicuna_v1_prompt
 from ivtp.eval.flops import Arch, llava_flops
+from ivtp.names import ALLOCATORS  # noqa: F401 (re-exported)
 
 QUESTION = ("Look at the shapes in this picture. Which colour is the circle nearest to the top left corner, and "
             "is there a square of the same colour anywhere else in the image?")
 SCORING_RANGES = ("ivtp.score", "ivtp.guidance")
-ALLOCATORS = ("steady", "default")
 
 
 # glibc mallopt parameters (malloc.h)

@@ -12,8 +12,10 @@ from dataclasses import dataclass
 
 import torch
 
+from ivtp.errors import InputError
 
-class PlaceholderError(ValueError):
+
+class PlaceholderError(InputError):
     """The `<image>` placeholders of a batch do not match its images."""
 
 

@@ -25,11 +25,10 @@ from tqdm import tqdm
 
 from ivtp.data.jsonio import dump_jsonl
 from ivtp.methods.peers import PeerRunner
+from ivtp.names import DEFAULT_BUDGETS, SUITES  # noqa: F401 (re-exported)
 from ivtp.testbed.configs import TESTBED_METHODS, fit_prune_config
 
-SUITES = ("methods", "group", "tau", "aggregation", "guidance", "stages", "extensions", "tau_extended")
 QTYPES = ("colour", "shape", "position", "count", "existence")
-DEFAULT_BUDGETS = (4, 7, 14)
 MAIN_TOKENS = 7  # 1/9 of the 64 patches: the paper's 576 -> 64
 # Our extensions (config overrides of the vision and llm sections), measured against the paper's form. A name is
 # "<geometry>:<guidance>": "paper" keeps the paper's geometry (stage 1 to 14, stage 2 over layers 0-2), "early"

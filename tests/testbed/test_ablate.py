@@ -158,7 +158,7 @@ def test_ablate_cli_refuses_bad_input_in_one_line_before_any_compute(tmp_path, c
 
     with pytest.raises(SystemExit) as e:
         main(["ablate", "--testbed", str(tmp_path), "--fresh", "0"])
-    assert e.value.code == 2 and "--fresh: invalid positive_int value: '0'" in capsys.readouterr().err
+    assert e.value.code == 2 and "--fresh: expected a whole number of at least 1, got '0'" in capsys.readouterr().err
     assert main(["ablate", "--testbed", str(tmp_path), "--finetuned", str(tmp_path / "nope")]) == 2
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and err.startswith("error: ") and "nope: no trained testbed model" in err
