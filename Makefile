@@ -34,7 +34,8 @@ $(LMMS_STAMP): setup.cfg pyproject.toml
 test-lmms: $(LMMS_STAMP)
 	$(LMMS_PY) -m pytest -q tests/integrations
 
-# A few DeepSpeed ZeRO-2 steps on CPU: tiny-random model, fixture data, IVTP pruning active in the forward.
+# A few DeepSpeed ZeRO-2 steps on CPU: tiny-random model, fixture data, IVTP pruning active in the forward; then
+# the checkpoint loads back, with the aligner it carries, and answers (offline: nothing may be downloaded).
 train-smoke: $(STAMP)
 	$(VENV)/bin/deepspeed --num_gpus 1 train/finetune.py --deepspeed configs/deepspeed/zero2.json \
 		--prune-config configs/ivtp_64.yaml --model_name_or_path tiny-random \
@@ -43,6 +44,8 @@ train-smoke: $(STAMP)
 		--learning_rate 1e-3 --use_cpu True --report_to none --save_strategy no --logging_steps 1 \
 		--gradient_checkpointing True
 	test -f ivtp_out/train-smoke/ivtp_config.json && test -f ivtp_out/train-smoke/model.safetensors
+	HF_HUB_OFFLINE=1 $(VENV)/bin/ivtp generate --model ivtp_out/train-smoke --image data/fixtures/images/scene0.png \
+		--prompt "What is in the image?" --max-new-tokens 4
 
 # The CPU-trainable miniature (docs/testbed.md): data, tiny CLIP, tiny LLaVA trained unpruned and IVTP-retrained
 # through train/*.py with DeepSpeed, every method and ablation evaluated, the models shipped as the demo's default.

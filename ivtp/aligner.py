@@ -11,6 +11,7 @@ Only the text tower and the visual projection are kept in memory: the image side
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import os
@@ -43,9 +44,11 @@ class TokenRelevance:
 class Aligner(nn.Module):
     """CLIP text tower + visual projection, with the tokenizer needed for character offsets."""
 
-    def __init__(self, clip_model: nn.Module, visual_proj: torch.Tensor, clip_tokenizer, name: str = "custom"):
+    def __init__(self, clip_model: nn.Module, visual_proj: torch.Tensor, clip_tokenizer, name: str = "custom",
+                 config_name: str | None = None):
         super().__init__()
         self.name = name  # what it was built from, for reports
+        self.config_name = config_name  # the open_clip model config it fits (what save_pretrained records)
         self.text = clip_model
         self.visual_proj = nn.Parameter(visual_proj.detach().clone(), requires_grad=False)  # (Dv, E)
         self.tokenizer = clip_tokenizer
@@ -91,7 +94,37 @@ class Aligner(nn.Module):
         if visual_proj is None:
             raise ConfigError(f"llm.aligner: {cfg.model} has no visual projection (visual.proj)")
         model.visual = None  # LLaVA's tower supplies the image side
-        return cls(model, visual_proj, open_clip.get_tokenizer(cfg.model), f"{cfg.model} (pretrained={pretrained})")
+        return cls(model, visual_proj, open_clip.get_tokenizer(cfg.model), f"{cfg.model} (pretrained={pretrained})",
+                   cfg.model)
+
+    # ---- beside a checkpoint's weights ----------------------------------------------------------------------
+    def save_pretrained(self, folder: str | os.PathLike) -> str:
+        """Write the aligner into a checkpoint folder (ALIGNER_FILE: the text tower and visual.proj, as
+        `load_text_tower` reads them; ALIGNER_META: the open_clip config they fit), so the folder loads back
+        with the aligner its stage 2 ran with. Returns the weights' path."""
+        from safetensors.torch import save_file
+
+        from ivtp.names import ALIGNER_FILE, ALIGNER_META
+
+        if self.config_name is None:
+            raise ValueError("this aligner was not built from an open_clip model config (Aligner.from_config): "
+                             "there is no config to record beside its weights")
+        os.makedirs(folder, exist_ok=True)
+        path = os.path.join(folder, ALIGNER_FILE)
+        save_file({k: t.detach().contiguous() for k, t in text_state_dict(self).items()}, path,
+                  metadata={"format": "ivtp-aligner", "model": self.config_name})
+        with open(os.path.join(folder, ALIGNER_META), "w") as f:
+            json.dump({"model": self.config_name}, f)
+        return path
+
+    @classmethod
+    def from_pretrained(cls, folder: str | os.PathLike) -> "Aligner":
+        """The aligner a checkpoint folder carries (save_pretrained, or the testbed's export)."""
+        from ivtp.names import ALIGNER_FILE, ALIGNER_META
+
+        with open(os.path.join(folder, ALIGNER_META)) as f:
+            model = json.load(f)["model"]
+        return cls.from_config(AlignerConfig(model=model, pretrained=os.path.join(folder, ALIGNER_FILE))).eval()
 
     # ---- eq. 5-6 ------------------------------------------------------------------------------------------
     @property
@@ -182,6 +215,16 @@ def _lean_block(block: nn.Module, x: torch.Tensor, mask: torch.Tensor | None, ca
 
 
 EMBED_ROWS, EMBED_IDS = "token_embedding.rows", "token_embedding.ids"  # a partial embedding table (see below)
+
+
+def text_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """What the aligner needs from an open_clip CLIP, or from an `Aligner` (its text tower and projection): every
+    text-tower tensor and `visual.proj` (the inverse of `load_text_tower`)."""
+    text, proj = (model.text, model.visual_proj) if isinstance(model, Aligner) else (model, model.visual.proj)
+    sd = {k: t for k, t in text.state_dict().items()
+          if not k.startswith("visual.") and k not in ("logit_scale", "logit_bias")}
+    sd["visual.proj"] = proj
+    return sd
 
 
 def _read_state_dict(path: str) -> dict[str, torch.Tensor]:

@@ -29,10 +29,9 @@ from transformers import (
 
 logger = logging.getLogger(__name__)
 
-ASSETS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets")
-TINY_TOKENIZER = os.path.join(ASSETS, "tiny-tokenizer")
-# The testbed's trained LLaVA (docs/testbed.md), shipped in the package: `ivtp demo`'s default model.
-TESTBED_MODEL = os.path.join(ASSETS, "testbed", "llava-ivtp")
+from ivtp.errors import InputError
+from ivtp.names import ALIGNER_META, DTYPE_NAMES, MODEL_ALIASES, PRESET_NAMES, TESTBED_MODEL, TINY_TOKENIZER
+
 OPENAI_CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]
 OPENAI_CLIP_STD = [0.26862954, 0.26130258, 0.27577711]
 
@@ -135,9 +134,6 @@ def tiny_aligner(seed: int = 0, model: str = "ivtp-tiny-clip"):
 
 
 PRESET_ALIGNERS = {"tiny-random": "ivtp-tiny-clip", "cpu-mid": "ivtp-cpu-mid-clip"}
-# A checkpoint folder may carry the aligner its stage 2 was trained with (the testbed's do): the weights, and a
-# JSON naming the open_clip model config they fit.
-ALIGNER_FILE, ALIGNER_META = "aligner.safetensors", "aligner.json"
 
 
 def preset_aligner(name: str):
@@ -145,18 +141,10 @@ def preset_aligner(name: str):
     `llm.aligner` applies."""
     if name in PRESET_ALIGNERS:
         return tiny_aligner(model=PRESET_ALIGNERS[name])
-    folder = TESTBED_MODEL if name == "testbed" else name
-    meta = os.path.join(folder, ALIGNER_META)
-    if not os.path.isfile(meta):
-        return None
-    import json
-
     from ivtp.aligner import Aligner
-    from ivtp.config import AlignerConfig
 
-    with open(meta) as f:
-        model = json.load(f)["model"]
-    return Aligner.from_config(AlignerConfig(model=model, pretrained=os.path.join(folder, ALIGNER_FILE))).eval()
+    folder = TESTBED_MODEL if name == "testbed" else name
+    return Aligner.from_pretrained(folder) if os.path.isfile(os.path.join(folder, ALIGNER_META)) else None
 
 
 def random_model(name: str, dtype: torch.dtype = torch.bfloat16, device: str | torch.device = "cpu",
@@ -169,14 +157,45 @@ def random_model(name: str, dtype: torch.dtype = torch.bfloat16, device: str | t
         return model.to(device=device, dtype=dtype), processor
     preset = _preset(name)
     tok = tiny_tokenizer()
-    config = llava_config(preset.vision, preset.text, None if "vocab_size" in preset.text else tok)
+    config = preset_config(name, tok)
     config._attn_implementation = attn_implementation
-    # The tiny tokenizer's special ids index the real vocabulary; point the config at them.
-    config.image_token_id = tok.convert_tokens_to_ids("<image>")
     torch.manual_seed(seed)
     with torch.device(device):
         model = LlavaForConditionalGeneration._from_config(config, dtype=dtype).eval()
     return model, build_processor(tok, preset.vision["image_size"], preset.vision["patch_size"])
+
+
+def preset_config(name: str, tokenizer=None) -> LlavaConfig:
+    """A preset's LlavaConfig as `random_model` builds it (the tiny tokenizer's special ids index the real
+    vocabulary, so the config points at them)."""
+    preset = _preset(name)
+    tok = tokenizer or tiny_tokenizer()
+    config = llava_config(preset.vision, preset.text, None if "vocab_size" in preset.text else tok)
+    config.image_token_id = tok.convert_tokens_to_ids("<image>")
+    return config
+
+
+def architecture(name: str, random_weights: bool = False, cache_dir: str | None = None) -> LlavaConfig | None:
+    """The LlavaConfig `load_model(name)` will build, read without any weights (None for a hub id that is not
+    cached yet): budget checks run on it before the weights load."""
+    source = resolve_source(name, random_weights, cache_dir)
+    if source in PRESETS:
+        return preset_config(source)
+    try:
+        return LlavaConfig.from_pretrained(source, local_files_only=True, cache_dir=cache_dir)
+    except OSError:
+        return None
+
+
+def check_fits(config, name: str, random_weights: bool = False) -> None:
+    """Budgets `name`'s geometry cannot meet fail here, from its config.json, before any weights load (a name
+    whose config is not at hand yet is checked by apply_pruning instead)."""
+    arch = architecture(name, random_weights)
+    if arch is not None:
+        from ivtp.config import PruneConfig
+        from ivtp.patch.llava import make_plans
+
+        make_plans(PruneConfig.load(config), arch)
 
 
 def _preset(name: str) -> Preset:
@@ -195,19 +214,15 @@ def load_model(
 ) -> tuple[LlavaForConditionalGeneration, LlavaProcessor]:
     """Load (model, processor) from a preset name, a local llava-hf folder, or a hub id in the user's cache
     (`cache_dir`, default the HF cache)."""
+    source = resolve_source(name_or_path, random_weights, cache_dir)  # a bad name fails here, in one line
     if name_or_path == "tiny-random":
         model, processor = tiny_random()
         return model.to(device=device, dtype=dtype or torch.float32), processor
     if name_or_path == "testbed":
-        if not os.path.isfile(os.path.join(TESTBED_MODEL, "config.json")):
-            raise FileNotFoundError(f"the testbed model is not in {TESTBED_MODEL}; build it with `make testbed`")
-        name_or_path, dtype = TESTBED_MODEL, dtype or torch.float32  # shipped in fp16, run in fp32 on a CPU
+        dtype = dtype or torch.float32  # shipped in fp16, run in fp32 on a CPU
     if random_weights:
         return random_model(name_or_path, dtype=dtype or torch.bfloat16, device=device,
                             attn_implementation=attn_implementation or "sdpa")
-    source = PRESETS[name_or_path].hub_id if name_or_path in PRESETS else name_or_path
-    if os.path.isdir(source):
-        check_llava_folder(source)
     kwargs = dict(dtype=dtype or "auto")
     if attn_implementation:
         kwargs["attn_implementation"] = attn_implementation
@@ -216,7 +231,66 @@ def load_model(
     return model, processor
 
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+class ModelNotFoundError(InputError):
+    """--model names no preset, no llava-hf folder and no hub id in the cache."""
+
+
+def resolve_source(name: str, random_weights: bool = False, cache_dir: str | None = None) -> str:
+    """Where `name`'s weights come from (a folder or a hub id), checked without loading anything: a preset, the
+    testbed, a llava-hf folder with weights, or a hub id in the HF cache (or, online, one to download). Raises
+    ModelNotFoundError (one line) for anything else, with the presets listed and the closest one suggested."""
+    offline = os.environ.get("HF_HUB_OFFLINE") == "1"
+    if name == "testbed":
+        if not os.path.isfile(os.path.join(TESTBED_MODEL, "config.json")):
+            raise ModelNotFoundError(f"the testbed model is not in {TESTBED_MODEL}; build it with `make testbed`")
+        return TESTBED_MODEL
+    if name in PRESETS:
+        hub_id = PRESETS[name].hub_id
+        if random_weights or hub_id is None:
+            return name
+        if offline and not _in_hf_cache(hub_id, cache_dir):
+            raise ModelNotFoundError(f"preset {name}: its weights ({hub_id}) are not in the HF cache and "
+                                     "HF_HUB_OFFLINE=1; download them on a connected machine, or pass "
+                                     "--random-weights for the architecture alone")
+        return hub_id
+    if random_weights:
+        raise ModelNotFoundError(f"--random-weights builds a preset's architecture; {name!r} is not a preset "
+                                 f"({', '.join(PRESET_NAMES)})")
+    if os.path.isdir(name):
+        check_llava_folder(name)
+        return name
+    if _in_hf_cache(name, cache_dir) or _is_hub_id(name) and not offline:
+        return name  # cached, or one a connected machine may download (_from_local_or_cache says if not)
+    import difflib
+
+    names = [*PRESET_NAMES, *MODEL_ALIASES]
+    close = difflib.get_close_matches(name, names, n=1)
+    hint = f"; did you mean {close[0]}?" if close else ""
+    raise ModelNotFoundError(f"model {name!r} is neither a preset ({', '.join(names)}), nor a local llava-hf "
+                             f"folder, nor a hub id in the HF cache{hint}")
+
+
+def _is_hub_id(name: str) -> bool:
+    """'org/name' as the hub spells it; a relative or absolute folder path is not one."""
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    if name.startswith((".", "/", "~")) or name.count("/") != 1 or os.path.isdir(name.split("/")[0]):
+        return False  # a folder path (its parent exists here), not a hub id
+    try:
+        validate_repo_id(name)
+    except HFValidationError:
+        return False
+    return True
+
+
+def _in_hf_cache(repo_id: str, cache_dir: str | None) -> bool:
+    from huggingface_hub import try_to_load_from_cache
+
+    return _is_hub_id(repo_id) and isinstance(try_to_load_from_cache(repo_id, "config.json", cache_dir=cache_dir),
+                                              str)
+
+
+DTYPES = {name: getattr(torch, name) for name in DTYPE_NAMES}
 
 
 def resolve_prune_config(prune_config=None, method: str | None = None, model: str | None = None):
@@ -250,8 +324,10 @@ def load_for_inference(name: str, config=None, *, random_weights: bool = False, 
 
     if isinstance(dtype, str):
         if dtype not in DTYPES:
-            raise ValueError(f"dtype {dtype!r}: choose one of {', '.join(sorted(DTYPES))}")
+            raise InputError(f"dtype {dtype!r}: choose one of {', '.join(sorted(DTYPES))}")
         dtype = DTYPES[dtype]
+    if config is not None:
+        check_fits(config, name, random_weights)
     model, processor = load_model(name, random_weights=random_weights, dtype=dtype, device=device,
                                   attn_implementation=attn_implementation)
     if config is not None:
@@ -259,23 +335,34 @@ def load_for_inference(name: str, config=None, *, random_weights: bool = False, 
     return model.eval(), processor
 
 
+WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
+                "pytorch_model.bin.index.json")  # what transformers' from_pretrained reads, in its order
+
+
 def check_llava_folder(path: str) -> None:
+    """A llava-hf checkpoint folder: config.json in the llava layout, and weights. Raises ModelNotFoundError."""
     if not os.path.isfile(os.path.join(path, "config.json")):
         if os.path.isfile(os.path.join(path, "adapter_config.json")):  # transformers would fetch a base from the hub
             merged = os.path.join(path, "merged")
             hint = (f"load {merged}, the merged model train/finetune.py wrote beside them" if os.path.isdir(merged)
                     else "merge them into their base model first (peft's merge_and_unload)")
-            raise FileNotFoundError(f"{path} holds LoRA adapters, not a llava-hf model: {hint}")
-        raise FileNotFoundError(f"{path} has no config.json: not a llava-hf checkpoint folder")
+            raise ModelNotFoundError(f"{path} holds LoRA adapters, not a llava-hf model: {hint}")
+        raise ModelNotFoundError(f"{path} has no config.json: not a llava-hf checkpoint folder")
     import json
 
-    with open(os.path.join(path, "config.json")) as f:
-        cfg = json.load(f)
-    if cfg.get("model_type") != "llava" or "vision_config" not in cfg:
-        raise ValueError(
+    try:
+        with open(os.path.join(path, "config.json")) as f:
+            cfg = json.load(f)
+    except json.JSONDecodeError as e:
+        raise ModelNotFoundError(f"{path}/config.json is not valid JSON ({e})") from None
+    if not isinstance(cfg, dict) or cfg.get("model_type") != "llava" or "vision_config" not in cfg:
+        raise ModelNotFoundError(
             f"{path} is not in the llava-hf layout (model_type {cfg.get('model_type')!r}). An original LLaVA-1.5 "
             "checkpoint (LlavaLlamaForCausalLM, mm_projector) converts with `ivtp convert`."
         )
+    if not any(os.path.isfile(os.path.join(path, w)) for w in WEIGHT_FILES):
+        raise ModelNotFoundError(f"{path} has config.json but no weights ({', '.join(WEIGHT_FILES)}): an "
+                                 "interrupted save, or a checkpoint whose weights were left out")
 
 
 def _from_local_or_cache(cls, source: str, cache_dir: str | None, **kwargs):
@@ -289,7 +376,8 @@ def _from_local_or_cache(cls, source: str, cache_dir: str | None, **kwargs):
         try:
             return cls.from_pretrained(source, **kwargs)
         except OSError as hub_error:
-            raise OSError(
+            raise ModelNotFoundError(
                 f"could not load {source!r}: not in the local HF cache ({local_error.__class__.__name__}) and the "
-                f"hub could not be reached ({hub_error}). Download it on a connected machine or pass a local path."
-            ) from hub_error
+                f"hub could not be reached ({str(hub_error).splitlines()[0]}). Download it on a connected machine or "
+                "pass a local path."
+            ) from None

@@ -18,7 +18,7 @@ import shutil
 
 from ivtp.models import TESTBED_MODEL, load_model
 from ivtp.testbed.clip import image_processor
-from ivtp.testbed.pipeline import ALIGNER_FILE, ALIGNER_META
+from ivtp.names import ALIGNER_FILE, ALIGNER_META
 
 
 def main() -> None:

@@ -15,7 +15,7 @@ from transformers import (
 )
 
 from ivtp.convert import convert_original_llava
-from ivtp.models import PRESETS, llava_config, load_model, tiny_random
+from ivtp.models import PRESETS, ModelNotFoundError, llava_config, load_model, tiny_random
 
 
 def n_params(config) -> int:
@@ -50,7 +50,7 @@ def test_load_model_from_a_llava_hf_folder(tmp_path):
 
 
 def test_load_model_rejects_folders_that_are_not_llava_hf(tmp_path):
-    with pytest.raises(FileNotFoundError, match="config.json"):
+    with pytest.raises(ModelNotFoundError, match="config.json"):
         load_model(str(tmp_path))
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "llava", "mm_projector_type": "mlp2x_gelu"}))
     with pytest.raises(ValueError, match="ivtp convert"):
@@ -132,5 +132,5 @@ def test_load_model_by_hub_id_from_the_hf_cache(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     loaded, _ = load_model("someone/tiny-llava", cache_dir=str(tmp_path))
     assert all(torch.equal(x, y) for x, y in zip(model.state_dict().values(), loaded.state_dict().values()))
-    with pytest.raises(OSError):
+    with pytest.raises(ModelNotFoundError, match="neither a preset"):
         load_model("someone/not-cached", cache_dir=str(tmp_path))

@@ -82,10 +82,25 @@ class PruningState:
     vision: VisionRunner  # what runs before the LLM (IVTP's stage 1, a pass-through, or a peer method)
     llm_plan: LLMPlan | None = None
     aligner: Aligner | None = None
+    # The aligner was handed to apply_pruning (a preset's, or a checkpoint folder's), so config.llm.aligner does
+    # not describe it: a checkpoint saved from this model carries it beside the weights.
+    aligner_carried: bool = False
     tokenizer: object = None  # the LLM tokenizer, to read instruction tokens as text (guidance 'clip')
     last_vision: VisionOutput | None = None
     last_llm_trace: LLMTrace | None = None
     last_guidance: list = field(default_factory=list)  # per row: guidance.RowGuidance
+
+    def save_pretrained(self, folder: str | os.PathLike) -> None:
+        """ivtp_config.json, and the aligner when it is carried (its config then names that file), so the folder
+        loads back as it ran (load_pruned, ivtp generate --model folder)."""
+        config = self.config
+        if self.aligner is not None and self.aligner_carried:
+            from ivtp.names import ALIGNER_FILE
+
+            self.aligner.save_pretrained(folder)
+            config = PruneConfig.from_dict(config.to_dict())
+            config.llm.aligner.model, config.llm.aligner.pretrained = self.aligner.config_name, ALIGNER_FILE
+        config.save_pretrained(folder)
 
     @property
     def last_trace(self):
@@ -363,7 +378,7 @@ class PrunedLlavaForConditionalGeneration:
         """Weights in the llava-hf layout, with ivtp_config.json beside them."""
         out = super().save_pretrained(save_directory, *args, **kwargs)
         if kwargs.get("is_main_process", True):
-            self.ivtp_state.config.save_pretrained(save_directory)
+            self.ivtp_state.save_pretrained(save_directory)
         return out
 
 
@@ -442,12 +457,13 @@ def apply_pruning(model: LlavaForConditionalGeneration, config=None, aligner: Al
         if impl not in SUPPORTED_ATTENTION:
             raise ConfigError(f"{cfg.method}: the in-LLM stage runs with {' or '.join(SUPPORTED_ATTENTION)} "
                               f"attention; this model uses {impl!r}")
+    carried = aligner is not None
     if cfg.needs_aligner:
         aligner = _checked_aligner(aligner, cfg, mc, tokenizer)
     for layer in layers:
         patch_attention(layer.self_attn)
     state = PruningState(cfg, patches, int(mc.image_token_id), pad_token_id(mc), runner, llm_plan,
-                         aligner if cfg.needs_aligner else None, tokenizer)
+                         aligner if cfg.needs_aligner else None, carried and cfg.needs_aligner, tokenizer)
     if llm_plan is not None:
         lm = language_model(model)
         for layer in lm.layers:
@@ -513,4 +529,8 @@ def load_pruned(path: str | os.PathLike, config=None, tokenizer=None, aligner: A
         from transformers import AutoTokenizer
 
         tokenizer = AutoTokenizer.from_pretrained(path)
+    if aligner is None and cfg.needs_aligner:  # the aligner the folder carries, if any (PruningState.save_pretrained)
+        from ivtp.models import preset_aligner
+
+        aligner = preset_aligner(str(path))
     return apply_pruning(model, cfg, aligner=aligner, tokenizer=tokenizer)

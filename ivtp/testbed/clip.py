@@ -27,6 +27,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from ivtp.aligner import text_state_dict  # noqa: F401 (the testbed's tests import it from here too)
+
 MODEL_NAME = "ivtp-testbed-clip"
 _CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "assets", "open_clip",
                        f"{MODEL_NAME}.json")
@@ -623,18 +625,6 @@ def export_vision_tower(model: nn.Module, out_dir: str, dtype: torch.dtype = tor
     tower.save_pretrained(out_dir)
     image_processor(tower.config.image_size).save_pretrained(out_dir)
     return out_dir
-
-
-def text_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """What the aligner needs from an open_clip CLIP, or from an `ivtp.aligner.Aligner` (its text tower and
-    projection): every text-tower tensor and `visual.proj`."""
-    from ivtp.aligner import Aligner
-
-    text, proj = (model.text, model.visual_proj) if isinstance(model, Aligner) else (model, model.visual.proj)
-    sd = {k: t for k, t in text.state_dict().items()
-          if not k.startswith("visual.") and k not in ("logit_scale", "logit_bias")}
-    sd["visual.proj"] = proj
-    return sd
 
 
 def vocabulary_ids(texts: Iterable[str], tokenizer) -> list[int]:

@@ -31,10 +31,10 @@ import time
 from dataclasses import dataclass, field
 
 from ivtp.data.jsonio import dump_json
+from ivtp.names import ALIGNER_FILE, ALIGNER_META
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 STAGES = ("data", "clip", "aligner", "llm_init", "pretrain", "finetune", "retrain")
-ALIGNER_FILE, ALIGNER_META = "aligner.safetensors", "aligner.json"
 CONTRASTIVE_ALIGNER = "aligner_contrastive.safetensors"  # the clip stage's aligner, before the aligner stage
 
 

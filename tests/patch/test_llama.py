@@ -7,6 +7,7 @@ from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 from conftest import assert_cache_matches_recompute, assert_static_cache_matches_dynamic, batch_of
 from ivtp import ConfigError, apply_pruning
 from ivtp.models import tiny_aligner
+from ivtp.names import ALIGNER_FILE
 from ivtp.ops import gtp_scores, head_mean_attention, rollout_query_row, value_norms
 
 N = 64  # patches of the 112 px test model
@@ -380,8 +381,13 @@ def test_saved_checkpoint_reloads_with_both_stages(small_llava, images, tmp_path
     model, processor = pruned(small_llava, stage2(tau=-1.0))
     model.save_pretrained(tmp_path)
     processor.save_pretrained(tmp_path)
-    loaded = load_pruned(str(tmp_path), aligner=tiny_aligner()).eval()  # tokenizer from the folder
+    # The aligner handed to apply_pruning is carried beside the weights; the saved config names that file.
+    assert (tmp_path / ALIGNER_FILE).is_file()
+    loaded = load_pruned(str(tmp_path)).eval()  # tokenizer and aligner from the folder
     batch = batch_of(processor, images(1), QUESTIONS[:1])
     with torch.no_grad():
         torch.testing.assert_close(loaded(**batch).logits, model(**batch).logits, rtol=0, atol=1e-6)
-    assert loaded.ivtp_state.config == model.ivtp_state.config
+    saved, ran = loaded.ivtp_state.config.to_dict(), model.ivtp_state.config.to_dict()
+    assert saved["llm"].pop("aligner") == {"model": "ivtp-tiny-clip", "pretrained": ALIGNER_FILE}
+    ran["llm"].pop("aligner")
+    assert saved == ran
