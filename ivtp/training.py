@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 from dataclasses import dataclass, field
 
 import torch
@@ -120,9 +121,11 @@ def build_from_parts(llm_path: str, vision_path: str, dtype=None):
 def load_for_training(args: ModelArguments, dtype=None):
     """(model, processor, prune config or None): loaded, pruned if asked, with the right parameters trainable."""
     from ivtp import apply_pruning
-    from ivtp.models import load_model, preset_aligner
+    from ivtp.models import check_fits, load_model, preset_aligner
 
     config = PruneConfig.load(args.prune_config) if args.prune_config else None  # fail before loading
+    if config is not None and not args.vision_tower:
+        check_fits(config, args.model_name_or_path)
     if args.vision_tower:
         model, processor = build_from_parts(args.model_name_or_path, args.vision_tower, dtype)
     else:
@@ -182,20 +185,28 @@ def unwrap(model):
 
 
 # ---- the trainer ---------------------------------------------------------------------------------------------
-class SaveIvtpConfig(TrainerCallback):
-    """Every checkpoint folder carries the prune config and the processor, so it loads for inference as is."""
+def save_inference_files(folder: str, model, processor) -> None:
+    """What a checkpoint folder needs beside the weights to load for inference as is: the processor, and for a
+    pruned model ivtp_config.json with the aligner it carries (PruningState.save_pretrained)."""
+    processor.save_pretrained(folder)
+    state = getattr(unwrap(model), "ivtp_state", None)
+    if state is not None:
+        state.save_pretrained(folder)
 
-    def __init__(self, config: PruneConfig | None, processor):
-        self.config = config
+
+class SaveIvtpConfig(TrainerCallback):
+    """Every checkpoint folder carries the prune config, its aligner and the processor, so it loads for inference
+    as is."""
+
+    def __init__(self, model, processor):
+        self.model = model
         self.processor = processor
 
     def on_save(self, args, state, control, **kwargs):
         if state.is_world_process_zero:
             folder = os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
             if os.path.isdir(folder):
-                self.processor.save_pretrained(folder)
-                if self.config is not None:
-                    self.config.save_pretrained(folder)
+                save_inference_files(folder, self.model, self.processor)
 
 
 class LlavaTrainer(Trainer):
@@ -227,13 +238,14 @@ class LlavaTrainer(Trainer):
         return self.optimizer
 
 
-def build_trainer(model, processor, config, model_args: ModelArguments, data_args: DataArguments,
-                  train_args: TrainingArguments) -> LlavaTrainer:
+def build_trainer(model, processor, model_args: ModelArguments, data_args: DataArguments,
+                  train_args: TrainingArguments, records=None) -> LlavaTrainer:
+    """The Trainer over `records` (default: load_records(data_args.data_path))."""
     base = unwrap(model)
     from ivtp.patch.llava import num_patches
 
     dataset = LlavaDataset(
-        load_records(data_args.data_path), processor.tokenizer, processor.image_processor, data_args.template,
+        load_records(data_args.data_path) if records is None else records, processor.tokenizer, processor.image_processor, data_args.template,
         data_args.image_folder, image_tokens=num_patches(base.config),
         model_max_length=train_args.model_max_length, image_aspect_ratio=data_args.image_aspect_ratio,
         skip_missing=data_args.skip_missing)
@@ -241,35 +253,45 @@ def build_trainer(model, processor, config, model_args: ModelArguments, data_arg
         train_args.gradient_checkpointing_kwargs = {"use_reentrant": False}  # frozen inputs, kwargs through layers
     return LlavaTrainer(model=model, args=train_args, train_dataset=dataset,
                         data_collator=Collator(processor.tokenizer.pad_token_id),
-                        callbacks=[SaveIvtpConfig(config, processor)], mm_projector_lr=model_args.mm_projector_lr)
+                        callbacks=[SaveIvtpConfig(model, processor)], mm_projector_lr=model_args.mm_projector_lr)
 
 
-def save_final(trainer: LlavaTrainer, model, processor, config: PruneConfig | None, merge_lora: bool = True):
+def save_final(trainer: LlavaTrainer, model, processor, merge_lora: bool = True):
     """The final model in the llava-hf layout with ivtp_config.json and the processor. LoRA adapters are saved
     as such, and merged into a full checkpoint under <output_dir>/merged unless merge_lora is False."""
     out = trainer.args.output_dir
     trainer.save_model(out)  # gathers ZeRO-3 shards when the config says stage3_gather_16bit_weights_on_model_save
     if trainer.args.should_save:
-        processor.save_pretrained(out)
-        if config is not None:
-            config.save_pretrained(out)
+        save_inference_files(out, model, processor)
     if hasattr(model, "merge_and_unload") and merge_lora and trainer.args.should_save:
         merged = model.merge_and_unload()
         merged.save_pretrained(os.path.join(out, "merged"))
-        processor.save_pretrained(os.path.join(out, "merged"))
-        if config is not None:
-            config.save_pretrained(os.path.join(out, "merged"))
+        save_inference_files(os.path.join(out, "merged"), merged, processor)
     n_skipped = len(getattr(trainer.train_dataset, "skipped", ()))
     if n_skipped:
         logger.warning("%d samples were skipped for missing images", n_skipped)
 
 
 def run(argv=None, template: str = "vicuna_v1", tune: str = "projector+llm") -> str:
-    """Parse, load (and prune), train, save. Returns the output folder."""
+    """Parse, read the data, load (and prune), train, save. Returns the output folder. The data is read and
+    checked before the model loads (minutes for a 7B) so that a bad file fails first."""
     model_args, data_args, train_args = parse_args(argv, template=template, tune=tune)
-    model, processor, config = load_for_training(model_args)
-    trainer = build_trainer(model, processor, config, model_args, data_args, train_args)
+    records = load_records(data_args.data_path)
+    model, processor, _ = load_for_training(model_args)
+    trainer = build_trainer(model, processor, model_args, data_args, train_args, records)
     resume = train_args.resume_from_checkpoint
     trainer.train(resume_from_checkpoint=resume if resume not in ("", "False", "false") else None)
-    save_final(trainer, model, processor, config)
+    save_final(trainer, model, processor)
     return train_args.output_dir
+
+
+def main(argv=None, template: str = "vicuna_v1", tune: str = "projector+llm") -> None:
+    """train/*.py: `run`, with a bad input (config, data, model name) as one line on stderr and exit code 2,
+    as the ivtp command gives it, instead of a traceback from every rank."""
+    from ivtp.errors import InputError
+
+    try:
+        run(argv, template, tune)
+    except (InputError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)

@@ -12,8 +12,10 @@ import torch
 from safetensors.torch import load_file
 
 from ivtp import load_pruned
+from ivtp.cli import main
 from ivtp.data.llava import Collator, LlavaDataset, MissingImageError, load_records
 from ivtp.data.templates import ConversationError
+from ivtp.models import ModelNotFoundError
 from ivtp.models import tiny_aligner, tiny_random
 from ivtp.training import (ModelArguments, build_trainer, detach_frozen_tower, load_for_training, parse_args,
                            save_final, set_trainable)
@@ -34,10 +36,10 @@ def args_for(out, *extra):
 def train(argv):
     model_args, data_args, train_args = parse_args(argv)
     model, processor, config = load_for_training(model_args)
-    trainer = build_trainer(model, processor, config, model_args, data_args, train_args)
+    trainer = build_trainer(model, processor, model_args, data_args, train_args)
     resume = train_args.resume_from_checkpoint
     trainer.train(resume_from_checkpoint=resume)
-    save_final(trainer, model, processor, config)
+    save_final(trainer, model, processor)
     return trainer, model, processor
 
 
@@ -52,19 +54,33 @@ def test_overfit_with_pruning_halves_the_loss_on_mixed_batches(tmp_path):
     assert model.ivtp_state.last_llm_trace is not None  # pruning ran in the training forward
 
 
-def test_checkpoint_reloads_for_pure_inference_with_identical_logits(tmp_path):
+def test_checkpoint_reloads_for_pure_inference_with_identical_logits(tmp_path, capsys):
+    """The tiny-random preset trains with its own small aligner, not the config's CLIP-L: the checkpoint carries
+    that aligner and its config names it, so it loads back with no argument and no download (issue 22)."""
     trainer, model, processor = train(args_for(tmp_path, "--max_steps", "2"))
-    assert json.load(open(tmp_path / "ivtp_config.json"))["llm"]["keep"] == 64
-    loaded = load_pruned(str(tmp_path), aligner=tiny_aligner()).eval()
+    saved = json.load(open(tmp_path / "ivtp_config.json"))
+    assert saved["llm"]["keep"] == 64
+    assert saved["llm"]["aligner"] == {**saved["llm"]["aligner"], "model": "ivtp-tiny-clip",
+                                       "pretrained": "aligner.safetensors"}
+    assert json.load(open(tmp_path / "aligner.json")) == {"model": "ivtp-tiny-clip"}
+    loaded = load_pruned(str(tmp_path)).eval()
     model.eval()
     batch = Collator(processor.tokenizer.pad_token_id)([trainer.train_dataset[i] for i in (0, 6)])
     with torch.no_grad():
         torch.testing.assert_close(loaded(**batch).logits, model(**batch).logits, rtol=0, atol=1e-5)
+    # The CLI loads it the same way, with the carried aligner's relevance (not a random or downloaded one).
+    capsys.readouterr()  # the trainer's log lines
+    assert main(["generate", "--model", str(tmp_path), "--image", os.path.join(IMAGES, os.listdir(IMAGES)[0]),
+                 "--prompt", "What is this?", "--max-new-tokens", "2", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["aligner"].startswith("ivtp-tiny-clip") and out["aligner"].endswith("aligner.safetensors)")
+    assert out["visual_tokens"][0][-1] == 64
 
 
 def test_resume_continues_from_the_saved_step(tmp_path):
     full, _, _ = train(args_for(tmp_path / "a", "--max_steps", "4", "--save_strategy", "steps", "--save_steps", "2"))
-    assert os.path.isfile(tmp_path / "a" / "checkpoint-2" / "ivtp_config.json")  # checkpoints load as they are
+    for name in ("ivtp_config.json", "aligner.json", "aligner.safetensors"):  # checkpoints load as they are
+        assert os.path.isfile(tmp_path / "a" / "checkpoint-2" / name), name
     resumed, _, _ = train(args_for(tmp_path / "b", "--max_steps", "4",
                                    "--resume_from_checkpoint", str(tmp_path / "a" / "checkpoint-2")))
     assert resumed.state.global_step == 4
@@ -83,7 +99,7 @@ def test_lora_trains_adapters_and_the_projector_and_merges(tmp_path):
     assert any("multi_modal_projector" in n for n in trainable)
     lrs = sorted({g["lr"] for g in trainer.optimizer.param_groups})
     assert lrs == [1e-3, 2e-3]  # the projector has its own learning rate
-    with pytest.raises(FileNotFoundError, match=r"holds LoRA adapters, not a llava-hf model: load .*merged"):
+    with pytest.raises(ModelNotFoundError, match=r"holds LoRA adapters, not a llava-hf model: load .*merged"):
         load_pruned(str(tmp_path), aligner=tiny_aligner())  # the adapters alone: a pointer to the merged model
     merged = load_pruned(str(tmp_path / "merged"), aligner=tiny_aligner()).eval()
     model.eval()

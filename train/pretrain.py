@@ -15,7 +15,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a checkout
 
-from ivtp.training import run  # noqa: E402
+from ivtp.training import main  # noqa: E402
 
 if __name__ == "__main__":
-    run(sys.argv[1:], template="plain", tune="projector")
+    main(sys.argv[1:], template="plain", tune="projector")

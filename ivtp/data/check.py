@@ -1,7 +1,7 @@
 """`ivtp data check`: find what would stop a 10-hour run before it starts.
 
 Reads a LLaVA JSON file and reports, per sample id: missing images, unreadable images, malformed conversations
-(empty, wrong turn order, an <image> without an image file) and samples longer than model_max_length once each
+(empty, wrong turn order, an <image> without an image file, in an answer, or twice) and samples longer than model_max_length once each
 image is expanded to its visual tokens.
 """
 
@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from PIL import Image
 from tqdm import tqdm
 
-from ivtp.data.templates import IMAGE_PLACEHOLDER, ConversationError, render, tokenize
+from ivtp.data.templates import ConversationError, placeholder_problem, render, tokenize
 
 
 @dataclass
@@ -49,9 +49,9 @@ def check_file(data_path: str, image_folder: str | None, tokenizer=None, templat
         try:
             records = json.load(f)
         except json.JSONDecodeError as e:
-            raise ValueError(f"{data_path} is not valid JSON: {e}") from None
+            raise ConversationError(f"{data_path} is not valid JSON: {e}") from None
     if not isinstance(records, list):
-        raise ValueError(f"{data_path}: a LLaVA data file is a JSON list of samples")
+        raise ConversationError(f"{data_path}: a LLaVA data file is a JSON list of samples")
     report = CheckReport()
     for i, rec in enumerate(tqdm(records, desc="checking", disable=not progress)):
         report.samples += 1
@@ -65,8 +65,9 @@ def check_file(data_path: str, image_folder: str | None, tokenizer=None, templat
         report.text_only += not image
         if image:
             _check_image(report, sid, os.path.join(image_folder or "", image))
-        elif any(IMAGE_PLACEHOLDER in str(t.get("value", "")) for t in convs if isinstance(t, dict)):
-            report.add("placeholder_without_image", f"{sid}: <image> in the text but no image file")
+        problem = placeholder_problem(convs, bool(image))
+        if problem is not None:
+            report.add(problem[0], f"{sid}: {problem[1]}")
         try:
             rendered = render(template, convs, getattr(tokenizer, "eos_token", "</s>") or "</s>", sid)
         except ConversationError as e:

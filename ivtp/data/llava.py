@@ -17,7 +17,8 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset, Sampler
 
-from ivtp.data.templates import IGNORE_INDEX, IMAGE_PLACEHOLDER, ConversationError, render, tokenize
+from ivtp.data.templates import (IGNORE_INDEX, IMAGE_PLACEHOLDER, ConversationError, placeholder_problem, render,
+                                 tokenize)
 
 logger = logging.getLogger(__name__)
 
@@ -27,12 +28,56 @@ class MissingImageError(FileNotFoundError):
 
 
 def load_records(path: str):
-    """LLaVA JSON (a list of records) as a HF Dataset."""
+    """LLaVA JSON (a list of records) as a HF Dataset, checked (`check_placeholders`) so that a sample the model
+    cannot take fails now, naming it, and not at its batch hours into training."""
     import datasets
 
     if not os.path.isfile(path):
         raise FileNotFoundError(f"data file not found: {path}")
-    return datasets.load_dataset("json", data_files=path, split="train")
+    try:
+        records = datasets.load_dataset("json", data_files=path, split="train")
+    except datasets.exceptions.DatasetGenerationError as e:
+        raise ConversationError(f"{path} cannot be read as LLaVA JSON ({e.__cause__ or e}); `ivtp data check` "
+                                "says where") from None
+    check_placeholders(records)
+    return records
+
+
+def check_placeholders(records) -> None:
+    """Raise on samples whose <image> placeholders do not fit their image (`placeholder_problem`), naming the
+    first three by index and id. Reads three columns, not the images."""
+    convs, images, ids = (_column(records, k) for k in ("conversations", "image", "id"))
+    bad = [(i, sid, problem[1]) for i, (c, image, sid) in enumerate(zip(convs, images, ids))
+           if (problem := placeholder_problem(c or [], bool(image))) is not None]
+    if bad:
+        shown = "; ".join(f"record {i} (id {sid}): {detail}" for i, sid, detail in bad[:3])
+        raise ConversationError(f"{len(bad)} sample(s) cannot train: {shown}. `ivtp data check` lists them all")
+
+
+# Bounds on an image before the processor, which otherwise holds it in float32 at full size: a 10000x1 image
+# padded is a 10000x10000 canvas (1.4 GB), and unpadded, CLIP's shortest-edge resize makes it 3,360,000x336
+# (8 GB). Ordinary photos are within both bounds and pass unchanged.
+MAX_IMAGE_SIDE = 4096  # a longer side is scaled down to it first (aspect kept)
+MAX_CROP_ASPECT = 16  # unpadded: the long side is cut (centred) to 16x the short one; the centre crop is inside
+
+
+def prepare_image(image: Image.Image, pad_fill: tuple[int, int, int] | None = None) -> Image.Image:
+    """An image as LLaVA-1.5 hands it to the processor: RGB, and with `pad_fill` padded to a square of that colour
+    ('pad'); without, left to the processor's resize and centre crop. Memory is bounded (MAX_IMAGE_SIDE,
+    MAX_CROP_ASPECT); an image past a bound is logged."""
+    image = image.convert("RGB")
+    w, h = image.size
+    if pad_fill is None and max(w, h) > MAX_CROP_ASPECT * min(w, h):
+        # The processor keeps only the central min(w, h) square; cut what it would resize and throw away.
+        cw, ch = min(w, MAX_CROP_ASPECT * h), min(h, MAX_CROP_ASPECT * w)
+        image = image.crop(((w - cw) // 2, (h - ch) // 2, (w - cw) // 2 + cw, (h - ch) // 2 + ch))
+        logger.warning("image of %dx%d cut to its central %dx%d (the processor crops the centre)", w, h, cw, ch)
+    if max(image.size) > MAX_IMAGE_SIDE:
+        scale = MAX_IMAGE_SIDE / max(image.size)
+        size = tuple(max(1, round(x * scale)) for x in image.size)
+        logger.warning("image of %dx%d scaled down to %dx%d before the processor", *image.size, *size)
+        image = image.resize(size, Image.BICUBIC)
+    return image if pad_fill is None else expand_to_square(image, pad_fill)
 
 
 def expand_to_square(image: Image.Image, fill: tuple[int, int, int]) -> Image.Image:
@@ -44,6 +89,13 @@ def expand_to_square(image: Image.Image, fill: tuple[int, int, int]) -> Image.Im
     out = Image.new(image.mode, (side, side), fill)
     out.paste(image, ((side - w) // 2, (side - h) // 2))
     return out
+
+
+def _column(records, key: str) -> list:
+    """One field of every record, from a HF Dataset (a column read) or a list of dicts; None where absent."""
+    if hasattr(records, "column_names"):
+        return records[key] if key in records.column_names else [None] * len(records)
+    return [r.get(key) for r in records]
 
 
 class LlavaDataset(Dataset):
@@ -95,8 +147,9 @@ class LlavaDataset(Dataset):
         if has_image and convs and not any(IMAGE_PLACEHOLDER in t["value"] for t in convs):
             # A few records leave the placeholder out; LLaVA puts the image before the first question.
             convs = [dict(convs[0], value=IMAGE_PLACEHOLDER + "\n" + convs[0]["value"])] + list(convs[1:])
-        if not has_image and any(IMAGE_PLACEHOLDER in t["value"] for t in convs):
-            raise ConversationError(f"sample {sample_id}: <image> in the conversation but no image file")
+        problem = placeholder_problem(convs, has_image)  # records not from load_records are checked here
+        if problem is not None:
+            raise ConversationError(f"sample {sample_id} (record {i}): {problem[1]}")
         rendered = render(self.template, convs, self.tokenizer.eos_token, sample_id)
         ids, labels = tokenize(rendered, self.tokenizer, self.image_tokens)
         ids, labels = self._truncate(ids, labels, sample_id)
@@ -121,11 +174,13 @@ class LlavaDataset(Dataset):
         path = os.path.join(self.image_folder or "", name)
         if not os.path.isfile(path):
             raise MissingImageError(f"sample {sample_id}: image not found: {path}")
-        with Image.open(path) as im:
-            image = im.convert("RGB")
-        if self.image_aspect_ratio == "pad":
-            fill = tuple(int(round(255 * m)) for m in self.image_processor.image_mean)
-            image = expand_to_square(image, fill)
+        fill = (tuple(int(round(255 * m)) for m in self.image_processor.image_mean)
+                if self.image_aspect_ratio == "pad" else None)
+        try:
+            with Image.open(path) as im:
+                image = prepare_image(im, fill)
+        except OSError as e:
+            raise ConversationError(f"sample {sample_id}: cannot read image {path} ({e})") from None
         return self.image_processor(images=image, return_tensors="pt")["pixel_values"][0]
 
 

@@ -16,6 +16,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from ivtp.errors import InputError
+
 IGNORE_INDEX = -100
 IMAGE_PLACEHOLDER = "<image>"
 VICUNA_V1_SYSTEM = (
@@ -26,14 +28,15 @@ TEMPLATES = ("plain", "vicuna_v1")
 HUMAN, GPT = "human", "gpt"
 
 
-class ConversationError(ValueError):
+class ConversationError(InputError):
     """A conversation that a template cannot render."""
 
 
 def vicuna_v1_prompt(question: str, has_image: bool = True) -> str:
     """One-turn vicuna_v1 prompt, as LLaVA-1.5's evaluation builds it: the image first, then the question."""
     if IMAGE_PLACEHOLDER in question:
-        raise ValueError("the question already contains <image>; pass the bare question")
+        raise ConversationError("the question already contains <image>; pass the bare question (the template "
+                                "places the image)")
     user = f"{IMAGE_PLACEHOLDER}\n{question}" if has_image else question
     return f"{VICUNA_V1_SYSTEM} USER: {user} ASSISTANT:"
 
@@ -59,6 +62,26 @@ def check_turns(conversations: list[dict], sample_id: str = "?") -> None:
             )
     if len(conversations) % 2:
         raise ConversationError(f"sample {sample_id}: the last turn is a human turn with no answer")
+
+
+def placeholder_problem(conversations: list[dict], has_image: bool) -> tuple[str, str] | None:
+    """(kind, detail) when a sample's <image> placeholders do not fit its image, else None. LLaVA-1.5 reads one
+    image per sample, at the start of the human turn that holds the placeholder (or of the first, when none
+    does): a placeholder in an answer, a second one, or one without an image file would reach the model as
+    576 more placeholder tokens than there are image features."""
+    turns = [t for t in conversations if isinstance(t, dict)]
+    counts = [str(t.get("value", "")).count(IMAGE_PLACEHOLDER) for t in turns]
+    if not any(counts):
+        return None
+    if not has_image:
+        return "placeholder_without_image", "<image> in the text but no image file"
+    answers = [i for i, (t, n) in enumerate(zip(turns, counts)) if n and t.get("from") == GPT]
+    if answers:
+        return "placeholder_in_answer", f"<image> in the gpt answer of turn {answers[0]}"
+    if sum(counts) > 1:
+        where = ", ".join(f"turn {i}" for i, n in enumerate(counts) if n)
+        return "extra_placeholder", f"{sum(counts)} <image> placeholders ({where}) for one image"
+    return None
 
 
 def render(template: str, conversations: list[dict], eos: str, sample_id: str = "?") -> Rendered:
