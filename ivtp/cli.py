@@ -8,14 +8,16 @@ import os
 import sys
 import time
 
-import torch
+from ivtp.errors import InputError
+from ivtp.names import (ALLOCATORS, DEFAULT_BUDGETS, DTYPE_NAMES, MODEL_ALIASES, ON_BAD_IMAGE, PRESET_NAMES, SUITES,
+                        TESTBED_MODEL, TINY_TOKENIZER)
 
-from ivtp.models import DTYPES
+# torch and transformers are imported inside the commands: `ivtp --help` and argument errors answer at once.
 
 
 def _model_args(p: argparse.ArgumentParser, default_model: str = "tiny-random") -> None:
     p.add_argument("--model", default=default_model,
-                   help="preset (tiny-random, llava-1.5-7b, llava-1.5-13b), llava-hf folder or hub id in the cache")
+                   help=f"preset ({', '.join((*PRESET_NAMES, *MODEL_ALIASES))}), llava-hf folder or hub id in the cache")
     p.add_argument("--random-weights", action="store_true", help="build the preset's architecture, random weights")
     p.add_argument("--prune-config", default=None,
                    help="prune config YAML; 'none' runs the unpruned model (default: PruneConfig(), the paper's "
@@ -23,10 +25,10 @@ def _model_args(p: argparse.ArgumentParser, default_model: str = "tiny-random") 
     p.add_argument("--method", default=None,
                    help="pruning method (ivtp, random, topk, spatial, evit, tome, fastervlm, vispruner, fastv, visiondrop, sparsevlm, "
                         "topk+, tome+), with its defaults unless --prune-config gives its section")
-    p.add_argument("--dtype", choices=sorted(DTYPES), default=None)
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--dtype", choices=sorted(DTYPE_NAMES), default=None)
+    p.add_argument("--device", default=None, help="cuda if one is available, else cpu")
     p.add_argument("--attn-implementation", default=None, help="sdpa (default), eager, flash_attention_2")
-    p.add_argument("--max-new-tokens", type=int, default=32)
+    p.add_argument("--max-new-tokens", type=positive_int, default=32)
     p.add_argument("--json", action="store_true", help="print one JSON object instead of text")
 
 
@@ -41,8 +43,22 @@ def _load(args, config=None):
 
     config = _prune_config(args) if config is None else config
     model, processor = load_for_inference(args.model, config, random_weights=args.random_weights, dtype=args.dtype,
-                                          device=args.device, attn_implementation=args.attn_implementation)
+                                          device=_device(args), attn_implementation=args.attn_implementation)
     return model, processor, config
+
+
+def _device(args) -> str:
+    if args.device is None:
+        import torch
+
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    return args.device
+
+
+def _dtype(name: str | None):
+    from ivtp.models import DTYPES
+
+    return None if name is None else DTYPES[name]
 
 
 def _step_names(model) -> list[str]:
@@ -109,18 +125,22 @@ def _write_overlays(results, model, out_dir: str, prefix: str) -> list[str]:
 
 
 def _samples_from_args(args):
-    from ivtp.inference import Sample
+    from ivtp.data.templates import IMAGE_PLACEHOLDER
+    from ivtp.inference import Sample, load_image
 
     if not args.prompt:
-        raise SystemExit("error: give at least one --prompt")
+        raise InputError("give at least one --prompt")
     images = args.image or []
     if len(images) != len(args.prompt):
-        raise SystemExit(f"error: {len(images)} --image for {len(args.prompt)} --prompt; give them in pairs "
+        raise InputError(f"{len(images)} --image for {len(args.prompt)} --prompt; give them in pairs "
                          "(use --image none for a text-only prompt)")
     samples = [Sample(p, None if i.lower() == "none" else i) for i, p in zip(images, args.prompt)]
-    for s in samples:  # fail on a bad path before the model loads
-        if s.image is not None and not os.path.isfile(s.image):
-            raise SystemExit(f"error: image not found: {s.image}")
+    for n, s in enumerate(samples, 1):  # fail on a bad prompt or image before the model loads
+        if IMAGE_PLACEHOLDER in s.prompt:
+            raise InputError(f"--prompt {n} contains {IMAGE_PLACEHOLDER}: pass the bare question, and the image "
+                             "with --image (the template places it)")
+        if s.image is not None:
+            load_image(s.image)  # missing or undecodable: one line naming the file
     return samples
 
 
@@ -179,7 +199,7 @@ def cmd_visualize(args) -> None:
 def cmd_convert(args) -> None:
     from ivtp.convert import convert_original_llava
 
-    out = convert_original_llava(args.src, args.out, clip=args.clip, dtype=DTYPES[args.dtype] if args.dtype else None)
+    out = convert_original_llava(args.src, args.out, clip=args.clip, dtype=_dtype(args.dtype))
     print(f"wrote llava-hf checkpoint to {out}")
 
 
@@ -187,7 +207,6 @@ def cmd_data_check(args) -> int:
     from transformers import AutoTokenizer
 
     from ivtp.data.check import check_file, format_report
-    from ivtp.models import TINY_TOKENIZER
 
     tokenizer = AutoTokenizer.from_pretrained(args.tokenizer or TINY_TOKENIZER)
     report = check_file(args.data, args.image_folder, tokenizer, template=args.template,
@@ -204,12 +223,12 @@ def cmd_data_check(args) -> int:
 def cmd_flops(args) -> int:
     from ivtp import PruneConfig
     from ivtp.eval.bench import method_flops
-    from ivtp.models import PRESETS, llava_config
+    from ivtp.models import PRESETS, architecture, llava_config
 
     if args.model not in PRESETS or PRESETS[args.model].hub_id is None and args.model != "cpu-mid":
-        from transformers import AutoConfig
-
-        config = AutoConfig.from_pretrained(args.model)  # a llava-hf folder or cached hub id: dimensions only
+        config = architecture(args.model)  # a llava-hf folder or cached hub id: dimensions only
+        if config is None:
+            raise InputError(f"{args.model}: its config.json is not in the HF cache; download it, or use a preset")
     else:
         preset = PRESETS[args.model]
         config = llava_config(preset.vision, {"vocab_size": 32064, **preset.text})
@@ -230,11 +249,13 @@ def cmd_flops(args) -> int:
 
 
 def cmd_bench(args) -> int:
+    import torch
+
     from ivtp.eval.bench import bench
 
     torch.set_num_threads(args.threads) if args.threads else None
-    result = bench(args.preset, args.method, args.visual_tokens, device=args.device,
-                   dtype=DTYPES[args.dtype] if args.dtype else torch.float32, new_tokens=args.new_tokens,
+    result = bench(args.preset, args.method, args.visual_tokens, device=_device(args),
+                   dtype=_dtype(args.dtype) or torch.float32, new_tokens=args.new_tokens,
                    repeats=args.repeats, progress=not args.json, allocator=args.allocator,
                    attn_implementation=args.attn_implementation, batch_size=args.batch_size, trace=args.trace)
     if args.json:
@@ -267,9 +288,14 @@ def _eval_run(args, config, bench) -> dict:
 def _shard(args) -> tuple[int, int]:
     """--num-chunks/--chunk-idx, or one chunk per process under torchrun (WORLD_SIZE/RANK)."""
     if args.num_chunks is not None:
+        if args.chunk_idx >= args.num_chunks:
+            raise InputError(f"--chunk-idx {args.chunk_idx} is not a chunk of --num-chunks {args.num_chunks} "
+                             f"(0 to {args.num_chunks - 1})")
         return args.num_chunks, args.chunk_idx
+    if args.chunk_idx:
+        raise InputError("--chunk-idx needs --num-chunks (under torchrun each process takes its RANK's chunk)")
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world > 1 and args.device.startswith("cuda"):
+    if world > 1 and _device(args).startswith("cuda"):
         args.device = f"cuda:{os.environ.get('LOCAL_RANK', '0')}"
     return world, int(os.environ.get("RANK", "0"))
 
@@ -296,7 +322,8 @@ def cmd_eval(args) -> int:
         model, processor, config = _load(args, config)
         summary = evaluate(model, processor, bench, args.data, out, run, items=items, num_chunks=num_chunks,
                            chunk_idx=chunk_idx, batch_size=args.batch_size,
-                           pad=args.image_aspect_ratio == "pad", progress=not args.json)
+                           pad=args.image_aspect_ratio == "pad", progress=not args.json,
+                           on_bad_image=args.on_bad_image)
     if args.json:
         json.dump(summary, sys.stdout, indent=2, ensure_ascii=False)
         sys.stdout.write("\n")
@@ -306,12 +333,17 @@ def cmd_eval(args) -> int:
     else:
         result = summary["result"]
         print(f"{result['title']}: {json.dumps(result['metrics'], ensure_ascii=False)}")
+        if "skipped" in result:
+            print(f"skipped {result['skipped']['questions']} question(s) with unreadable images, scored as wrong: "
+                  f"{', '.join(result['skipped']['question_ids'][:10])}")
         for path in result["files"]:
             print(f"wrote {path}")
     return 0
 
 
 def cmd_ablate(args) -> int:
+    import torch
+
     from ivtp.testbed.ablate import ablate, headline, write_reports
 
     suites = [s for s in args.suites.split(",") if s]
@@ -335,12 +367,10 @@ def cmd_ablate(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="ivtp", description="Instruction-guided visual token pruning for LLaVA-1.5")
+    parser = Parser(prog="ivtp", description="Instruction-guided visual token pruning for LLaVA-1.5")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("demo", help="prune and answer on the embedded default model and a generated image")
-    from ivtp.models import TESTBED_MODEL
-
     _model_args(p, "testbed" if os.path.isfile(os.path.join(TESTBED_MODEL, "config.json")) else "tiny-random")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="ivtp_out")
@@ -352,7 +382,7 @@ def build_parser() -> argparse.ArgumentParser:
         _model_args(p)
         p.add_argument("--image", action="append", help="image path (repeat; pairs with --prompt; 'none': no image)")
         p.add_argument("--prompt", action="append", help="question (repeat)")
-        p.add_argument("--batch-size", type=int, default=8)
+        p.add_argument("--batch-size", type=positive_int, default=8)
         if name == "generate":
             p.add_argument("--no-cache", action="store_true", help="decode without the KV cache (a check)")
         else:
@@ -366,17 +396,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--benchmark", required=True, choices=sorted(BENCHMARKS))
     p.add_argument("--data", required=True, help="the benchmark folder (LLaVA-1.5's playground/data/eval/<name>)")
     p.add_argument("--out", default=None, help="output folder (default ivtp_out/eval/<benchmark>); resumes there")
-    p.add_argument("--limit", type=int, default=None, help="only the first N questions")
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--num-chunks", type=int, default=None, help="shards (default: torchrun's WORLD_SIZE, or 1)")
-    p.add_argument("--chunk-idx", type=int, default=0)
+    p.add_argument("--limit", type=positive_int, default=None, help="only the first N questions")
+    p.add_argument("--batch-size", type=positive_int, default=8)
+    p.add_argument("--num-chunks", type=positive_int, default=None, help="shards (default: torchrun's WORLD_SIZE, or 1)")
+    p.add_argument("--chunk-idx", type=non_negative_int, default=0)
     p.add_argument("--image-aspect-ratio", choices=["pad", "none"], default="pad",
                    help="pad images to a square of the mean colour first, as LLaVA-1.5 evaluates (default)")
     p.add_argument("--model-id", default=None, help="name used in submission files")
+    p.add_argument("--on-bad-image", choices=ON_BAD_IMAGE, default="stop",
+                   help="an image that cannot be decoded: stop (naming its question; answers so far are kept) or "
+                        "skip it (a blank answer, scored wrong, counted in results.json)")
     p.add_argument("--score-only", action="store_true", help="merge and score existing predictions; no model")
     p.set_defaults(func=cmd_eval, max_new_tokens=None)
 
-    from ivtp.testbed.ablate import DEFAULT_BUDGETS, SUITES
 
     p = sub.add_parser("ablate", help="methods and IVTP ablations on the trained testbed (docs/testbed.md)")
     p.add_argument("--testbed", default="ivtp_out/testbed", help="the output folder of `make testbed`")
@@ -384,41 +416,40 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--suites", default=",".join(SUITES), help=f"comma-separated subset of {','.join(SUITES)}")
     p.add_argument("--budgets", default=",".join(map(str, DEFAULT_BUDGETS)),
                    help="visual tokens per image (of 64) for the methods suite")
-    p.add_argument("--limit", type=int, default=None, help="only the first N questions of the GQA-layout split")
-    p.add_argument("--pope-images", type=int, default=100, help="POPE-layout images (each with its 3 settings)")
+    p.add_argument("--limit", type=positive_int, default=None, help="only the first N questions of the GQA-layout split")
+    p.add_argument("--pope-images", type=positive_int, default=100, help="POPE-layout images (each with its 3 settings)")
     p.add_argument("--fresh", type=positive_int, default=None, metavar="N",
                    help="GQA-layout questions of a new split of N images (written under --out) instead of the "
                         "testbed's: for reporting settings chosen on the testbed's own split")
     p.add_argument("--finetuned", default=None, metavar="PATH",
                    help="the model the suites prune in pure inference (default <testbed>/llava)")
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--threads", type=int, default=None, help="torch threads (two 1-thread sweeps beat one 2-thread)")
+    p.add_argument("--batch-size", type=positive_int, default=32)
+    p.add_argument("--threads", type=positive_int, default=None, help="torch threads (two 1-thread sweeps beat one 2-thread)")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_ablate)
 
     p = sub.add_parser("flops", help="TFLOPs of a model and method, in the IVTP paper's convention (docs/flops.md)")
     p.add_argument("--model", default="llava-1.5-7b", help="llava-1.5-7b, llava-1.5-13b, cpu-mid, or a llava-hf folder")
     p.add_argument("--method", default="ivtp", help="a method name, or none for the unpruned model")
-    p.add_argument("--visual-tokens", type=int, default=64, help="final visual tokens per image (budget)")
-    p.add_argument("--text-tokens", type=int, default=512)
+    p.add_argument("--visual-tokens", type=positive_int, default=64, help="final visual tokens per image (budget)")
+    p.add_argument("--text-tokens", type=positive_int, default=512)
     p.add_argument("--prune-config", default=None, help="a prune config instead of --method/--visual-tokens")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_flops)
 
     p = sub.add_parser("bench", help="prefill latency, decode speed and memory: pruned against unpruned")
-    from ivtp.eval.bench import ALLOCATORS
     p.add_argument("--preset", default="cpu-mid", help="cpu-mid (CPU, minutes), llava-1.5-7b (GPU), tiny-random")
     p.add_argument("--method", default="ivtp")
-    p.add_argument("--visual-tokens", type=int, default=64)
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--dtype", choices=sorted(DTYPES), default=None)
-    p.add_argument("--new-tokens", type=int, default=16)
-    p.add_argument("--repeats", type=int, default=5)
-    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--visual-tokens", type=positive_int, default=64)
+    p.add_argument("--device", default=None, help="cuda if one is available, else cpu")
+    p.add_argument("--dtype", choices=sorted(DTYPE_NAMES), default=None)
+    p.add_argument("--new-tokens", type=positive_int, default=16)
+    p.add_argument("--repeats", type=positive_int, default=5)
+    p.add_argument("--threads", type=positive_int, default=None)
     p.add_argument("--allocator", choices=ALLOCATORS, default="steady",
                    help="on a CPU, 'steady' keeps freed memory for reuse so that neither model pays page faults for "
                         "its activations (docs/benchmarks.md); 'default' leaves glibc's malloc as it is")
-    p.add_argument("--batch-size", type=int, default=1,
+    p.add_argument("--batch-size", type=positive_int, default=1,
                    help="prompts per prefill (each with its own scene); on a GPU, 1 is bound by kernel launches")
     p.add_argument("--attn-implementation", default="sdpa",
                    help="sdpa (on a GPU its flash kernel where no mask is needed), eager, flash_attention_2")
@@ -434,8 +465,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tokenizer", default=None, help="tokenizer (model folder or hub id in the cache) for lengths; "
                                                      "default: the tiny test tokenizer")
     p.add_argument("--template", default="vicuna_v1", choices=["vicuna_v1", "plain"])
-    p.add_argument("--image-tokens", type=int, default=576, help="placeholders per image (576 for LLaVA-1.5)")
-    p.add_argument("--model-max-length", type=int, default=2048)
+    p.add_argument("--image-tokens", type=positive_int, default=576, help="placeholders per image (576 for LLaVA-1.5)")
+    p.add_argument("--model-max-length", type=positive_int, default=2048)
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_data_check)
 
@@ -443,28 +474,40 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("src", help="folder of the original checkpoint (config.json with mm_* keys)")
     p.add_argument("out", help="output folder")
     p.add_argument("--clip", default=None, help="CLIP vision tower (default: the config's mm_vision_tower)")
-    p.add_argument("--dtype", choices=sorted(DTYPES), default=None)
+    p.add_argument("--dtype", choices=sorted(DTYPE_NAMES), default=None)
     p.set_defaults(func=cmd_convert)
     return parser
 
 
-def positive_int(text: str) -> int:
-    """argparse type: a count of at least 1 (argparse turns the ValueError into a one-line usage error, exit 2)."""
-    value = int(text)
-    if value < 1:
-        raise ValueError(text)
-    return value
+class Parser(argparse.ArgumentParser):
+    """argparse with a one-line error (and exit code 2) instead of the usage block above it."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def _int_at_least(low: int, what: str):
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            value = None
+        if value is None or value < low:
+            raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}")
+        return value
+
+    return parse
+
+
+positive_int = _int_at_least(1, "a whole number of at least 1")  # counts: batch size, tokens, questions
+non_negative_int = _int_at_least(0, "a whole number of at least 0")  # indices
 
 
 def main(argv: list[str] | None = None) -> int:
-    from ivtp.config import ConfigError
-    from ivtp.eval.benchmarks import BenchmarkDataError
-    from ivtp.ops.sequence import PlaceholderError
-
     args = build_parser().parse_args(argv)
     try:
         return args.func(args) or 0
-    except (ConfigError, PlaceholderError, FileNotFoundError, BenchmarkDataError) as e:
+    except (InputError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 from dataclasses import dataclass, field
 
@@ -9,8 +10,12 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
+from ivtp.data.llava import prepare_image
 from ivtp.data.templates import vicuna_v1_prompt
+from ivtp.errors import InputError
 from ivtp.patch.llava import num_patches
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -36,22 +41,41 @@ class Result:
                 "stage1_patches": self.stage1_patches, **self.guidance}
 
 
-def load_image(image: "str | Image.Image") -> Image.Image:
+def load_image(image: "str | Image.Image", pad_fill: tuple[int, int, int] | None = None) -> Image.Image:
+    """An image path or image, ready for the processor (`prepare_image`: RGB, bounded, padded with pad_fill)."""
     if isinstance(image, Image.Image):
-        return image.convert("RGB")
+        return prepare_image(image, pad_fill)
     if not os.path.isfile(image):
         raise FileNotFoundError(f"image not found: {image}")
     try:
         with Image.open(image) as im:
-            return im.convert("RGB")
+            return prepare_image(im, pad_fill)
+    except OSError as e:  # PIL's UnidentifiedImageError and truncated files
+        raise UnreadableImageError(_cannot_read(image, e)) from None
+
+
+def image_problem(path: str) -> str | None:
+    """Why `path` cannot be an image, from its header alone (no pixels are decoded); None if it looks like one."""
+    try:
+        with Image.open(path):
+            return None
     except OSError as e:
-        raise ValueError(f"cannot read image {image}: {e}") from None
+        return _cannot_read(path, e)
+
+
+def _cannot_read(path: str, error: OSError) -> str:
+    return f"cannot read image {path}: {str(error).splitlines()[0]}"
+
+
+class UnreadableImageError(InputError):
+    """An image file that PIL cannot decode."""
 
 
 def generate(model, processor, samples: list[Sample], max_new_tokens: int = 32, batch_size: int = 8,
              use_cache: bool = True, progress: bool = False) -> list[Result]:
     """Greedy answers for `samples`, in batches. Images are all opened before any compute, so a bad path fails
     at once and names the file."""
+    check_prompts(model, processor, [(s.prompt, s.image is not None) for s in samples], max_new_tokens)
     images = [None if s.image is None else load_image(s.image) for s in samples]
     state = getattr(model, "ivtp_state", None)
     results: list[Result] = []
@@ -61,6 +85,34 @@ def generate(model, processor, samples: list[Sample], max_new_tokens: int = 32, 
         batch_images = images[start : start + batch_size]
         results.extend(_generate_batch(model, processor, batch, batch_images, max_new_tokens, use_cache, state))
     return results
+
+
+class PromptTooLongError(InputError):
+    """A prompt longer than the model's positions."""
+
+
+def check_prompts(model, processor, prompts: list[tuple[str, bool]], max_new_tokens: int = 0,
+                  ids: list[str] | None = None) -> None:
+    """Refuse, before any compute, a (question, has_image) the model cannot read: a question holding <image>, or
+    one longer than the LLM's positions once its image is expanded to one token per patch. Llama's rotary
+    positions run past max_position_embeddings without an error, into positions it never trained on, so
+    without this check such a prompt is answered without a word. A prompt that fits but leaves less than
+    `max_new_tokens` is logged. `ids` name the prompts in errors (default: their index)."""
+    limit = model.config.text_config.max_position_embeddings
+    patches = num_patches(model.config)
+    longest = (-1, 0)
+    for i, (question, has_image) in enumerate(prompts):
+        text = vicuna_v1_prompt(question, has_image)  # a question holding <image> fails here
+        n = len(processor.tokenizer(text).input_ids) + (patches - 1) * has_image
+        longest = max(longest, (n, i))
+    n, i = longest
+    name = ids[i] if ids is not None else f"prompt {i + 1}"
+    if n > limit:
+        raise PromptTooLongError(f"{name} is {n} tokens long{' with its image' if prompts[i][1] else ''}, "
+                                 f"more than the model's {limit} positions (max_position_embeddings); shorten it")
+    if n + max_new_tokens > limit:
+        logger.warning("%s: %d prompt tokens leave %d of the %d new tokens asked for within the model's %d "
+                       "positions", name, n, limit - n, max_new_tokens, limit)
 
 
 @torch.no_grad()

@@ -24,6 +24,7 @@ from tqdm import tqdm
 
 from ivtp.eval.benchmarks import Benchmark, BenchmarkDataError, Item
 from ivtp.eval.metrics import selection_metrics
+from ivtp.names import ON_BAD_IMAGE
 
 logger = logging.getLogger(__name__)
 COMPARED_RUN_KEYS = ("benchmark", "model", "prune_config", "max_new_tokens", "image_aspect_ratio")
@@ -96,52 +97,94 @@ def check_run(out_dir: str, run: dict) -> None:
 
 def open_image(item: Item, pad_fill: tuple[int, int, int] | None) -> Image.Image | None:
     """The item's image as RGB, padded to a square of the processor's mean colour (LLaVA-1.5's 'pad')."""
-    from ivtp.data.llava import expand_to_square
     from ivtp.inference import load_image
 
     if item.image is None:
         return None
-    image = item.image() if callable(item.image) else load_image(item.image)
-    return image if pad_fill is None else expand_to_square(image.convert("RGB"), pad_fill)
+    return load_image(item.image() if callable(item.image) else item.image, pad_fill)
 
 
 def run_chunk(model, processor, bench: Benchmark, items: list[Item], out_dir: str, *, num_chunks: int = 1,
               chunk_idx: int = 0, batch_size: int = 8, max_new_tokens: int | None = None, pad: bool = True,
-              progress: bool = True, use_images: bool = True,
+              progress: bool = True, use_images: bool = True, on_bad_image: str = "stop",
               before_batch: Callable[[list[Item]], None] | None = None) -> int:
     """Answer this chunk's unanswered items, appending each batch to its predictions file; the count answered.
     use_images=False asks the questions without their images (a floor for what the image adds); before_batch
-    sees each batch's items before it runs (the testbed's oracle sets the patches to keep from them)."""
-    from ivtp.inference import Sample, generate
+    sees each batch's items before it runs (the testbed's oracle sets the patches to keep from them).
 
+    An image that cannot be decoded stops the run with its question id (the batches before it are saved), or
+    with on_bad_image='skip' is written as a blank answer marked "skipped", which scores as wrong and which
+    results.json counts; a resumed run tries skipped questions again."""
+    from ivtp.errors import InputError
+    from ivtp.inference import Sample, check_prompts, generate
+
+    if on_bad_image not in ON_BAD_IMAGE:
+        raise ValueError(f"on_bad_image must be one of {ON_BAD_IMAGE}, not {on_bad_image!r}")
     path = prediction_path(out_dir, num_chunks, chunk_idx)
     os.makedirs(os.path.dirname(path), exist_ok=True)
     done = read_predictions(path, bench.name, repair=True)
-    todo = [it for it in chunk_of(items, num_chunks, chunk_idx) if it.id not in done]
-    # A missing image should fail now, not hours in: check paths before any compute.
+    todo = [it for it in chunk_of(items, num_chunks, chunk_idx) if it.id not in done or done[it.id].get("skipped")]
+    # A missing image or an over-long prompt should fail now, not hours in: check before any compute.
     missing = [it.image for it in todo if isinstance(it.image, str) and not os.path.isfile(it.image)]
     if missing:
         raise BenchmarkDataError(f"{bench.name}: {len(missing)} image(s) missing, e.g. {missing[0]}")
+    skipped = _unreadable_images(bench, todo, on_bad_image) if use_images else {}
+    todo = [it for it in todo if it.id not in skipped]
+    max_new = max_new_tokens or bench.max_new_tokens
+    check_prompts(model, processor, [(it.prompt, use_images and it.image is not None) for it in todo], max_new,
+                  ids=[f"{bench.name} question {it.id}" for it in todo])
     mean = getattr(processor.image_processor, "image_mean", None)
     fill = tuple(int(255 * m) for m in mean) if pad and mean is not None else None
-    max_new = max_new_tokens or bench.max_new_tokens
     bar = tqdm(total=len(todo), desc=f"{bench.name} {chunk_idx + 1}/{num_chunks}", disable=not progress)
-    with open(path, "a", encoding="utf-8") as out:
+    with open(path, "a", encoding="utf-8") as out, bar:
+        for it, problem in skipped.values():
+            out.write(json.dumps(_row(bench, it, "", skipped=problem), ensure_ascii=False) + "\n")
         for start in range(0, len(todo), batch_size):
-            batch = todo[start : start + batch_size]
-            samples = [Sample(it.prompt, open_image(it, fill) if use_images else None) for it in batch]
+            batch, samples = [], []
+            for it in todo[start : start + batch_size]:
+                try:
+                    image = open_image(it, fill) if use_images else None
+                except InputError as e:  # undecodable (a file, or base64 in a TSV)
+                    if on_bad_image == "stop":
+                        raise BenchmarkDataError(f"{bench.name} question {it.id}: {e}; the answers so far are "
+                                                 "saved (--on-bad-image skip answers the rest)") from None
+                    logger.warning("%s question %s skipped: %s", bench.name, it.id, e)
+                    out.write(json.dumps(_row(bench, it, "", skipped=str(e)), ensure_ascii=False) + "\n")
+                    continue
+                batch.append(it)
+                samples.append(Sample(it.prompt, image))
             if before_batch is not None:
                 before_batch(batch)
-            results = generate(model, processor, samples, max_new_tokens=max_new, batch_size=len(batch))
+            results = generate(model, processor, samples, max_new_tokens=max_new, batch_size=len(batch)) if (
+                batch) else []
             for it, r in zip(batch, results):
-                out.write(json.dumps({"benchmark": bench.name, "question_id": it.id, "prompt": it.prompt,
-                                      "text": r.answer, "visual_tokens": r.visual_tokens, **selection_record(r)},
+                out.write(json.dumps(_row(bench, it, r.answer, visual_tokens=r.visual_tokens, **selection_record(r)),
                                      ensure_ascii=False) + "\n")
             out.flush()
             os.fsync(out.fileno())  # a finished batch survives a crash or a pre-empted job
             bar.update(len(batch))
-    bar.close()
-    return len(todo)
+    return len(todo) + len(skipped)
+
+
+def _unreadable_images(bench: Benchmark, items: list[Item], on_bad_image: str) -> dict[str, tuple[Item, str]]:
+    """Image files among `items` that are not images at all, found from their headers (PIL reads no pixels, so
+    this costs about a file open each) before any compute: on_bad_image='stop' raises for the first, 'skip'
+    returns them by id, with the reason. A file that is cut short past its header is only found when decoded."""
+    from ivtp.inference import image_problem
+
+    bad = {it.id: (it, problem) for it in items if isinstance(it.image, str) and (problem := image_problem(it.image))}
+    if bad and on_bad_image == "stop":
+        it, problem = next(iter(bad.values()))
+        raise BenchmarkDataError(f"{bench.name} question {it.id}: {problem} ({len(bad)} unreadable image(s) in all; "
+                                 "--on-bad-image skip answers the rest)")
+    for it, problem in bad.values():
+        logger.warning("%s question %s skipped: %s", bench.name, it.id, problem)
+    return bad
+
+
+def _row(bench: Benchmark, item: Item, text: str, **fields) -> dict:
+    """One line of a predictions file."""
+    return {"benchmark": bench.name, "question_id": item.id, "prompt": item.prompt, "text": text, **fields}
 
 
 def selection_record(result) -> dict:
@@ -192,6 +235,10 @@ def finish(bench: Benchmark, root: str, items: list[Item], out_dir: str, num_chu
         "files": bench.write_outputs(root, items, predictions, out_dir, model_id),
         "mean_final_visual_tokens": round(sum(finals) / len(finals), 2) if finals else None,
     }
+    skipped = [it.id for it in items if rows[it.id].get("skipped")]
+    if skipped:  # scored as blank (wrong) answers above
+        result["skipped"] = {"questions": len(skipped), "reason": "unreadable image", "scored_as": "wrong",
+                             "question_ids": skipped[:50]}
     targets = bench.selection_targets(root, items)
     if targets:  # a split that knows where each question's answer lies (the testbed's GQA layout)
         result["selection"] = selection_metrics([rows[it.id] for it in items], targets)
@@ -216,7 +263,20 @@ def evaluate(model, processor, bench: Benchmark, root: str, out_dir: str, run: d
             "seconds": round(time.time() - t0, 2), "result": result}
 
 
+def check_scoring(bench: Benchmark, root: str, items: list[Item]) -> None:
+    """Read every file the scorer and the submission writer will read, with blank answers, so that a bad answer
+    file fails before the first question rather than after the last."""
+    import tempfile
+
+    blank = {it.id: "" for it in items}
+    bench.score(root, items, blank)
+    bench.selection_targets(root, items)
+    with tempfile.TemporaryDirectory() as scratch:
+        bench.write_outputs(root, items, blank, scratch, "check")
+
+
 def load_items(bench: Benchmark, root: str, limit: int | None) -> list[Item]:
+    """The benchmark's questions (the first `limit`), with the files its scorer reads checked (check_scoring)."""
     items = bench.load(root)
     seen: set[str] = set()
     dup = next((it.id for it in items if it.id in seen or seen.add(it.id)), None)
@@ -226,4 +286,5 @@ def load_items(bench: Benchmark, root: str, limit: int | None) -> list[Item]:
         if limit < 1:
             raise ValueError(f"--limit must be positive, got {limit}")
         items = items[:limit]
+    check_scoring(bench, root, items)
     return items

@@ -20,6 +20,13 @@ RUN = {"benchmark": "pope", "model": "fake", "model_id": "fake", "prune_config":
        "image_aspect_ratio": "pad"}
 
 
+@pytest.fixture(autouse=True)
+def no_prompt_check_without_a_model(monkeypatch):
+    """These runs fake the model (None) and generate; check_prompts needs a real model's tokenizer and config."""
+    real = ivtp.inference.check_prompts
+    monkeypatch.setattr(ivtp.inference, "check_prompts", lambda model, *a, **k: model and real(model, *a, **k))
+
+
 class FakeGenerate:
     """Stands in for ivtp.inference.generate: answers 'yes' to even question ids and records what it was asked;
     raises after `fail_after` calls, as a killed job would stop."""
