@@ -260,17 +260,49 @@ class RandomSection(KeepSection):
         _check_int(self.seed, f"{prefix}.seed", 0)
 
 
+EVIT_FUSIONS = ("sum", "mean")
+TOME_ORDERS = ("tome", "spatial")  # ivtp.ops.merge.bipartite_soft_matching's orders
+
+
+@dataclass
+class ToMeSection(KeepSection):
+    """ToMe (Bolya et al. 2023) in the feature layers, merging between attention and MLP. `order` 'tome' returns
+    each step's survivors as ToMe's code does (unmerged a-tokens, then b-tokens), which sets the next step's
+    split; 'spatial' (ours) keeps them in position order (docs/methods.md)."""
+
+    order: str = "tome"
+
+    def validate(self, prefix: str) -> None:
+        super().validate(prefix)
+        _check_choice(self.order, TOME_ORDERS, f"{prefix}.order")
+
+
+@dataclass
+class EViTSection(KeepSection):
+    """EViT (Liang et al. 2022): keep `keep - 1` patches by [CLS] attention and fuse the rest into one token.
+    `fuse` 'sum' is EViT's: the dropped tokens summed with their [CLS] attention as weights. 'mean' (ours) divides
+    by the weights' sum, giving a token on the scale of the others (docs/methods.md)."""
+
+    fuse: str = "sum"
+
+    def validate(self, prefix: str) -> None:
+        super().validate(prefix)
+        _check_choice(self.fuse, EVIT_FUSIONS, f"{prefix}.fuse")
+
+
 @dataclass
 class FastVSection:
-    """FastV (Chen et al. 2024): after LLM layer `layer`, drop the `ratio` of visual tokens the last token attends
-    to least. `keep` (a count or a ratio), when set, replaces `ratio` for budget-matched comparisons."""
+    """FastV (Chen et al. 2024) with its K = `layer` and R = `ratio`, as its code runs: layers 0..K-1 see every
+    visual token; the last prompt token's attention at layer K-1 (softmax over its whole causal row, head mean)
+    ranks them, and layers K on keep round((1 - R) N) of them. `keep` (a count or a ratio), when set, replaces
+    `ratio` for budget-matched comparisons."""
 
     layer: int = 2
     ratio: float = 0.5
     keep: Union[Budget, None] = None
 
     def validate(self, prefix: str) -> None:
-        _check_int(self.layer, f"{prefix}.layer", 0)
+        _check_int(self.layer, f"{prefix}.layer", 1)  # K = 0 would leave no layer to score with
         if isinstance(self.ratio, bool) or not isinstance(self.ratio, (int, float)) or not 0 <= self.ratio < 1:
             raise ConfigError(f"{prefix}.ratio: the share of visual tokens dropped, in [0, 1), got {self.ratio!r}")
         if self.keep is not None:
@@ -296,14 +328,18 @@ class VisPrunerSection:
 class VisionDropSection:
     """VisionDrop (Xu et al.): at CLIP layer -2, `dominant` tokens by [CLS] attention plus `contextual` tokens
     merged from the rest by key similarity; then, at the input of each LLM layer in `llm`, the same with
-    visual-to-visual attention: [layer, dominant, contextual] per stage (48 -> 35 -> 26 -> 19 by default)."""
+    visual-to-visual attention: [layer, dominant, contextual] per stage (48 -> 35 -> 26 -> 19 by default).
+    `cls` true (its authors' code): [CLS] is one of the encoder's dominant tokens, so `dominant - 1` patches join
+    it and the LLM reads the [CLS] feature first. false (ours): `dominant` patches, no [CLS]."""
 
     dominant: int = 42
     contextual: int = 6
     llm: list = field(default_factory=lambda: [[8, 30, 5], [16, 22, 4], [24, 16, 3]])
+    cls: bool = True
 
     def validate(self, prefix: str) -> None:
-        _check_int(self.dominant, f"{prefix}.dominant", 0)
+        _check_bool(self.cls, f"{prefix}.cls")
+        _check_int(self.dominant, f"{prefix}.dominant", 1 if self.cls else 0)  # with cls, [CLS] is one of them
         _check_int(self.contextual, f"{prefix}.contextual", 0)
         if self.dominant + self.contextual < 1:
             raise ConfigError(f"{prefix}: dominant + contextual must be at least 1")
@@ -351,8 +387,8 @@ class PruneConfig:
     random: RandomSection = field(default_factory=RandomSection)
     topk: KeepSection = field(default_factory=KeepSection)
     spatial: KeepSection = field(default_factory=KeepSection)
-    evit: KeepSection = field(default_factory=KeepSection)
-    tome: KeepSection = field(default_factory=KeepSection)
+    evit: EViTSection = field(default_factory=EViTSection)
+    tome: ToMeSection = field(default_factory=ToMeSection)
     fastervlm: KeepSection = field(default_factory=KeepSection)
     vispruner: VisPrunerSection = field(default_factory=VisPrunerSection)
     fastv: FastVSection = field(default_factory=FastVSection)
@@ -396,7 +432,7 @@ class PruneConfig:
     def for_method(cls, method: str, visual_tokens: int | None = None) -> "PruneConfig":
         """A method at its paper's defaults, or budget-matched to `visual_tokens` final visual tokens per image.
 
-        Defaults: 64 tokens for the methods with a budget knob, FastV's R = 50% after layer 2, VisionDrop's
+        Defaults: 64 tokens for the methods with a budget knob, FastV's K = 2 and R = 50%, VisionDrop's
         48 -> 35 -> 26 -> 19. IVTP and the "+" variants hand the LLM stage twice the final count (as IVTP's own
         stage 1 does: 128 for 64), so that stage has something to prune. VisionDrop scales its whole schedule by
         visual_tokens / 64.

@@ -39,6 +39,18 @@ def encode(tower: nn.Module, pixel_values: torch.Tensor, used: int, probe_last: 
     return hidden, probe or Probe()
 
 
+def attention_half(layer: nn.Module, hidden: torch.Tensor, bias=None, probe: Probe | None = None) -> torch.Tensor:
+    """A CLIP encoder layer up to its attention's residual add: where ToMe merges and EViT prunes, before the MLP.
+    hidden: (B, n, D); bias: additive logits (B, 1, 1, n) or None; probe: the patched attention's probe."""
+    attn, _ = layer.self_attn(layer.layer_norm1(hidden), bias, ivtp_probe=probe)
+    return hidden + attn
+
+
+def mlp_half(layer: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
+    """The rest of the layer: its MLP with its residual (token-wise, so it runs on whatever tokens remain)."""
+    return hidden + layer.mlp(layer.layer_norm2(hidden))
+
+
 def output(tower, hidden, kept, counts, want_final_cls, used) -> VisionOutput:
     """Package a runner's result. hidden: (B, 1 + K, D) with [CLS] first; kept: (B, K) original patch indices of
     the tokens (or None when tokens are merges rather than patches)."""

@@ -5,8 +5,10 @@ All read LLaVA's feature layer (-2); their tensor algorithms are in ivtp/ops/pee
 - topk:      the patches most cosine-similar to [CLS] at the feature layer (IVTP Table 1).
 - spatial:   2-D average pooling of the patch grid to the most square grid of `keep` cells (64 = 8 x 8,
              128 = 8 x 16).
-- evit:      top-(keep - 1) by [CLS] attention, the rest fused into one token (their attention-weighted mean).
-- tome:      bipartite soft matching on keys at every feature layer, size-weighted merges, proportional attention.
+- evit:      inside the feature layer, between attention and MLP: top-(keep - 1) by [CLS] attention, the rest
+             fused into one token (their attention-weighted sum, as EViT; `fuse: mean` divides by the weights).
+- tome:      bipartite soft matching on keys between attention and MLP of every feature layer, size-weighted
+             merges, proportional attention, ToMe's token order (as its authors' ToMeBlock).
 - fastervlm: top-keep by [CLS] attention at the feature layer.
 - vispruner: important tokens by [CLS] attention plus diverse tokens by iterative duplicate removal.
 - visiondrop (encoder stage): dominant tokens by [CLS] attention plus contextual merges by key similarity; its
@@ -21,7 +23,7 @@ import torch
 
 from ivtp.config import ConfigError, resolve_budget
 from ivtp.methods import register
-from ivtp.methods.base import VisionRunner, encode, output
+from ivtp.methods.base import VisionRunner, attention_half, encode, mlp_half, output
 from ivtp.ops import gather_tokens
 from ivtp.patch.clip import layers_used, tower_patches
 from ivtp.patch.probe import Probe
@@ -133,20 +135,23 @@ class EViTRunner(PeerRunner):
             raise ConfigError("evit.keep: at least 2 (one kept patch and the fused token)")
 
     def run(self, tower, pixel_values, want_final_cls):
-        hidden, probe = encode(tower, pixel_values, self.layers_used)
-        # The fused token goes straight to the projector (no later ViT layer renormalises it), so it is the
-        # attention-weighted mean of the dropped patches rather than EViT's unnormalised sum.
+        # EViT prunes inside the feature layer, as its Block does: after the attention's residual add, scored by
+        # that attention's [CLS] row; the MLP then runs on [CLS], the kept patches and the fused token.
+        hidden, _ = encode(tower, pixel_values, self.layers_used - 1, probe_last=False)  # (B, 1 + N, D)
+        last = tower.encoder.layers[self.layers_used - 1]
+        probe = Probe(mode="row")
+        hidden = attention_half(last, hidden, probe=probe)
         tokens, kept = evit_keep_and_fuse(hidden[:, 1:], probe["row"][:, 1:], self.tokens_per_image - 1,
-                                          normalize=True)  # (B, K, D), (B, K - 1)
-        out = torch.cat([hidden[:, :1], tokens], dim=1)
+                                          normalize=self.section.fuse == "mean")  # (B, K, D), (B, K - 1)
+        out = mlp_half(last, torch.cat([hidden[:, :1], tokens], dim=1))  # (B, 1 + K, D)
         return output(tower, out, kept, [self.num_patches, self.tokens_per_image], want_final_cls, self.layers_used)
 
 
 class ToMeRunner(PeerRunner):
-    """ToMe inside the tower: after every feature layer, merge r tokens by bipartite soft matching on that layer's
-    (head-mean) keys, [CLS] protected; sizes weight the merges and bias the next layer's attention by log(size)
-    (ToMe's proportional attention). Merging follows the whole layer rather than sitting between attention and
-    MLP, which keeps the stock layer untouched."""
+    """ToMe inside the tower, placed as in the authors' ToMeBlock: in every feature layer, after the attention's
+    residual add and before the MLP, merge r tokens by bipartite soft matching on that attention's head-mean keys,
+    [CLS] protected; sizes weight the merges (ToMe's merge_wavg) and bias every later attention by log(size)
+    (proportional attention). The merged tokens come in ToMe's order (unmerged a-tokens, then b-tokens)."""
 
     name = "tome"
 
@@ -159,46 +164,66 @@ class ToMeRunner(PeerRunner):
         return [f"tome.layer{i}" for i, r in enumerate(self.schedule) if r]
 
     def vit_tokens_per_layer(self) -> list[int]:
+        # A layer's attention runs on the tokens it gets; its merge comes before its MLP, which runs on r fewer.
+        # One count per layer: the larger, so the MLP is priced a little high.
         out, count = [], self.num_patches + 1
-        for r in self.schedule:  # a merge follows its layer
+        for r in self.schedule:
             out.append(count)
             count -= r
         return out
+
+    def block(self, layer, hidden, size, r):
+        """One CLIP encoder layer with ToMe between its attention and its MLP (the layer's own modules; the
+        attention is the patched one, which hands back its head-mean keys). hidden: (B, n, D); size: (B, n, 1)
+        or None. Returns (B, n - r, D) and the sizes (None while nothing has merged)."""
+        bias = None if size is None else size.log().to(hidden.dtype).transpose(1, 2)[:, None]  # (B, 1, 1, n)
+        probe = Probe(mode=None, keys=True)
+        hidden = attention_half(layer, hidden, bias, probe)
+        if r:
+            match = bipartite_soft_matching(probe["keys"], r, protect_cls=True, order=self.section.order)
+            hidden, size = merge_weighted(hidden, size, match)
+        return mlp_half(layer, hidden), size
 
     def run(self, tower, pixel_values, want_final_cls):
         hidden = tower.pre_layrnorm(tower.embeddings(pixel_values))  # (B, 1 + N, D)
         size = None  # (B, n, 1) original tokens per token
         counts = [self.num_patches]
-        for layer, r in zip(tower.encoder.layers[: self.layers_used], self.schedule):
-            bias = None if size is None else size.log().to(hidden.dtype).transpose(1, 2)[:, None]  # (B, 1, 1, n)
-            probe = Probe(mode=None, keys=True)
-            hidden = layer(hidden, bias, ivtp_probe=probe)
+        layers = tower.encoder.layers
+        for layer, r in zip(layers[: self.layers_used], self.schedule):
+            hidden, size = self.block(layer, hidden, size, r)
             if r:
-                match = bipartite_soft_matching(probe["keys"], r, protect_cls=True)
-                hidden, size = merge_weighted(hidden, size, match)
                 counts.append(hidden.shape[1] - 1)
-        return output(tower, hidden, None, counts, want_final_cls, self.layers_used)
+        out = output(tower, hidden, None, counts, False, self.layers_used)
+        if want_final_cls:  # the layers above the feature layer keep proportional attention (no more merges)
+            top = hidden
+            for layer in layers[self.layers_used :]:
+                top, _ = self.block(layer, top, size, 0)
+            out.cls_final = tower.post_layernorm(top[:, 0])  # (B, D)
+        return out
 
 
 class VisionDropRunner(PeerRunner):
     """VisionDrop's encoder stage (VisionZip-style) at layer -2: `dominant` tokens by [CLS] attention, then
-    `contextual` tokens merged from the rest by key similarity; the LLM sees the dominant ones in spatial order,
-    then the contextual ones."""
+    `contextual` tokens merged from the rest by key similarity; the LLM sees the dominant ones in sequence order
+    ([CLS] first, when `cls`, as its authors' code hands it on), then the contextual ones."""
 
     name = "visiondrop"
 
     def budget(self) -> int:
         total = self.section.dominant + self.section.contextual
-        if total > self.num_patches:
+        if total - self.section.cls > self.num_patches:
             raise ConfigError(f"visiondrop: dominant + contextual ({total}) is more than the "
-                              f"{self.num_patches} patches")
+                              f"{self.num_patches} patches{' and [CLS]' if self.section.cls else ''}")
         return total
 
     def run(self, tower, pixel_values, want_final_cls):
         hidden, probe = encode(tower, pixel_values, self.layers_used)
-        res = visiondrop_encoder(probe["row"][:, 1:], probe["keys"][:, 1:], hidden[:, 1:],
-                                 self.section.dominant, self.section.contextual)
-        out = torch.cat([hidden[:, :1], res.tokens], dim=1)  # (B, 1 + d + c, D)
+        cls = hidden[:, :1]  # (B, 1, D)
+        patches = self.section.dominant - self.section.cls  # [CLS] takes one of the dominant places
+        res = visiondrop_encoder(probe["row"][:, 1:], probe["keys"][:, 1:], hidden[:, 1:], patches,
+                                 self.section.contextual)
+        tokens = torch.cat([cls, res.tokens], dim=1) if self.section.cls else res.tokens  # (B, d + c, D)
+        out = torch.cat([cls, tokens], dim=1)  # (B, 1 + d + c, D): the tower's [CLS] slot, then the LLM's tokens
         return output(tower, out, res.dominant, [self.num_patches, self.tokens_per_image], want_final_cls,
                       self.layers_used)
 

@@ -9,11 +9,14 @@ One step, given the keys of N tokens:
 Merging is a size-weighted average, and sizes add, so sum over tokens of size * x is conserved. The sizes are what
 a model feeds to ToMe's proportional attention (log size added to the attention logits), which is model-side.
 
-Two departures from ToMe's reference code, both deliberate:
-  - the surviving tokens come back in their original order (ToMe returns the unmerged a-tokens, then b), because
-    an LLM gives them RoPE positions; a merged token sits at its b-token's position;
-  - asking for more merges than there are mergeable a-tokens is an error (ToMe silently clamps r), so that a
-    budget is never quietly missed.
+The survivors come back in the order of the authors' code (facebookresearch/ToMe, tome/merge.py): first the a-tokens
+that did not merge, then every b-token (merged into or not) in b order. The unmerged a-tokens are in position order
+when [CLS] is protected (so [CLS] stays first), otherwise most similar first. That order decides the a/b split of
+the next step, so it is part of the algorithm. `order="spatial"` (ours, not the default) keeps the survivors in
+position order instead; a merged token then sits at its b-token's position.
+
+One deliberate departure: asking for more merges than a step allows is an error (ToMe silently clamps r), so that a
+budget is never quietly missed. The limit itself is ToMe's: floor((N - protected) / 2).
 """
 
 from __future__ import annotations
@@ -23,22 +26,23 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from ivtp.config import TOME_ORDERS
+
 
 def tome_max_r(n: int, protect_cls: bool = False) -> int:
-    """How many tokens one step can merge away from n: the a-tokens (ceil(n / 2)) less a protected [CLS].
+    """How many tokens one step can merge away from n: half the unprotected tokens, rounded down (ToMe's limit).
 
-    Zero when there is no b-token to merge into (n < 2).
+    With [CLS] protected that is every a-token but [CLS]; without, an odd n leaves one a-token that cannot merge.
     """
-    if n < 2:
-        return 0
-    return max(0, (n + 1) // 2 - int(protect_cls))
+    return max(0, (n - int(protect_cls)) // 2)
 
 
 @dataclass(frozen=True)
 class ToMeMatch:
     """The outcome of one matching step over N tokens; apply it to any (B, N, D) tensor with `merge`.
 
-    keep: (B, N - r) positions of the surviving tokens, ascending (all of b, and the a-tokens not merged).
+    keep: (B, N - r) positions of the surviving tokens, in output order (all of b, and the a-tokens not merged;
+          ToMe's order or ascending, see `bipartite_soft_matching`).
     src:  (B, r) positions of the a-tokens merged away, most similar first.
     dst:  (B, r) positions of the b-tokens they merge into (src[:, i] joins dst[:, i]).
     """
@@ -73,21 +77,28 @@ class ToMeMatch:
     __call__ = merge
 
 
-def bipartite_soft_matching(keys: torch.Tensor, r: int, protect_cls: bool = False) -> ToMeMatch:
+ORDERS = TOME_ORDERS  # 'tome' (the default) or 'spatial' (ours); the config's tome.order
+
+
+def bipartite_soft_matching(keys: torch.Tensor, r: int, protect_cls: bool = False, order: str = "tome") -> ToMeMatch:
     """Match r a-tokens to b-tokens by the cosine similarity of their keys (one ToMe step).
 
     keys: (B, N, C), usually the head-mean attention keys of the layer. protect_cls: token 0 (an a-token) never
-    merges. r must lie in [0, tome_max_r(N, protect_cls)]. Ties in similarity break towards the lower position.
+    merges (ToMe's class_token). r must lie in [0, tome_max_r(N, protect_cls)]. Ties in similarity break towards
+    the lower position. order: 'tome' returns the survivors as ToMe does, the unmerged a-tokens (by position with
+    [CLS] protected, else most similar first) then all b-tokens; 'spatial' returns them by position.
     """
+    if order not in ORDERS:
+        raise ValueError(f"tome: order must be one of {ORDERS}, got {order!r}")
     b, n, _ = keys.shape
     limit = tome_max_r(n, protect_cls)
     if not 0 <= r <= limit:
         raise ValueError(
-            f"tome: r must be in [0, {limit}] (the mergeable a-tokens of {n}"
-            f"{', [CLS] protected' if protect_cls else ''}), got {r}"
+            f"tome: r must be in [0, {limit}] (half the {n} tokens"
+            f"{', [CLS] protected' if protect_cls else ''}, rounded down), got {r}"
         )
     pos = torch.arange(n, device=keys.device)
-    if r == 0:
+    if r == 0:  # ToMe does nothing at all here: the order stays as it was
         empty = pos.new_empty(b, 0)
         return ToMeMatch(keep=pos.expand(b, n).clone(), src=empty, dst=empty.clone())
 
@@ -98,14 +109,21 @@ def bipartite_soft_matching(keys: torch.Tensor, r: int, protect_cls: bool = Fals
         scores[:, 0, :] = float("-inf")  # [CLS] ranks last and r <= Na - 1, so it is never chosen
     best, best_b = scores.max(dim=-1)  # (B, Na) similarity to, and index of, each a-token's match
     # Stable sort of the negated similarity: most similar first, ties to the lower position.
-    order = torch.sort(-best, dim=-1, stable=True).indices[:, :r]  # (B, r) chosen a-tokens, local a indices
-    src = 2 * order  # (B, r) a-token j sits at position 2j
-    dst = 2 * torch.gather(best_b, 1, order) + 1  # (B, r) b-token j sits at position 2j + 1
+    ranked = torch.sort(-best, dim=-1, stable=True).indices  # (B, Na) local a indices, most similar first
+    chosen = ranked[:, :r]  # (B, r) the a-tokens that merge
+    src = 2 * chosen  # (B, r) a-token j sits at position 2j
+    dst = 2 * torch.gather(best_b, 1, chosen) + 1  # (B, r) b-token j sits at position 2j + 1
 
-    survive = torch.ones(b, n, dtype=torch.bool, device=keys.device)
-    survive.scatter_(1, src, False)
-    # Boolean indexing walks each row in order, and every row keeps exactly N - r, so the view is exact.
-    keep = pos.expand(b, n)[survive].view(b, n - r)  # (B, N - r) ascending
+    if order == "spatial":
+        survive = torch.ones(b, n, dtype=torch.bool, device=keys.device)
+        survive.scatter_(1, src, False)
+        # Boolean indexing walks each row in order, and every row keeps exactly N - r, so the view is exact.
+        keep = pos.expand(b, n)[survive].view(b, n - r)  # (B, N - r) ascending
+    else:
+        unmerged = ranked[:, r:]  # (B, Na - r) most similar first
+        if protect_cls:
+            unmerged = unmerged.sort(dim=-1).values  # by position: [CLS] (a-token 0) leads
+        keep = torch.cat([2 * unmerged, pos[1::2].expand(b, -1)], dim=1)  # (B, N - r): unmerged a, then all b
     return ToMeMatch(keep=keep, src=src, dst=dst)
 
 
@@ -128,8 +146,9 @@ def merge_weighted(
 def tome_schedule(n: int, target: int, layers: int, protect_cls: bool = False) -> list[int]:
     """Per-layer r that takes n tokens to exactly `target` over `layers` ToMe steps.
 
-    Counts include a protected [CLS]. The reduction is spread as evenly as possible (earlier layers take the
-    remainder, like ToMe's constant r). One step can at most roughly halve the tokens, so where an even split
+    Ours, for a fixed token budget: ToMe itself takes a constant r per layer (or a list, or an r with a slope) and
+    lands wherever that leads. Counts include a protected [CLS]. The reduction is spread as evenly as possible
+    (earlier layers take the remainder). One step can at most halve the unprotected tokens, so where an even split
     would ask a later layer for more than it can merge, earlier layers merge more instead. Raises ValueError when
     no schedule reaches the target.
     """
@@ -155,7 +174,7 @@ def tome_schedule(n: int, target: int, layers: int, protect_cls: bool = False) -
         need = count - target
         even = -(-need // left)  # ceil
         # The least this step may merge so that the remaining steps can still reach the target. floor_after grows
-        # with its count (a step leaves floor(count / 2) + [CLS]), so bisect over r in [0, need].
+        # with its count (a step leaves ceil((count - [CLS]) / 2) + [CLS]), so bisect over r in [0, need].
         lo, hi = 0, need
         while lo < hi:
             mid = (lo + hi) // 2

@@ -46,8 +46,9 @@ class LLMPlan:
     counts: list[int]  # visual tokens per image after each group
     tokens_in: int  # visual tokens per image stage 1 hands on
     aggregation: str
-    # "ivtp": the pseudo-CLS row, rolled out, times ||V|| (eqs. 3-4, 8). "fastv": the last token's attention
-    # row at the group's (single) layer, as FastV scores. "visiondrop": visual-to-visual attention of the next
+    # "ivtp": the pseudo-CLS row, rolled out, times ||V|| (eqs. 3-4, 8). "fastv": the last prompt token's
+    # attention at the group's (single) layer, softmaxed over its whole causal row and averaged over heads, as
+    # FastV scores. "visiondrop": visual-to-visual attention of the next
     # layer, dominant tokens kept and the rest merged into contextual ones (`splits`: (dominant, contextual)).
     scorer: str = "ivtp"
     splits: list[tuple[int, int]] = field(default_factory=list)
@@ -80,14 +81,17 @@ def make_llm_plan(stage: LLMStage, num_layers: int, tokens_in: int) -> LLMPlan:
 
 
 def make_fastv_plan(section, num_layers: int, tokens_in: int) -> LLMPlan:
-    """FastV: one pruning step after decoder layer K, keeping (1 - R) of the visual tokens (or `keep`)."""
+    """FastV's K: layers 0..K-1 see every visual token; layer K-1's attention ranks them, and layers K on see the
+    (1 - R) share kept (or `keep`). So the one step scores at, and prunes after, layer K - 1."""
     if section.layer >= num_layers:
-        raise ConfigError(f"fastv.layer: {section.layer} is past the model's last decoder layer ({num_layers - 1})")
+        raise ConfigError(f"fastv.layer: K={section.layer} leaves no layer to prune (the model has {num_layers} "
+                          f"decoder layers: K is at most {num_layers - 1})")
     if section.keep is not None:
         keep = resolve_budget(section.keep, tokens_in, "fastv.keep")
     else:
         keep = max(1, int(round(tokens_in * (1 - section.ratio))))
-    return LLMPlan([(section.layer, section.layer)], [keep], tokens_in, "single_layer", scorer="fastv")
+    k = section.layer - 1
+    return LLMPlan([(k, k)], [keep], tokens_in, "single_layer", scorer="fastv")
 
 
 def make_visiondrop_plan(section, num_layers: int, tokens_in: int) -> LLMPlan:
@@ -187,7 +191,7 @@ def _probe_scores(attn, probe: Probe, query, key, value) -> None:
     probe: rows (B',), vis_idx (B', Nv) slot indices (ascending), vis_ok (B', Nv), pcls_q (B', H, 1, Dh) and
     pcls_k (B', Hkv, 1, Dh), both with RoPE applied; mode 'full' or 'row'. Writes 'attn' or 'row' and 'vnorm'.
     """
-    rows, idx, ok = probe["rows"], probe["vis_idx"], probe["vis_ok"]
+    rows, idx = probe["rows"], probe["vis_idx"]
     n_rep = attn.num_key_value_groups
     neg = torch.finfo(torch.float32).min
 
@@ -195,7 +199,9 @@ def _probe_scores(attn, probe: Probe, query, key, value) -> None:
         x = x if probe["all_rows"] else x[rows]
         return torch.gather(x, 2, index[:, None, :, None].expand(-1, x.shape[1], -1, x.shape[-1]))
 
-    if "rater_idx" in probe:  # SparseVLM: the raters' attention over the whole causal sequence, visual columns
+    if "rater_idx" in probe:
+        # SparseVLM's raters, FastV's last prompt token: each rater's softmax runs over every key it sees (its whole
+        # causal row, padding out), and the visual columns are read from it; no renormalisation over them.
         q = take(query, probe["rater_idx"])  # (B', H, Nt, Dh)
         keys = repeat_kv(key[rows], n_rep)  # (B', H, S, Dh)
         slots = torch.arange(keys.shape[2], device=keys.device)
@@ -204,11 +210,6 @@ def _probe_scores(attn, probe: Probe, query, key, value) -> None:
         probs = logits.masked_fill(~allowed[:, None], neg).softmax(-1)
         columns = idx[:, None, None, :].expand(-1, probs.shape[1], probs.shape[2], -1)  # (B', H, Nt, Nv)
         probe["attn_visual"] = torch.gather(probs, 3, columns)
-        return
-    if "query_slot" in probe:  # FastV: the row's last token queries the visual tokens
-        q = take(query, probe["query_slot"][:, None])  # (B', H, 1, Dh)
-        keys = repeat_kv(take(key), n_rep)  # (B', H, Nv, Dh)
-        probe["row"] = head_mean_attention(q, keys, attn.scaling, torch.where(ok, 0.0, neg)[:, None, None, :])[:, 0]
         return
 
     keys = repeat_kv(torch.cat([take(key), probe["pcls_k"]], dim=2), n_rep)  # (B', H, Nv + 1, Dh)
@@ -503,9 +504,10 @@ class _PrefillRun:
             self.last_probe["rater_idx"] = order[:, :width]  # (B', Nt)
             self.last_probe["rater_ok"] = torch.arange(width, device=raters.device)[None] < raters.sum(-1)[:, None]
             self.last_probe["key_ok"] = self.slot_ok[rows]
-        elif self.plan.scorer == "fastv":  # the prompt's last token: the slot still holding that position
+        elif self.plan.scorer == "fastv":  # one rater: the prompt's last token (the slot holding that position)
             target = self.g.last_prompt[rows][:, None]  # (B', 1)
-            self.last_probe["query_slot"] = (self.slot_pos[rows] == target).float().argmax(-1)  # (B',)
+            self.last_probe["rater_idx"] = (self.slot_pos[rows] == target).float().argmax(-1, keepdim=True)  # (B', 1)
+            self.last_probe["key_ok"] = self.slot_ok[rows]
         else:
             # Built once per segment (reset at each drop, with the slots): which of {visual, pseudo-CLS} are real
             # keys, and the mask of this probe's mode (the fused maps take the former, the torch ops the latter).
@@ -583,18 +585,18 @@ class _PrefillRun:
         if found is None or probe is None:
             return hidden
         g, _, hi = found
-        if probe["mode"] == "full":
-            self.lower.append(probe["attn"])
+        if self.plan.scorer == "fastv":  # a single layer: the head mean of the last prompt token's row, as ranked
+            scores = probe["attn_visual"][:, :, 0].mean(1)  # (B', H, 1, Nv) -> (B', Nv)
         else:
-            self.rows_seen.append(probe["row"])
-        if idx != hi:
-            return hidden
-        if self.plan.scorer == "fastv":
-            scores = self.rows_seen[-1]  # (B', Nv): attention alone, as FastV ranks
-        else:
+            if probe["mode"] == "full":
+                self.lower.append(probe["attn"])
+            else:
+                self.rows_seen.append(probe["row"])
+            if idx != hi:
+                return hidden
             row = aggregate_group(self.plan.aggregation, self.lower, self.rows_seen, query_index=-1)  # (B', Nv + 1)
             scores = gtp_scores(row, probe["vnorm"], query_index=-1)  # (B', Nv)
-        self.lower, self.rows_seen = [], []
+            self.lower, self.rows_seen = [], []
         self.trace.scores.append(scores)
         k = self.plan.counts[g] * self.g.images[self.rows]  # (B',) per-image budget times images in the row
         keep_vis = keep_topk_per_row(scores, k, probe["vis_ok"])  # (B', Nv)

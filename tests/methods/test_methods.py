@@ -32,7 +32,7 @@ KEEP_ALL = {  # the methods that can express keep-all, and how
     "random": {"random": {"keep": 1.0}}, "topk": {"topk": {"keep": 1.0}}, "spatial": {"spatial": {"keep": N}},
     "tome": {"tome": {"keep": 1.0}}, "fastervlm": {"fastervlm": {"keep": 1.0}},
     "vispruner": {"vispruner": {"visual_token_num": 1.0}}, "fastv": {"fastv": {"ratio": 0.0}},
-    "visiondrop": {"visiondrop": {"dominant": N, "contextual": 0, "llm": [[2, N, 0]]}},
+    "visiondrop": {"visiondrop": {"dominant": N, "contextual": 0, "llm": [[2, N, 0]], "cls": False}},
     "topk+": {"topk": {"keep": 1.0}, "llm": {"keep": 1.0, "layers": 6}},
     "tome+": {"tome": {"keep": 1.0}, "llm": {"keep": 1.0, "layers": 6}},
 }
@@ -138,20 +138,45 @@ def test_accelerate_dispatch_hooks_change_nothing(small_llava, images, method):
         assert torch.equal(hooked.generate(**batch, **kw), plain.generate(**batch, **kw))
 
 
-def test_fastv_scores_the_last_tokens_attention_at_layer_k(small_llava, images):
-    """FastV keeps the visual tokens that the last prompt token attends to most at layer K (eager reference)."""
+def fastv_reference(attentions, input_ids, image_token_id: int, k_layer: int, keep: int) -> list[torch.Tensor]:
+    """FastV re-derived from its paper and code, per row: at layer K it takes layer K-1's attention probabilities
+    (softmax over each query's whole causal row), averages the heads, reads the last token's row at the image
+    columns, and keeps the `keep` highest; the kept tokens keep their positions (sorted)."""
+    out = []
+    for r in range(input_ids.shape[0]):
+        probs = attentions[k_layer - 1][r].mean(0)  # (L, L): head mean of layer K-1
+        image = torch.nonzero(input_ids[r] == image_token_id).flatten()
+        out.append(image[probs[-1, image].topk(keep).indices].sort().values)
+    return out
+
+
+def test_fastv_ranks_as_its_authors_do(small_llava, images):
+    """K=2: layer 1's attention ranks the image tokens, as FastV's code does (the stock eager model's attention
+    probabilities, rows with left padding of different lengths)."""
     model, processor = pruned(small_llava, {"method": "fastv", "fastv": {"layer": 2, "keep": 16}})
     stock, _ = small_llava()
     stock.set_attn_implementation("eager")
-    batch = batch_of(processor, images(1), ["What colour is it?"])
+    for m in (model, stock):  # heads with peaked, differing attention, as a trained LLM's (random init is flat)
+        with torch.no_grad():
+            for layer in m.model.language_model.layers:
+                layer.self_attn.q_proj.weight.mul_(100.0)
+    batch = batch_of(processor, images(2), ["What colour is it?", "Is there a large red square in the picture?"])
     with torch.no_grad():
         model(**batch)
-        attn = stock(**batch, output_attentions=True).attentions[2][0].mean(0)  # (L, L) layer 2, head mean
-    visual = torch.nonzero(batch["input_ids"][0] == stock.config.image_token_id).flatten()
-    row = attn[-1, visual]
-    row = row / row.sum()  # FastV ranks; the probe's row is renormalised over the visual keys
-    expected = visual[row.topk(16).indices.sort().values]
-    assert torch.equal(model.ivtp_state.last_llm_trace.kept_positions[0], expected)
+        attentions = stock(**batch, output_attentions=True).attentions
+    image_id = stock.config.image_token_id
+    expected = fastv_reference(attentions, batch["input_ids"], image_id, 2, 16)
+    kept = model.ivtp_state.last_llm_trace.kept_positions
+    assert all(torch.equal(a, b) for a, b in zip(kept, expected))
+    assert model.ivtp_state.last_llm_trace.counts == [[64, 16], [64, 16]]
+    # The reference tells the deviations apart on these inputs: one layer late, or a softmax over the image keys
+    # alone (per head, then the head mean), each keep another set.
+    assert fastv_reference(attentions, batch["input_ids"], image_id, 3, 16)[1].tolist() != expected[1].tolist()
+    q_len = batch["input_ids"].shape[1]
+    logits = attentions[1][1].clamp_min(1e-30).log()  # (H, L, L): log-probabilities of row 1, layer 1
+    image = torch.nonzero(batch["input_ids"][1] == image_id).flatten()
+    image_only = logits[:, q_len - 1, image].softmax(-1).mean(0)  # renormalised over the image per head
+    assert image[image_only.topk(16).indices].sort().values.tolist() != expected[1].tolist()
 
 
 def test_cli_method_defaults_and_budget_report(capsys):
@@ -163,9 +188,9 @@ def test_cli_method_defaults_and_budget_report(capsys):
     assert main(["generate", "--method", "fastv", "--image", "data/fixtures/images/scene0.png", "--prompt",
                  "What colour?", "--max-new-tokens", "2", "--json"]) == 0
     out = json.loads(capsys.readouterr().out)
-    assert out["visual_tokens"] == [[576, 288]]  # FastV's default: drop half after layer 2
-    assert out["llm_visual_tokens_per_layer"][:4] == [576, 576, 576, 288]
-    assert out["equivalent_visual_tokens"] == pytest.approx((3 * 576 + 29 * 288) / 32)
+    assert out["visual_tokens"] == [[576, 288]]  # FastV's default, K=2 and R=50%: half from layer 2 on
+    assert out["llm_visual_tokens_per_layer"][:4] == [576, 576, 288, 288]
+    assert out["equivalent_visual_tokens"] == pytest.approx((2 * 576 + 30 * 288) / 32)
     assert out["final_visual_tokens"] == 288
 
 
@@ -193,6 +218,91 @@ def test_visiondrop_stages_follow_its_schedule_at_the_defaults(small_llava, imag
     assert model.ivtp_state.row_report(0, 0, 1)["visual_tokens"] == [N, 48, 35, 26, 19]
     per_layer = model.ivtp_state.llm_tokens_per_layer(32)
     assert per_layer[7:9] == [48, 35] and per_layer[15:17] == [35, 26] and per_layer[23:25] == [26, 19]
+
+
+def visiondrop_encoder_reference(attn, hidden, keys, dominant: int, contextual: int) -> torch.Tensor:
+    """VisionDrop's encoder stage re-derived from its paper and code (VisionZip's), on the feature layer's
+    attention probabilities attn (B, H, L, L), tokens hidden (B, L, D) and head-mean keys (B, L, Dh), [CLS] at 0:
+    [CLS] and the dominant - 1 patches with the most [CLS] attention (summed over heads), in sequence order; the
+    remaining patches give `contextual` targets at a stride, and every other one joins its most key-similar target;
+    a contextual token is its target plus the mean of its members. Returns (B, dominant + contextual, D)."""
+    b, length, d = hidden.shape
+    top = attn[:, :, 0, 1:].sum(1).topk(dominant - 1).indices + 1  # (B, dominant - 1) token indices
+    chosen = torch.zeros(b, length, dtype=torch.bool).scatter(1, top, True)
+    chosen[:, 0] = True
+    rest, rest_keys = hidden[~chosen].view(b, length - dominant, d), keys[~chosen].view(b, length - dominant, -1)
+    rest_keys = rest_keys / rest_keys.norm(dim=-1, keepdim=True)
+    stride = max(1, (length - dominant) // contextual)
+    is_target = torch.zeros(length - dominant, dtype=torch.bool)
+    is_target[torch.arange(0, length - dominant, stride)[:contextual]] = True
+    nearest = (rest_keys[:, ~is_target] @ rest_keys[:, is_target].transpose(1, 2)).argmax(-1)  # (B, M)
+    members = torch.nn.functional.one_hot(nearest, contextual).float().transpose(1, 2)  # (B, c, M)
+    mean = members @ rest[:, ~is_target] / members.sum(-1, keepdim=True).clamp_min(1)
+    return torch.cat([hidden[chosen].view(b, dominant, d), rest[:, is_target] + mean], dim=1)
+
+
+@pytest.mark.parametrize("dominant,contextual", [(42, 6), (10, 5)])
+def test_visiondrop_encoder_stage_as_its_authors_run_it(small_llava, images, dominant, contextual):
+    """The tokens the projector receives equal the re-derivation on the stock tower's layer -2 ([CLS] included)."""
+    model, processor = pruned(small_llava, {"method": "visiondrop", "visiondrop": {
+        "dominant": dominant, "contextual": contextual, "llm": []}})
+    stock, _ = small_llava()
+    stock.set_attn_implementation("eager")
+    batch = batch_of(processor, images(2), ["What colour is it?", "Where is it?"])
+    seen, keys = [], []
+    model.model.multi_modal_projector.register_forward_hook(lambda m, args, out: seen.append(args[0]))
+    layer = stock.model.vision_tower.encoder.layers[stock.config.vision_feature_layer]
+    heads = stock.config.vision_config.num_attention_heads
+    layer.self_attn.k_proj.register_forward_hook(
+        lambda m, args, out: keys.append(out.view(*out.shape[:2], heads, -1).mean(2)))
+    with torch.no_grad():
+        model(**batch)
+        tower = stock.model.vision_tower(batch["pixel_values"], output_hidden_states=True, output_attentions=True)
+    f = stock.config.vision_feature_layer
+    expected = visiondrop_encoder_reference(tower.attentions[f], tower.hidden_states[f], keys[0], dominant,
+                                            contextual)
+    torch.testing.assert_close(seen[0], expected, rtol=1e-5, atol=1e-5)
+
+
+def evit_reference(layer, x, keep: int) -> torch.Tensor:
+    """EViT's Block re-derived from its paper and code, on the stock CLIP layer `layer` and its input x (B, L, D):
+    attention with its residual; the [CLS] row of the attention probabilities averaged over heads ranks the
+    patches; the top keep - 1 stay (here in spatial order), the others are summed with those weights into one
+    token; the MLP and its residual run on [CLS], the kept patches and the fused token. Returns (B, keep, D)."""
+    attn, probs = layer.self_attn(layer.layer_norm1(x))  # eager: (B, L, D), (B, H, L, L)
+    x = x + attn
+    cls_attn = probs[:, :, 0, 1:].mean(1)  # (B, L - 1)
+    top = cls_attn.topk(keep - 1).indices.sort().values  # (B, keep - 1)
+    patches = x[:, 1:]
+    rest = torch.ones_like(cls_attn, dtype=torch.bool).scatter(1, top, False)
+    fused = (patches * (cls_attn * rest)[..., None]).sum(1, keepdim=True)  # (B, 1, D): a sum, not a mean
+    kept = torch.gather(patches, 1, top[..., None].expand(-1, -1, x.shape[-1]))
+    x = torch.cat([x[:, :1], kept, fused], dim=1)
+    return (x + layer.mlp(layer.layer_norm2(x)))[:, 1:]
+
+
+def test_evit_prunes_and_fuses_as_its_authors_do(small_llava, images):
+    """The projector's input equals EViT's Block on the stock tower's feature layer."""
+    model, processor = pruned(small_llava, {"method": "evit", "evit": {"keep": 16}})
+    stock, _ = small_llava()
+    stock.set_attn_implementation("eager")
+    batch = batch_of(processor, images(2), ["What colour is it?", "Where is it?"])
+    seen = []
+    model.model.multi_modal_projector.register_forward_hook(lambda m, args, out: seen.append(args[0]))
+    f = stock.config.vision_feature_layer
+    layer = stock.model.vision_tower.encoder.layers[f]
+    with torch.no_grad():
+        model(**batch)
+        tower = stock.model.vision_tower(batch["pixel_values"], output_hidden_states=True)
+        expected = evit_reference(layer, tower.hidden_states[f - 1], 16)
+    torch.testing.assert_close(seen[0], expected, rtol=1e-5, atol=1e-5)
+    # `fuse: mean` (ours) keeps the same patches and differs in the fused token alone: the reference tells them apart.
+    mean, _ = pruned(small_llava, {"method": "evit", "evit": {"keep": 16, "fuse": "mean"}})
+    mean.model.multi_modal_projector.register_forward_hook(lambda m, args, out: seen.append(args[0]))
+    with torch.no_grad():
+        mean(**batch)
+    torch.testing.assert_close(seen[1][:, :-1], expected[:, :-1], rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(seen[1][:, -1], expected[:, -1], rtol=1e-3, atol=1e-3)
 
 
 def test_sparsevlm_at_llava15_geometry_follows_its_schedule(images):

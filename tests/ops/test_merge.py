@@ -1,4 +1,5 @@
-"""ToMe matching, size-weighted merging and the r schedule, against hand-computed cases."""
+"""ToMe matching, size-weighted merging and the r schedule, against hand-computed cases (the side-by-side check
+against a re-derivation of the authors' algorithm is tests/ops/test_tome_reference.py)."""
 
 import pytest
 import torch
@@ -14,7 +15,8 @@ X = torch.tensor([[[1.0], [2.0], [4.0], [8.0]]])
 
 def test_matching_by_hand():
     m = bipartite_soft_matching(KEYS, 1)
-    # The most similar pair (2 -> 1) merges first; token 2 disappears, the rest keep their order.
+    # The most similar pair (2 -> 1) merges first; token 2 disappears. The unmerged a-token 0 comes first, then
+    # the b-tokens 1 and 3 (ToMe's order, here also the spatial one).
     assert m.src.tolist() == [[2]] and m.dst.tolist() == [[1]] and m.keep.tolist() == [[0, 1, 3]]
     x, size = merge_weighted(X, None, m)
     # Position 1 becomes (2 + 4) / 2 = 3 and stands for 2 tokens.
@@ -39,6 +41,30 @@ def test_r_zero_is_the_identity():
     assert torch.equal(x, X) and size.flatten().tolist() == [1.0] * 4
 
 
+# Six tokens: a = positions {0, 2, 4}, b = positions {1, 3, 5}.
+#   0 -> 1 (cos 0.6), 2 -> 5 (cos 1), 4 -> 3 (cos 0.8): ranked by similarity, a-tokens 2, 4, 0.
+KEYS6 = torch.tensor([[[1.0, 0.0, 0.0], [0.6, 0.8, 0.0], [0.0, 0.0, 1.0], [0.0, 0.6, 0.8],
+                       [0.0, 1.0, 0.0], [0.0, 0.0, 1.0]]])
+
+
+def test_survivors_come_in_tomes_order():
+    # Without [CLS]: r = 1 merges 2 into 5; the unmerged a-tokens follow the similarity ranking (4 before 0),
+    # then all of b.
+    m = bipartite_soft_matching(KEYS6, 1)
+    assert m.src.tolist() == [[2]] and m.dst.tolist() == [[5]]
+    assert m.keep.tolist() == [[4, 0, 1, 3, 5]]
+    # With [CLS] protected: the same merge, but the unmerged a-tokens go by position, so [CLS] leads.
+    m = bipartite_soft_matching(KEYS6, 1, protect_cls=True)
+    assert m.keep.tolist() == [[0, 4, 1, 3, 5]]
+    x, size = merge_weighted(torch.arange(6.0).view(1, 6, 1), None, m)
+    assert x.flatten().tolist() == [0.0, 4.0, 1.0, 3.0, 3.5] and size.flatten().tolist() == [1, 1, 1, 1, 2]
+    # Our spatial option: the same tokens by position.
+    s = bipartite_soft_matching(KEYS6, 1, protect_cls=True, order="spatial")
+    assert s.keep.tolist() == [[0, 1, 3, 4, 5]] and torch.equal(s.src, m.src) and torch.equal(s.dst, m.dst)
+    with pytest.raises(ValueError, match="tome: order"):
+        bipartite_soft_matching(KEYS6, 1, order="sorted")
+
+
 def test_cls_is_protected():
     # With [CLS] at 0 protected, only token 2 can merge.
     m = bipartite_soft_matching(KEYS, 1, protect_cls=True)
@@ -48,18 +74,23 @@ def test_cls_is_protected():
 
 
 @pytest.mark.parametrize("r, cls", [(3, False), (-1, False), (2, True)])
-def test_r_beyond_the_a_tokens_raises(r, cls):
-    # 4 tokens hold 2 a-tokens (1 mergeable with [CLS] protected).
+def test_r_beyond_the_limit_raises(r, cls):
+    # 4 tokens: at most 2 merges (1 with [CLS] protected).
     with pytest.raises(ValueError, match=r"^tome: r must"):
         bipartite_soft_matching(KEYS, r, protect_cls=cls)
+    # 5 tokens hold 3 a-tokens, but ToMe merges at most half of them, rounded down: 2.
+    with pytest.raises(ValueError, match=r"^tome: r must be in \[0, 2\]"):
+        bipartite_soft_matching(KEYS6[:, :5], 3)
 
 
 def test_max_r():
-    assert [tome_max_r(n) for n in (0, 1, 2, 3, 4, 5, 576)] == [0, 0, 1, 2, 2, 3, 288]
+    # ToMe's limit: floor((n - protected) / 2). (Ours used to let an odd n without [CLS] merge all ceil(n / 2)
+    # a-tokens, one more than ToMe.)
+    assert [tome_max_r(n) for n in (0, 1, 2, 3, 4, 5, 576)] == [0, 0, 1, 1, 2, 2, 288]
     assert [tome_max_r(n, True) for n in (1, 2, 3, 577)] == [0, 0, 1, 288]
 
 
-def test_random_merge_conserves_the_size_weighted_sum_and_keeps_order():
+def test_random_merge_conserves_the_size_weighted_sum_in_tomes_order():
     torch.manual_seed(0)
     b, n, r = 3, 577, 200
     keys, x = torch.randn(b, n, 16, dtype=torch.float64), torch.randn(b, n, 8, dtype=torch.float64)
@@ -67,7 +98,10 @@ def test_random_merge_conserves_the_size_weighted_sum_and_keeps_order():
     m = bipartite_soft_matching(keys, r, protect_cls=True)
     x2, size2 = merge_weighted(x, size, m)
     assert x2.shape == (b, n - r, 8) and size2.shape == (b, n - r, 1)
-    assert torch.equal(m.keep, m.keep.sort(-1).values)
+    unmerged = (n + 1) // 2 - r  # the a-tokens left, [CLS] among them
+    assert torch.equal(m.keep[:, :unmerged], m.keep[:, :unmerged].sort(-1).values)  # by position, [CLS] first
+    assert bool((m.keep[:, :unmerged] % 2 == 0).all())
+    assert torch.equal(m.keep[:, unmerged:], torch.arange(1, n, 2).expand(b, -1))  # then every b-token
     assert bool((m.src % 2 == 0).all()) and bool((m.dst % 2 == 1).all())  # a -> b only
     assert bool((m.keep[:, 0] == 0).all()) and torch.allclose(x2[:, 0], x[:, 0], rtol=1e-12, atol=0)
     torch.testing.assert_close((size2 * x2).sum(1), (size * x).sum(1), rtol=1e-5, atol=1e-5)
@@ -107,9 +141,9 @@ def test_each_merged_token_joined_its_best_match():
 def test_schedule_by_hand():
     # 10 -> 4 in 2 steps: 3 then 3 (an even split is feasible).
     assert tome_schedule(10, 4, 2) == [3, 3]
-    # 16 -> 4 in 2 steps: an even 6 + 6 fails (10 tokens cannot lose 6 in one step: at most 5), so the first
-    # step takes 7, leaving 9, which can lose 5.
-    assert tome_schedule(16, 4, 2) == [7, 5]
+    # 16 -> 4 in 2 steps: an even 6 + 6 fails (10 tokens cannot lose 6 in one step: at most 5), and so does 7 + 5
+    # (9 tokens can lose only 4), so the first step takes its maximum 8, leaving 8, which can lose 4.
+    assert tome_schedule(16, 4, 2) == [8, 4]
     # 576 -> 64 over 23 layers: 512 = 6 x 23 + 17 x 22, the remainder on the earlier layers.
     assert tome_schedule(576, 64, 23) == [23] * 6 + [22] * 17
     # 577 -> 100 in 3 steps with [CLS] protected (a step leaves floor(n / 2) + 1): reaching 100 at the end needs
