@@ -319,6 +319,17 @@ def headline(row: Row) -> tuple[float, float | None]:
                                                                                         pope["overall"]["f1"])
 
 
+def line_colours(n: int) -> list[tuple]:
+    """n distinct RGBA colours for the lines of one plot: the default cycle repeats after 10, and the methods
+    plot has more lines (random and tome+ shared one)."""
+    from matplotlib import colormaps
+
+    cmap = colormaps["tab20" if n > 10 else "tab10"]
+    if n > cmap.N:
+        raise ValueError(f"{n} lines: more than the {cmap.N} distinct colours of {cmap.name}")
+    return [cmap(i) for i in range(n)]
+
+
 def write_reports(rows: list[Row], out: str) -> dict[str, str]:
     os.makedirs(out, exist_ok=True)
     paths = {"json": os.path.join(out, "ablate.json"), "md": os.path.join(out, "ablate.md")}
@@ -398,11 +409,13 @@ def plot(rows: list[Row], out: str) -> dict[str, str]:
     method_rows = [r for r in rows if r.suite == "methods" and r.tokens]
     if method_rows:
         fig, ax = plt.subplots(figsize=(8, 5))
-        for key in dict.fromkeys((r.model, r.name) for r in method_rows):
+        keys = list(dict.fromkeys((r.model, r.name) for r in method_rows))
+        for key, colour in zip(keys, line_colours(len(keys))):
             pts = sorted((r.tokens, headline(r)[0]) for r in method_rows if (r.model, r.name) == key)
-            style = "k--" if key[1] == "oracle" else ("-o" if key[1] == "ivtp" else "-.")
+            style = "--" if key[1] == "oracle" else ("-o" if key[1] == "ivtp" else "-.")
             label = f"{key[1]} ({key[0]})" if key[0] == "retrained" else key[1]
-            ax.plot([p[0] for p in pts], [p[1] for p in pts], style, label=label, lw=2 if key[1] == "ivtp" else 1)
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], style, color="k" if key[1] == "oracle" else colour,
+                    label=label, lw=2 if key[1] == "ivtp" else 1)
         for r in rows:
             if r.suite == "methods" and r.name in ("unpruned", "no_image"):
                 ax.axhline(headline(r)[0], color="gray", ls=":", lw=1)

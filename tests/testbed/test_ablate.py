@@ -163,3 +163,13 @@ def test_ablate_cli_refuses_bad_input_in_one_line_before_any_compute(tmp_path, c
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and err.startswith("error: ") and "nope: no trained testbed model" in err
     assert not os.path.exists(tmp_path / "ablate")  # nothing written
+
+
+def test_every_line_of_the_methods_plot_has_its_own_colour():
+    from ivtp.testbed.ablate import line_colours
+
+    rows = plan_rows(("methods",), (4, 7), "/x/a.safetensors", 6, retrained=True)
+    keys = list(dict.fromkeys((r.model, r.name) for r in rows if r.tokens))
+    assert len(keys) > 10  # more than the default cycle, where random and tome+ came out the same
+    colours = line_colours(len(keys))
+    assert len(set(colours)) == len(keys)
