@@ -27,6 +27,26 @@ class VisionRunner:
         raise NotImplementedError
 
 
+class LLMStep:
+    """A method's pruning inside the LLM, as the patched decoder (ivtp/patch/llama.py) runs it: at the layers of
+    each plan group (g, lo, hi) it asks for a probe, then may drop visual tokens. `run` is the decoder's
+    _PrefillRun: its probes (new_probe, rater_probe, pseudo_cls_probe), slots and drops (drop_visual, drop_slots)."""
+
+    prefix = "llm"  # step names: <prefix>.layers<lo>-<hi>
+    # What the LLaVA level prepares for it (PrunedLlavaModel._guidance): 'pseudo_cls' (IVTP's CLIP-text
+    # selection and fallback), 'raters' (SparseVLM's text raters), or 'last_prompt' (each row's last prompt token).
+    guidance = "last_prompt"
+    layers_after = 0  # layers past a group's top that its scoring reads (VisionDrop scores with the next one)
+
+    def probe(self, run, g: int, lo: int, hi: int, idx: int, layer, hidden):
+        """The probe layer idx's attention fills, or None (the stock layer runs)."""
+        return None
+
+    def after_layer(self, run, g: int, lo: int, hi: int, idx: int, hidden: torch.Tensor) -> torch.Tensor:
+        """After layer idx: the hidden states, with visual tokens dropped where the step prunes."""
+        raise NotImplementedError
+
+
 def encode(tower: nn.Module, pixel_values: torch.Tensor, used: int, probe_last: bool = True):
     """Run the feature layers unpruned. Returns the feature layer's tokens (B, 1 + N, D) and, from its last layer,
     the head-mean [CLS] attention row (B, 1 + N), ||V|| (B, 1 + N) and the head-mean keys (B, 1 + N, Dh)."""

@@ -11,8 +11,7 @@ All read LLaVA's feature layer (-2); their tensor algorithms are in ivtp/ops/pee
              merges, proportional attention, ToMe's token order (as its authors' ToMeBlock).
 - fastervlm: top-keep by [CLS] attention at the feature layer.
 - vispruner: important tokens by [CLS] attention plus diverse tokens by iterative duplicate removal.
-- visiondrop (encoder stage): dominant tokens by [CLS] attention plus contextual merges by key similarity; its
-             LLM stages run in ivtp/patch/llama.py.
+(VisionDrop, FastV and SparseVLM, which prune inside the LLM, have modules of their own.)
 """
 
 from __future__ import annotations
@@ -35,7 +34,6 @@ from ivtp.ops.peers import (
     random_keep,
     spatial_pool,
     topk_cosine_to_cls,
-    visiondrop_encoder,
     vispruner_select,
 )
 
@@ -202,42 +200,6 @@ class ToMeRunner(PeerRunner):
         return out
 
 
-class VisionDropRunner(PeerRunner):
-    """VisionDrop's encoder stage (VisionZip-style) at layer -2: `dominant` tokens by [CLS] attention, then
-    `contextual` tokens merged from the rest by key similarity; the LLM sees the dominant ones in sequence order
-    ([CLS] first, when `cls`, as its authors' code hands it on), then the contextual ones."""
-
-    name = "visiondrop"
-
-    def budget(self) -> int:
-        total = self.section.dominant + self.section.contextual
-        if total - self.section.cls > self.num_patches:
-            raise ConfigError(f"visiondrop: dominant + contextual ({total}) is more than the "
-                              f"{self.num_patches} patches{' and [CLS]' if self.section.cls else ''}")
-        return total
-
-    def run(self, tower, pixel_values, want_final_cls):
-        hidden, probe = encode(tower, pixel_values, self.layers_used)
-        cls = hidden[:, :1]  # (B, 1, D)
-        patches = self.section.dominant - self.section.cls  # [CLS] takes one of the dominant places
-        res = visiondrop_encoder(probe["row"][:, 1:], probe["keys"][:, 1:], hidden[:, 1:], patches,
-                                 self.section.contextual)
-        tokens = torch.cat([cls, res.tokens], dim=1) if self.section.cls else res.tokens  # (B, d + c, D)
-        out = torch.cat([cls, tokens], dim=1)  # (B, 1 + d + c, D): the tower's [CLS] slot, then the LLM's tokens
-        return output(tower, out, res.dominant, [self.num_patches, self.tokens_per_image], want_final_cls,
-                      self.layers_used)
-
-
-for _runner in (RandomRunner, TopKRunner, FasterVLMRunner, VisPrunerRunner, SpatialRunner, EViTRunner, ToMeRunner,
-                VisionDropRunner):
+for _runner in (RandomRunner, TopKRunner, FasterVLMRunner, VisPrunerRunner, SpatialRunner, EViTRunner, ToMeRunner):
     register(_runner.name)(lambda config, tower_config, feature_layer, cls=_runner:
                            cls(getattr(config, cls.name), tower_config, feature_layer))
-
-
-@register("fastv")
-@register("sparsevlm")
-def _in_llm_only(config, tower_config, feature_layer):
-    """FastV and SparseVLM prune inside the LLM (ivtp/patch/llama.py); before it, every patch goes through."""
-    from ivtp.methods.ivtp import GTPRunner
-
-    return GTPRunner.passthrough(tower_config, feature_layer)

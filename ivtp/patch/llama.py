@@ -1,10 +1,13 @@
-"""Stage 2: instruction-guided GTP inside the first LLM layers (IVTP sections 3.3-3.4, DESIGN.md section 5).
+"""Pruning inside the LLM: the decoder loop that runs a method's plan (IVTP's stage 2, sections 3.3-3.4, and the
+in-LLM peers). It names no method: each method's `LLMStep` (ivtp/methods/) says what a layer's attention must
+score and which visual tokens stay; this module supplies the probes and the slot bookkeeping.
 
 - `GTPLlamaAttention` (class swap, forward only): the attention output still comes from the configured
-  implementation; when handed a probe it also scores the visual tokens from the layer's own q/k/v, restricted to
-  {visual tokens, pseudo-CLS}: the full head-mean matrix for a group's lower layers, the pseudo-CLS row for its
-  top. The pseudo-CLS only queries: its key and value are computed for the probe and never enter the KV cache.
-- `PrunedLlamaModel.forward` replaces the decoder loop. At each group's top layer it drops visual tokens;
+  implementation; when handed a probe it also scores the visual tokens from the layer's own q/k/v: among
+  {visual tokens, pseudo-CLS} (the full head-mean matrix, or the pseudo-CLS row), or the attention of chosen
+  query tokens (raters) over their whole causal row. The pseudo-CLS only queries: its key and value are computed
+  for the probe and never enter the KV cache.
+- `PrunedLlamaModel.forward` replaces the decoder loop. At each group's top layer the step drops visual tokens;
   later layers get the kept tokens' hidden states, position ids, RoPE and a mask gathered with the same
   indices, so kept tokens keep their original positions. Rows that keep different numbers of tokens (text-only
   rows, rows with more images) carry invalid slots at their end, masked as keys. Dropped tokens leave their
@@ -27,10 +30,7 @@ from transformers.models.llama.modeling_llama import apply_rotary_pos_emb, eager
 from transformers.utils.generic import merge_with_config_defaults
 from transformers.utils.output_capturing import capture_outputs
 
-from ivtp.config import ConfigError, LLMStage, resolve_budget
-from ivtp.ops import aggregate_group, fused_maps, gtp_scores, head_mean_attention, keep_topk_per_row, probe_modes
-from ivtp.ops import value_norms
-from ivtp.patch.clip import group_layers, resolve_schedule
+from ivtp.ops import fused_maps, head_mean_attention, value_norms
 from ivtp.patch.probe import Probe
 
 SUPPORTED_ATTENTION = ("sdpa", "eager")
@@ -42,20 +42,16 @@ STOCK_MASK, SEGMENT_MASK = "full_attention", "ivtp_segment_"
 # ---- plan ----------------------------------------------------------------------------------------------------
 @dataclass
 class LLMPlan:
-    groups: list[tuple[int, int]]  # inclusive decoder-layer ranges within the first `layers`
+    """What the decoder runs: after the top layer of each group, the visual tokens per image go down to that
+    group's count; `step` (an ivtp.methods.base.LLMStep, the method's own module) decides which, and how."""
+
+    groups: list[tuple[int, int]]  # inclusive decoder-layer ranges
     counts: list[int]  # visual tokens per image after each group
     tokens_in: int  # visual tokens per image stage 1 hands on
-    aggregation: str
-    # "ivtp": the pseudo-CLS row, rolled out, times ||V|| (eqs. 3-4, 8). "fastv": the last prompt token's
-    # attention at the group's (single) layer, softmaxed over its whole causal row and averaged over heads, as
-    # FastV scores. "visiondrop": visual-to-visual attention of the next
-    # layer, dominant tokens kept and the rest merged into contextual ones (`splits`: (dominant, contextual)).
-    scorer: str = "ivtp"
-    splits: list[tuple[int, int]] = field(default_factory=list)
-    recycle: bool = False  # SparseVLM: recycle deleted tokens into cluster means
+    step: object  # LLMStep: what the method asks of a layer's attention, and what it keeps
 
     def step_names(self) -> list[str]:
-        prefix = "llm" if self.scorer == "ivtp" else self.scorer
+        prefix = self.step.prefix
         return [f"{prefix}.layers{lo}-{hi}" if lo != hi else f"{prefix}.layer{lo}" for lo, hi in self.groups]
 
     def tokens_per_layer(self, num_layers: int) -> list[int]:
@@ -67,54 +63,6 @@ class LLMPlan:
                 if hi == layer:
                     current = count
         return out
-
-
-def make_llm_plan(stage: LLMStage, num_layers: int, tokens_in: int) -> LLMPlan:
-    if stage.layers > num_layers:
-        raise ConfigError(f"llm.layers: {stage.layers} is deeper than the model's {num_layers} decoder layers")
-    keep = resolve_budget(stage.keep, tokens_in, "llm.keep")
-    g = stage.effective_group_size
-    groups = group_layers(0, stage.layers, g)
-    counts = resolve_schedule(stage.schedule, keep, tokens_in, len(groups), "llm",
-                              f"{stage.layers} layers in groups of {g}")
-    return LLMPlan(groups, counts, tokens_in, stage.aggregation)
-
-
-def make_fastv_plan(section, num_layers: int, tokens_in: int) -> LLMPlan:
-    """FastV's K: layers 0..K-1 see every visual token; layer K-1's attention ranks them, and layers K on see the
-    (1 - R) share kept (or `keep`). So the one step scores at, and prunes after, layer K - 1."""
-    if section.layer >= num_layers:
-        raise ConfigError(f"fastv.layer: K={section.layer} leaves no layer to prune (the model has {num_layers} "
-                          f"decoder layers: K is at most {num_layers - 1})")
-    if section.keep is not None:
-        keep = resolve_budget(section.keep, tokens_in, "fastv.keep")
-    else:
-        keep = max(1, int(round(tokens_in * (1 - section.ratio))))
-    k = section.layer - 1
-    return LLMPlan([(k, k)], [keep], tokens_in, "single_layer", scorer="fastv")
-
-
-def make_visiondrop_plan(section, num_layers: int, tokens_in: int) -> LLMPlan:
-    """VisionDrop's LLM stages: stage [L, d, c] prunes the input of layer L, i.e. after layer L - 1."""
-    for layer, _, _ in section.llm:
-        if layer >= num_layers:
-            raise ConfigError(f"visiondrop.llm: layer {layer} is past the model's last decoder layer ({num_layers - 1})")
-    groups = [(layer - 1, layer - 1) for layer, _, _ in section.llm]
-    return LLMPlan(groups, [d + c for _, d, c in section.llm], tokens_in, "single_layer", scorer="visiondrop",
-                   splits=[(d, c) for _, d, c in section.llm])
-
-
-def make_sparsevlm_plan(section, num_layers: int, tokens_in: int) -> LLMPlan:
-    """SparseVLM v1.5: prune the outputs of layers 2, 6 and 15 to its schedule's counts (kept plus recycled)."""
-    from ivtp.ops.sparsevlm import sparsevlm_schedule, sparsevlm_visual_counts
-
-    stages = sparsevlm_schedule(section.budget)
-    for stage in stages:
-        if stage.layer >= num_layers:
-            raise ConfigError(f"sparsevlm: it prunes at layer {stage.layer}, past the model's last ({num_layers - 1})")
-    counts = sparsevlm_visual_counts(stages, tokens_in, section.recycle)
-    return LLMPlan([(st.layer, st.layer) for st in stages], counts, tokens_in, "single_layer", scorer="sparsevlm",
-                   splits=[(st.layer, st.keep) for st in stages], recycle=section.recycle)
 
 
 @dataclass
@@ -351,7 +299,7 @@ def _check_one_device(model, plan: LLMPlan, device: torch.device) -> None:
     """The slot bookkeeping lives on the embeddings' device, and every layer up to the last pruning step reads it
     (VisionDrop scores with the layer after its step). A model split across devices (device_map) must keep those
     layers on that device; the layers after them may sit anywhere."""
-    last = max(hi for _, hi in plan.groups) + (1 if plan.scorer == "visiondrop" else 0)
+    last = max(hi for _, hi in plan.groups) + plan.step.layers_after
     layers = model.layers[: min(last + 1, len(model.layers))]
     elsewhere = sorted({f"{i}: {d}" for i, layer in enumerate(layers) if (d := _execution_device(layer)) != device})
     if elsewhere:
@@ -471,8 +419,7 @@ class _PrefillRun:
         if any(n != self.plan.tokens_in for n in per_image):
             raise ValueError(f"stage 2 expected {self.plan.tokens_in} visual tokens per image, got {per_image}")
         self.trace = LLMTrace(counts=[], visual_positions=[])  # filled by finish()
-        self.lower: list[torch.Tensor] = []
-        self.rows_seen: list[torch.Tensor] = []
+        self.scratch: dict = {}  # the step's own state within a group (IVTP's attention maps of the lower layers)
         self.last_probe: Probe | None = None
         self._vis_slots: tuple[torch.Tensor, torch.Tensor] | None = None
         self._pcls_slots: tuple | None = None  # _pseudo_cls' slot-dependent part
@@ -484,42 +431,50 @@ class _PrefillRun:
                 return g, lo, hi
         return None
 
-    # -- scoring ---------------------------------------------------------------------------------------------
+    # -- what the plan's step asks of each layer -----------------------------------------------------------
     def probe(self, idx: int, layer, hidden) -> Probe | None:
+        """The probe layer `idx`'s attention fills (None: it runs as the stock layer)."""
         self.last_probe = None
         found = self._group_of(idx)
-        if found is None or self.plan.scorer == "visiondrop":  # VisionDrop scores with the next layer
-            return None
-        _, lo, hi = found
-        mode = probe_modes(self.plan.aggregation, hi - lo + 1)[idx - lo]
-        if mode is None:
-            return None
-        rows = self.rows
-        vis_idx, vis_ok = self._visual_slots()
-        self.last_probe = Probe(mode=mode, rows=rows, all_rows=self.all_rows, vis_idx=vis_idx, vis_ok=vis_ok)
-        if self.plan.scorer == "sparsevlm":  # the raters, as slots; short rows padded and marked
-            raters = torch.gather(self.g.text_select[rows], 1, self.slot_pos[rows]) & self.slot_real[rows]
-            width = int(raters.sum(-1).clamp_min(1).max())  # the most raters of any row
-            order = torch.sort((~raters).to(torch.int8), dim=-1, stable=True).indices  # raters first, in order
-            self.last_probe["rater_idx"] = order[:, :width]  # (B', Nt)
-            self.last_probe["rater_ok"] = torch.arange(width, device=raters.device)[None] < raters.sum(-1)[:, None]
-            self.last_probe["key_ok"] = self.slot_ok[rows]
-        elif self.plan.scorer == "fastv":  # one rater: the prompt's last token (the slot holding that position)
-            target = self.g.last_prompt[rows][:, None]  # (B', 1)
-            self.last_probe["rater_idx"] = (self.slot_pos[rows] == target).float().argmax(-1, keepdim=True)  # (B', 1)
-            self.last_probe["key_ok"] = self.slot_ok[rows]
-        else:
-            # Built once per segment (reset at each drop, with the slots): which of {visual, pseudo-CLS} are real
-            # keys, and the mask of this probe's mode (the fused maps take the former, the torch ops the latter).
-            if "key_ok" not in self._masks:
-                self._masks["key_ok"] = torch.cat([vis_ok, vis_ok.new_ones(vis_ok.shape[0], 1)], dim=1)  # (B', Nv + 1)
-            if mode not in self._masks:
-                self._masks[mode] = probe_mask(self._masks["key_ok"], mode)
-            self.last_probe["mask"], self.last_probe["pcls_key_ok"] = self._masks[mode], self._masks["key_ok"]
-            self.last_probe.update(self._pseudo_cls(layer, hidden, rows, vis_idx, vis_ok))
+        if found is not None:
+            self.last_probe = self.plan.step.probe(self, *found, idx, layer, hidden)
         return self.last_probe
 
-    def _visual_slots(self) -> tuple[torch.Tensor, torch.Tensor]:
+    def new_probe(self, mode: str | None) -> Probe:
+        """A probe over the scored rows' visual slots; the step adds what its attention kernel reads."""
+        vis_idx, vis_ok = self.visual_slots()
+        return Probe(mode=mode, rows=self.rows, all_rows=self.all_rows, vis_idx=vis_idx, vis_ok=vis_ok)
+
+    def rater_probe(self, raters: torch.Tensor) -> Probe:
+        """A probe whose queries are the `raters` (B', S) slots of each scored row, in order (short rows padded,
+        marked by rater_ok): their attention over every key they see, read at the visual columns (attn_visual)."""
+        width = int(raters.sum(-1).clamp_min(1).max())  # the most raters of any row
+        order = torch.sort((~raters).to(torch.int8), dim=-1, stable=True).indices  # raters first, in order
+        probe = self.new_probe("row")
+        probe["rater_idx"] = order[:, :width]  # (B', Nt)
+        probe["rater_ok"] = torch.arange(width, device=raters.device)[None] < raters.sum(-1)[:, None]  # (B', Nt)
+        probe["key_ok"] = self.slot_ok[self.rows]
+        return probe
+
+    def pseudo_cls_probe(self, mode: str, layer, hidden) -> Probe:
+        """A probe among {visual slots, pseudo-CLS} (eq. 8's query), with its masks: built once per segment (reset
+        at each drop, with the slots): which entries are real keys, and the mask of this mode (the fused maps
+        take the former, the torch ops the latter)."""
+        probe = self.new_probe(mode)
+        vis_idx, vis_ok = probe["vis_idx"], probe["vis_ok"]
+        if "key_ok" not in self._masks:
+            self._masks["key_ok"] = torch.cat([vis_ok, vis_ok.new_ones(vis_ok.shape[0], 1)], dim=1)  # (B', Nv + 1)
+        if mode not in self._masks:
+            self._masks[mode] = probe_mask(self._masks["key_ok"], mode)
+        probe["mask"], probe["pcls_key_ok"] = self._masks[mode], self._masks["key_ok"]
+        probe.update(self._pseudo_cls(layer, hidden, self.rows, vis_idx, vis_ok))
+        return probe
+
+    def text_slots(self, positions: torch.Tensor) -> torch.Tensor:
+        """positions: (B, L) bool over the prompt's positions -> (B', S) the scored rows' slots holding them."""
+        return torch.gather(positions[self.rows], 1, self.slot_pos[self.rows]) & self.slot_real[self.rows]
+
+    def visual_slots(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The scored rows' visual slots in ascending order (B', Nv), and which are real (B', Nv): short rows end
         in entries marked not ok. Cached until the next drop changes the slots."""
         if self._vis_slots is None:
@@ -541,7 +496,7 @@ class _PrefillRun:
         A graph would also tie the layer's inputs to the outer forward, which reentrant checkpointing cannot
         replay (it would run the backward of the outer graph twice)."""
         if self._pcls_slots is None:  # which slots to average and where the pseudo-CLS sits: fixed until a drop
-            sel = torch.gather(self.g.text_select[rows], 1, self.slot_pos[rows]) & self.slot_real[rows]  # (B', S)
+            sel = self.text_slots(self.g.text_select)  # (B', S)
             count = sel.sum(-1, keepdim=True)  # (B', 1)
             last_vis = torch.gather(self.slot_pos[rows], 1, vis_idx).masked_fill(~vis_ok, -1).max(-1).values  # (B',)
             pos = torch.gather(self.full_position_ids[rows], 1, last_vis[:, None]) + 1  # (B', 1)
@@ -564,7 +519,7 @@ class _PrefillRun:
         pcls = torch.where(has_text, mean, fallback).to(hidden.dtype)  # (B', D)
         return {"pcls_x": layer.input_layernorm(pcls[:, None]), "joint_rope": joint_rope}  # (B', 1, D)
 
-    def _query_key(self, layer, hidden, positions):
+    def query_key(self, layer, hidden, positions):
         """A layer's own q and k for tokens outside the sequence: its input norm, projections and RoPE.
         hidden: (B, n, D), positions: (B, n). Returns (B, H, n, Dh) and (B, Hkv, n, Dh)."""
         attn = layer.self_attn
@@ -577,91 +532,19 @@ class _PrefillRun:
     # -- pruning ---------------------------------------------------------------------------------------------
     def after_layer(self, idx: int, hidden):
         found = self._group_of(idx)
-        if found is not None and self.plan.scorer == "visiondrop":
-            return self._visiondrop(found[0], idx, hidden)
-        if found is not None and self.plan.scorer == "sparsevlm" and self.last_probe is not None:
-            return self._sparsevlm(found[0], idx, hidden)
-        probe = self.last_probe
-        if found is None or probe is None:
-            return hidden
-        g, _, hi = found
-        if self.plan.scorer == "fastv":  # a single layer: the head mean of the last prompt token's row, as ranked
-            scores = probe["attn_visual"][:, :, 0].mean(1)  # (B', H, 1, Nv) -> (B', Nv)
-        else:
-            if probe["mode"] == "full":
-                self.lower.append(probe["attn"])
-            else:
-                self.rows_seen.append(probe["row"])
-            if idx != hi:
-                return hidden
-            row = aggregate_group(self.plan.aggregation, self.lower, self.rows_seen, query_index=-1)  # (B', Nv + 1)
-            scores = gtp_scores(row, probe["vnorm"], query_index=-1)  # (B', Nv)
-            self.lower, self.rows_seen = [], []
-        self.trace.scores.append(scores)
-        k = self.plan.counts[g] * self.g.images[self.rows]  # (B',) per-image budget times images in the row
-        keep_vis = keep_topk_per_row(scores, k, probe["vis_ok"])  # (B', Nv)
-        return self._drop(hidden, probe, keep_vis, idx)
+        return hidden if found is None else self.plan.step.after_layer(self, *found, idx, hidden)
 
-    def _visiondrop(self, g: int, idx: int, hidden):
-        """One VisionDrop LLM stage at the input of layer idx + 1: score the visual tokens with that layer's own
-        q/k (head mean, then query mean, causal), keep the dominant ones, merge the rest into contextual tokens
-        that take their targets' slots."""
-        from ivtp.ops.peers import visiondrop_llm_scores, visiondrop_merge
-
-        layer = self.model.layers[idx + 1]
-        attn = layer.self_attn
-        dominant, contextual = self.plan.splits[g]
-        keep_slots = torch.zeros_like(self.slot_visual)
-        hidden = hidden.clone()
-        for r in self.row_list:  # rows differ in visual counts; B is small
-            vis = torch.nonzero(self.slot_visual[r]).flatten()  # (Nv,) slots, ascending
-            prefix = torch.nonzero(self.slot_ok[r] & (self.slot_pos[r] < self.slot_pos[r, vis[0]])).flatten()
-            tokens = torch.cat([prefix, vis])
-            pos = self.full_position_ids[r, self.slot_pos[r, tokens]][None]  # (1, P + Nv)
-            q, k = self._query_key(layer, hidden[r, tokens][None], pos)  # (1, H, P + Nv, Dh), (1, Hkv, ...)
-            p = len(prefix)
-            with torch.no_grad():
-                scores = visiondrop_llm_scores(q[:, :, p:], k[:, :, p:], attn.scaling, prefix_k=k[:, :, :p])
-            n_img = self.images[r]
-            res = visiondrop_merge(scores, k[:, :, p:].float().mean(1), hidden[r, vis][None],
-                                   dominant * n_img, contextual * n_img)
-            keep_slots[r, vis[res.dominant[0]]] = True
-            targets = vis[res.targets[0]]
-            keep_slots[r, targets] = True
-            hidden[r, targets] = res.tokens[0, dominant * n_img :]  # contextual tokens sit at their targets
-        keep = self.slot_real & ~self.slot_visual | keep_slots
-        return self._drop_slots(hidden, keep, idx)
-
-    def _sparsevlm(self, g: int, idx: int, hidden):
-        """A SparseVLM stage on this layer's output: keep the visual tokens the raters attend to most; recycle the
-        best deleted ones into cluster means, each placed in its cluster centre's slot (see docs/methods.md)."""
-        from ivtp.ops.sparsevlm import score_visual, sparsevlm_prune
-
-        probe = self.last_probe
-        scores = score_visual(probe["attn_visual"], probe["rater_ok"])  # (B', Nv)
-        keep_slots = torch.zeros_like(self.slot_visual)
-        hidden = hidden.clone()
-        for i, r in enumerate(self.row_list):
-            n_vis = int(probe["vis_ok"][i].sum())
-            vis = probe["vis_idx"][i, :n_vis]  # (Nv,) slots, ascending
-            keep = self.plan.splits[g][1] * self.images[r]
-            res = sparsevlm_prune(hidden[r, vis][None], scores[i : i + 1, :n_vis], keep, self.plan.recycle)
-            keep_slots[r, vis[res.kept[0]]] = True
-            if res.recycled is not None:
-                centres = vis[res.deleted[0, res.recycled.centers[0]]]
-                keep_slots[r, centres] = True
-                hidden[r, centres] = res.recycled.tokens[0].to(hidden.dtype)
-        return self._drop_slots(hidden, self.slot_real & ~self.slot_visual | keep_slots, idx)
-
-    def _drop(self, hidden, probe, keep_vis, idx):
+    def drop_visual(self, hidden, probe, keep_vis, idx):
+        """Keep every text and padding token and, of the scored rows' visual slots (probe's vis_idx), those in
+        keep_vis (B', Nv)."""
         s = hidden.shape[1]
         keep = self.slot_real & ~self.slot_visual  # (B, S): every text and padding token stays
         vis_keep = torch.zeros(len(self.rows), s, dtype=torch.bool, device=hidden.device)
         vis_keep.scatter_(1, probe["vis_idx"], keep_vis & probe["vis_ok"])
         keep[self.rows] |= vis_keep
-        return self._drop_slots(hidden, keep, idx)
+        return self.drop_slots(hidden, keep, idx)
 
-    def _drop_slots(self, hidden, keep, idx):
+    def drop_slots(self, hidden, keep, idx):
         """Keep the slots in `keep` (B, S); the others leave the sequence here."""
         b, s, d = hidden.shape
         # Dropped tokens exit here with their current hidden state; fillers write to the sink at position L.

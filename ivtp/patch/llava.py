@@ -33,7 +33,7 @@ from ivtp.ops.sequence import (
     placeholder_counts,
     shrink_placeholders,
 )
-from ivtp.methods import VisionRunner, build_vision_runner
+from ivtp.methods import VisionRunner, build_llm_plan, build_vision_runner
 from ivtp.patch.clip import VisionOutput, patch_attention, tower_patches
 from ivtp.patch.llama import (
     SUPPORTED_ATTENTION,
@@ -41,10 +41,6 @@ from ivtp.patch.llama import (
     LLMPlan,
     LLMTrace,
     PrunedLlamaModel,
-    make_fastv_plan,
-    make_llm_plan,
-    make_sparsevlm_plan,
-    make_visiondrop_plan,
     patch_llama_attention,
 )
 
@@ -285,9 +281,10 @@ class PrunedLlavaForConditionalGeneration:
         stage = state.config.llm
         vision = state.last_vision
         images = visual.sum(1) // state.tokens_per_image  # (B,)
-        if state.llm_plan.scorer == "sparsevlm":
+        need = state.llm_plan.step.guidance
+        if need == "raters":
             return self._raters(input_ids, visual, instr, images, image_features)
-        if state.llm_plan.scorer != "ivtp":  # FastV reads no text guidance, only its prompt's last token
+        if need == "last_prompt":  # no text guidance, only each prompt's last token
             state.last_guidance = []
             idx = torch.arange(visual.shape[1], device=visual.device)[None]
             real = attention_mask.bool() if attention_mask is not None else torch.ones_like(visual)
@@ -483,16 +480,7 @@ def make_plans(cfg: PruneConfig, llava_config) -> tuple[VisionRunner, LLMPlan | 
     """What runs before the LLM and what prunes inside it, resolved against a model's config alone (no weights:
     `ivtp flops` prices a config this way). Raises ConfigError for budgets the model cannot meet."""
     runner = build_vision_runner(cfg, llava_config.vision_config, llava_config.vision_feature_layer)
-    n_llm_layers = llava_config.text_config.num_hidden_layers
-    llm_plan = None
-    if cfg.uses_llm_stage:
-        llm_plan = make_llm_plan(cfg.llm, n_llm_layers, runner.tokens_per_image)
-    elif cfg.method == "fastv":
-        llm_plan = make_fastv_plan(cfg.fastv, n_llm_layers, runner.tokens_per_image)
-    elif cfg.method == "visiondrop" and cfg.visiondrop.llm:
-        llm_plan = make_visiondrop_plan(cfg.visiondrop, n_llm_layers, runner.tokens_per_image)
-    elif cfg.method == "sparsevlm":
-        llm_plan = make_sparsevlm_plan(cfg.sparsevlm, n_llm_layers, runner.tokens_per_image)
+    llm_plan = build_llm_plan(cfg, llava_config.text_config.num_hidden_layers, runner.tokens_per_image)
     return runner, llm_plan
 
 

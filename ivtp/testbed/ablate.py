@@ -321,13 +321,13 @@ def headline(row: Row) -> tuple[float, float | None]:
 
 def line_colours(n: int) -> list[tuple]:
     """n distinct RGBA colours for the lines of one plot: the default cycle repeats after 10, and the methods
-    plot has more lines (random and tome+ shared one)."""
+    plot has more lines (random and tome+ shared one). tab10, then Dark2: 18 hues that stay apart."""
     from matplotlib import colormaps
 
-    cmap = colormaps["tab20" if n > 10 else "tab10"]
-    if n > cmap.N:
-        raise ValueError(f"{n} lines: more than the {cmap.N} distinct colours of {cmap.name}")
-    return [cmap(i) for i in range(n)]
+    palette = [colormaps["tab10"](i) for i in range(10)] + [colormaps["Dark2"](i) for i in range(8)]
+    if n > len(palette):
+        raise ValueError(f"{n} lines: more than the {len(palette)} distinct colours of the palette")
+    return palette[:n]
 
 
 def write_reports(rows: list[Row], out: str) -> dict[str, str]:

@@ -1,0 +1,67 @@
+"""SparseVLM (Zhang et al., ICML 2025), v1.5 of its code: text raters chosen from the input embeddings; after LLM
+layers 2, 6 and 15 the visual tokens the raters attend to most stay, and the best deleted ones are recycled into
+cluster means (the tensor algorithms: ivtp/ops/sparsevlm.py; notes: docs/sparsevlm_notes.md). Nothing is pruned
+before the LLM."""
+
+from __future__ import annotations
+
+import torch
+
+from ivtp.config import ConfigError
+from ivtp.methods import register, register_llm
+from ivtp.methods.base import LLMStep
+from ivtp.ops.sparsevlm import score_visual, sparsevlm_prune, sparsevlm_schedule, sparsevlm_visual_counts
+from ivtp.patch.llama import LLMPlan
+
+
+class SparseVLMStep(LLMStep):
+    """A stage on its layer's output: keep the visual tokens the raters attend to most; recycle the best deleted
+    ones into cluster means, each placed in its cluster centre's slot (docs/methods.md)."""
+
+    prefix = "sparsevlm"
+    guidance = "raters"
+
+    def __init__(self, keeps: list[int], recycle: bool):
+        self.keeps = keeps  # per stage: tokens kept per image, before recycling
+        self.recycle = recycle
+
+    def probe(self, run, g, lo, hi, idx, layer, hidden):
+        return run.rater_probe(run.text_slots(run.g.text_select))  # the raters, as slots
+
+    def after_layer(self, run, g, lo, hi, idx, hidden):
+        probe = run.last_probe
+        scores = score_visual(probe["attn_visual"], probe["rater_ok"])  # (B', Nv)
+        keep_slots = torch.zeros_like(run.slot_visual)
+        hidden = hidden.clone()
+        for i, r in enumerate(run.row_list):
+            n_vis = int(probe["vis_ok"][i].sum())
+            vis = probe["vis_idx"][i, :n_vis]  # (Nv,) slots, ascending
+            res = sparsevlm_prune(hidden[r, vis][None], scores[i : i + 1, :n_vis], self.keeps[g] * run.images[r],
+                                  self.recycle)
+            keep_slots[r, vis[res.kept[0]]] = True
+            if res.recycled is not None:
+                centres = vis[res.deleted[0, res.recycled.centers[0]]]
+                keep_slots[r, centres] = True
+                hidden[r, centres] = res.recycled.tokens[0].to(hidden.dtype)
+        return run.drop_slots(hidden, run.slot_real & ~run.slot_visual | keep_slots, idx)
+
+
+@register_llm("sparsevlm")
+def plan(config, num_layers: int, tokens_in: int) -> LLMPlan:
+    """Prune the outputs of its schedule's layers to its counts (kept plus recycled)."""
+    section = config.sparsevlm
+    stages = sparsevlm_schedule(section.budget)
+    for stage in stages:
+        if stage.layer >= num_layers:
+            raise ConfigError(f"sparsevlm: it prunes at layer {stage.layer}, past the model's last ({num_layers - 1})")
+    counts = sparsevlm_visual_counts(stages, tokens_in, section.recycle)
+    return LLMPlan([(st.layer, st.layer) for st in stages], counts, tokens_in,
+                   SparseVLMStep([st.keep for st in stages], section.recycle))
+
+
+@register("sparsevlm")
+def build(config, tower_config, feature_layer: int):
+    """Before the LLM, every patch goes through."""
+    from ivtp.methods.ivtp import GTPRunner
+
+    return GTPRunner.passthrough(tower_config, feature_layer)
