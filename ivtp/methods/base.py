@@ -33,10 +33,22 @@ class LLMStep:
     _PrefillRun: its probes (new_probe, rater_probe, pseudo_cls_probe), slots and drops (drop_visual, drop_slots)."""
 
     prefix = "llm"  # step names: <prefix>.layers<lo>-<hi>
-    # What the LLaVA level prepares for it (PrunedLlavaModel._guidance): 'pseudo_cls' (IVTP's CLIP-text
-    # selection and fallback), 'raters' (SparseVLM's text raters), or 'last_prompt' (each row's last prompt token).
-    guidance = "last_prompt"
     layers_after = 0  # layers past a group's top that its scoring reads (VisionDrop scores with the next one)
+
+    def guidance(self, embed, input_ids, visual, instr, images, attention_mask, prompt_len, image_features):
+        """What the decoder is handed for one prefill (an LLMGuidance), or None for IVTP's pseudo-CLS guidance,
+        which the LLaVA level builds. visual, instr: (B, L) bool, the placeholders and the instruction; images:
+        (B,) per row; embed: the LLM's input embeddings; image_features: the images' features, in row order.
+        By default, each row's last prompt token (FastV's query; prompt_len: where generate's prompt ends)."""
+        from ivtp.patch.llama import LLMGuidance
+
+        idx = torch.arange(visual.shape[1], device=visual.device)[None]
+        real = attention_mask.bool() if attention_mask is not None else torch.ones_like(visual)
+        if prompt_len is not None:  # generate without a cache re-runs prompt + answer: the prompt's end
+            real = real & (idx < prompt_len)
+        return LLMGuidance(visual=visual, images=images, text_select=torch.zeros_like(visual),
+                           fallback=torch.zeros(len(images), 1, device=visual.device),
+                           last_prompt=torch.where(real, idx, -1).max(-1).values)
 
     def probe(self, run, g: int, lo: int, hi: int, idx: int, layer, hidden):
         """The probe layer idx's attention fills, or None (the stock layer runs)."""

@@ -15,8 +15,7 @@ from ivtp.patch.llama import LLMPlan
 
 
 class FastVStep(LLMStep):
-    prefix = "fastv"
-    guidance = "last_prompt"
+    prefix = "fastv"  # its query: the default guidance, each row's last prompt token
 
     def probe(self, run, g, lo, hi, idx, layer, hidden):
         # One rater per row: the slot still holding the prompt's last position.

@@ -53,10 +53,11 @@ class GTPStep(LLMStep):
     pseudo-CLS row; the rollout (or the configured aggregation) of that row times ||V|| ranks the visual tokens,
     and the top count per image stay."""
 
-    guidance = "pseudo_cls"
-
     def __init__(self, aggregation: str):
         self.aggregation = aggregation
+
+    def guidance(self, *args):
+        return None  # the pseudo-CLS: the LLaVA level builds it (CLIP-text selection, the visual [CLS] fallback)
 
     def probe(self, run, g, lo, hi, idx, layer, hidden):
         mode = probe_modes(self.aggregation, hi - lo + 1)[idx - lo]

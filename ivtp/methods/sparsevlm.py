@@ -10,8 +10,9 @@ import torch
 from ivtp.config import ConfigError
 from ivtp.methods import register, register_llm
 from ivtp.methods.base import LLMStep
-from ivtp.ops.sparsevlm import score_visual, sparsevlm_prune, sparsevlm_schedule, sparsevlm_visual_counts
-from ivtp.patch.llama import LLMPlan
+from ivtp.ops.sparsevlm import (score_visual, select_raters, sparsevlm_prune, sparsevlm_schedule,
+                                sparsevlm_visual_counts, text_relevance)
+from ivtp.patch.llama import LLMGuidance, LLMPlan
 
 
 class SparseVLMStep(LLMStep):
@@ -19,11 +20,33 @@ class SparseVLMStep(LLMStep):
     ones into cluster means, each placed in its cluster centre's slot (docs/methods.md)."""
 
     prefix = "sparsevlm"
-    guidance = "raters"
 
     def __init__(self, keeps: list[int], recycle: bool):
         self.keeps = keeps  # per stage: tokens kept per image, before recycling
         self.recycle = recycle
+
+    def guidance(self, embed, input_ids, visual, instr, images, attention_mask, prompt_len, image_features):
+        """The text raters, from the input embeddings: the instruction tokens whose softmax relevance to the row's
+        visual tokens is above the mean."""
+        embeds = embed(input_ids)  # (B, L, D)
+        raters = torch.zeros_like(visual)
+        feats = iter(image_features)
+        for r in range(len(images)):
+            row_images = [next(feats) for _ in range(int(images[r]))]
+            text_pos = torch.nonzero(instr[r]).flatten()
+            if not row_images:
+                continue
+            if len(text_pos) == 0:  # SparseVLM ranks the image by the text's attention: no text, no ranking
+                raise ValueError(
+                    f"sparsevlm: row {r} has an image but no instruction text after it to rate the visual tokens "
+                    "(the prompt ends at the image, or the labels supervise the instruction too: only unsupervised "
+                    "tokens after the last image count). SparseVLM needs a text prompt; IVTP falls back to the "
+                    "image's [CLS] instead")
+            vis = torch.cat(row_images)[None].to(embeds.dtype)  # (1, Nv, D)
+            chosen = select_raters(text_relevance(vis, embeds[r, text_pos][None]))[0]  # (Nt,)
+            raters[r, text_pos[chosen]] = True
+        return LLMGuidance(visual=visual, images=images, text_select=raters,
+                           fallback=torch.zeros(len(images), 1, device=visual.device))
 
     def probe(self, run, g, lo, hi, idx, layer, hidden):
         return run.rater_probe(run.text_slots(run.g.text_select))  # the raters, as slots

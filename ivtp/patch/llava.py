@@ -236,32 +236,6 @@ class PrunedLlavaForConditionalGeneration:
                                past_key_values=past_key_values, inputs_embeds=inputs_embeds,
                                mm_encoder_outputs={"image": image_outputs}, ivtp_guidance=guidance, **kwargs)
 
-    def _raters(self, input_ids, visual, instr, images, image_features) -> LLMGuidance:
-        """SparseVLM's text raters, from the input embeddings: the instruction tokens whose softmax relevance to
-        the row's visual tokens is above the mean."""
-        from ivtp.ops.sparsevlm import select_raters, text_relevance
-
-        embeds = self.get_input_embeddings()(input_ids)  # (B, L, D)
-        raters = torch.zeros_like(visual)
-        feats = iter(image_features)
-        for r in range(len(images)):
-            row_images = [next(feats) for _ in range(int(images[r]))]
-            text_pos = torch.nonzero(instr[r]).flatten()
-            if not row_images:
-                continue
-            if len(text_pos) == 0:  # SparseVLM ranks the image by the text's attention: no text, no ranking
-                raise ValueError(
-                    f"sparsevlm: row {r} has an image but no instruction text after it to rate the visual tokens "
-                    "(the prompt ends at the image, or the labels supervise the instruction too: only unsupervised "
-                    "tokens after the last image count). SparseVLM needs a text prompt; IVTP falls back to the "
-                    "image's [CLS] instead")
-            vis = torch.cat(row_images)[None].to(embeds.dtype)  # (1, Nv, D)
-            chosen = select_raters(text_relevance(vis, embeds[r, text_pos][None]))[0]  # (Nt,)
-            raters[r, text_pos[chosen]] = True
-        self.ivtp_state.last_guidance = []
-        return LLMGuidance(visual=visual, images=images, text_select=raters,
-                           fallback=torch.zeros(len(images), 1, device=visual.device))
-
     @torch.profiler.record_function("ivtp.guidance")  # `ivtp bench` prices this range as scoring, like _guidance
     def _instruction_text(self, input_ids, instr) -> gd.InstructionText:
         """The image-independent half of IVTP's CLIP guidance (gd.prepare_clip). instr: (B, L) bool."""
@@ -281,18 +255,11 @@ class PrunedLlavaForConditionalGeneration:
         stage = state.config.llm
         vision = state.last_vision
         images = visual.sum(1) // state.tokens_per_image  # (B,)
-        need = state.llm_plan.step.guidance
-        if need == "raters":
-            return self._raters(input_ids, visual, instr, images, image_features)
-        if need == "last_prompt":  # no text guidance, only each prompt's last token
+        own = state.llm_plan.step.guidance(self.get_input_embeddings(), input_ids, visual, instr, images,
+                                           attention_mask, prompt_len, image_features)
+        if own is not None:  # the step's own (FastV's query, SparseVLM's raters): no pseudo-CLS to report
             state.last_guidance = []
-            idx = torch.arange(visual.shape[1], device=visual.device)[None]
-            real = attention_mask.bool() if attention_mask is not None else torch.ones_like(visual)
-            if prompt_len is not None:  # generate without a cache re-runs prompt + answer: the prompt's end
-                real = real & (idx < prompt_len)
-            return LLMGuidance(visual=visual, images=images, text_select=torch.zeros_like(visual),
-                               fallback=torch.zeros(len(images), 1, device=visual.device),
-                               last_prompt=torch.where(real, idx, -1).max(-1).values)
+            return own
         row_of_image = torch.repeat_interleave(torch.arange(len(images), device=images.device), images)  # (n_img,)
 
         def per_row(x):  # (n_img, D) -> (B, D): the mean over each row's images (zeros for text-only rows)
