@@ -261,6 +261,7 @@ class RandomSection(KeepSection):
 
 
 EVIT_FUSIONS = ("sum", "mean")
+VISIONDROP_POSITIONS = ("renumber", "keep")
 TOME_ORDERS = ("tome", "spatial")  # ivtp.ops.merge.bipartite_soft_matching's orders
 
 
@@ -330,15 +331,20 @@ class VisionDropSection:
     merged from the rest by key similarity; then, at the input of each LLM layer in `llm`, the same with
     visual-to-visual attention: [layer, dominant, contextual] per stage (48 -> 35 -> 26 -> 19 by default).
     `cls` true (its authors' code): [CLS] is one of the encoder's dominant tokens, so `dominant - 1` patches join
-    it and the LLM reads the [CLS] feature first. false (ours): `dominant` patches, no [CLS]."""
+    it and the LLM reads the [CLS] feature first. false (ours): `dominant` patches, no [CLS].
+    `positions` 'renumber' (its authors' code): an LLM stage rebuilds the sequence from the survivors, contextual
+    tokens after the dominant ones, numbered 0, 1, ... again. 'keep' (ours): survivors keep their positions and a
+    contextual token takes its target's."""
 
     dominant: int = 42
     contextual: int = 6
     llm: list = field(default_factory=lambda: [[8, 30, 5], [16, 22, 4], [24, 16, 3]])
     cls: bool = True
+    positions: str = "renumber"
 
     def validate(self, prefix: str) -> None:
         _check_bool(self.cls, f"{prefix}.cls")
+        _check_choice(self.positions, VISIONDROP_POSITIONS, f"{prefix}.positions")
         _check_int(self.dominant, f"{prefix}.dominant", 1 if self.cls else 0)  # with cls, [CLS] is one of them
         _check_int(self.contextual, f"{prefix}.contextual", 0)
         if self.dominant + self.contextual < 1:

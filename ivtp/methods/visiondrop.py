@@ -42,25 +42,33 @@ class VisionDropRunner(PeerRunner):
 
 class VisionDropStep(LLMStep):
     """One LLM stage at the input of layer idx + 1: score the visual tokens with that layer's own q/k (head mean,
-    then query mean, causal), keep the dominant ones, merge the rest into contextual tokens that take their
-    targets' slots."""
+    then query mean, causal), keep the dominant ones, merge the rest into contextual tokens.
+
+    renumber (its authors' code): the sequence is rebuilt from the survivors, [prefix, dominant tokens in order,
+    contextual tokens, the rest], and numbered 0, 1, ... again. Without (ours): every survivor keeps its position
+    and a contextual token takes its target's."""
 
     prefix = "visiondrop"
     layers_after = 1  # it scores with the layer after its group
 
-    def __init__(self, splits: list[tuple[int, int]]):
+    def __init__(self, splits: list[tuple[int, int]], renumber: bool = True):
         self.splits = splits  # per stage: (dominant, contextual) per image
+        self.renumber = renumber
 
     def after_layer(self, run, g, lo, hi, idx, hidden):
         layer = run.model.layers[idx + 1]
         dominant, contextual = self.splits[g]
         keep_slots = torch.zeros_like(run.slot_visual)
+        order_key = torch.arange(hidden.shape[1], device=hidden.device, dtype=torch.float32).expand_as(keep_slots)
+        order_key = order_key.clone()  # (B, S): slot order, contextual tokens moved after the dominant ones
+        positions = run.current_positions()
         hidden = hidden.clone()
         for r in run.row_list:  # rows differ in visual counts; B is small
             vis = torch.nonzero(run.slot_visual[r]).flatten()  # (Nv,) slots, ascending
-            prefix = torch.nonzero(run.slot_ok[r] & (run.slot_pos[r] < run.slot_pos[r, vis[0]])).flatten()
+            slots = torch.arange(hidden.shape[1], device=hidden.device)
+            prefix = torch.nonzero(run.slot_ok[r] & (slots < vis[0])).flatten()
             tokens = torch.cat([prefix, vis])
-            pos = run.full_position_ids[r, run.slot_pos[r, tokens]][None]  # (1, P + Nv)
+            pos = positions[r, tokens][None]  # (1, P + Nv)
             q, k = run.query_key(layer, hidden[r, tokens][None], pos)  # (1, H, P + Nv, Dh), (1, Hkv, ...)
             p = len(prefix)
             with torch.no_grad():
@@ -71,8 +79,13 @@ class VisionDropStep(LLMStep):
             keep_slots[r, vis[res.dominant[0]]] = True
             targets = vis[res.targets[0]]
             keep_slots[r, targets] = True
-            hidden[r, targets] = res.tokens[0, dominant * n_img :]  # contextual tokens sit at their targets
-        return run.drop_slots(hidden, run.slot_real & ~run.slot_visual | keep_slots, idx)
+            hidden[r, targets] = res.tokens[0, dominant * n_img :]  # contextual tokens sit at their targets' slots
+            # ... and, renumbered, after the last visual slot, in target order
+            order_key[r, targets] = vis[-1] + torch.arange(1, len(targets) + 1, device=hidden.device) / (len(targets) + 1)
+        keep = run.slot_real & ~run.slot_visual | keep_slots
+        if not self.renumber:
+            return run.drop_slots(hidden, keep, idx)
+        return run.drop_slots(hidden, keep, idx, order_key=order_key, renumber=True)
 
 
 @register_llm("visiondrop")
@@ -86,7 +99,7 @@ def plan(config, num_layers: int, tokens_in: int) -> LLMPlan | None:
             raise ConfigError(f"visiondrop.llm: layer {layer} is past the model's last decoder layer ({num_layers - 1})")
     groups = [(layer - 1, layer - 1) for layer, _, _ in section.llm]
     return LLMPlan(groups, [d + c for _, d, c in section.llm], tokens_in,
-                   VisionDropStep([(d, c) for _, d, c in section.llm]))
+                   VisionDropStep([(d, c) for _, d, c in section.llm], section.positions == "renumber"))
 
 
 register("visiondrop")(lambda config, tower_config, feature_layer:

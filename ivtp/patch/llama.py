@@ -249,6 +249,14 @@ class DecodeState:
     prefill_len: int
     segments: list[tuple[int, torch.Tensor]]  # (first layer of the segment, key_ok (B, S) of its prefill slots)
     dense: list[bool]  # per segment: every prefill slot is a usable key (no padding, fillers), known on the host
+    # per segment: None (positions kept), or (B,) how far a renumbered segment's positions sit below the input's:
+    # a new token at position p takes p - shift in its layers, right after the survivors (drop_slots' renumber)
+    shifts: list = field(default_factory=list)
+
+    def positions(self, seg: int, position_ids: torch.Tensor) -> torch.Tensor | None:
+        """The new tokens' positions in segment `seg`'s layers, or None where they are the input's."""
+        shift = self.shifts[seg] if self.shifts else None
+        return None if shift is None else position_ids - shift[:, None]  # (B, q)
 
     def segment_for(self, layer_idx: int) -> int | None:
         """Index of the segment a layer belongs to (the last one starting at or before it), or None."""
@@ -328,6 +336,7 @@ class PrunedLlamaModel:
             past_key_values = DynamicCache(config=self.config)
         run = None
         decode_masks: dict[int, torch.Tensor | None] = {}  # one mask per pruned segment, shared by its layers
+        decode_positions: dict[int, tuple] = {}  # a renumbered segment's (position ids, cos/sin), shared likewise
         premade = isinstance(attention_mask, dict)
         if premade:
             # A decode step whose masks generate built beforehand (create_masks_for_generate, static cache): no
@@ -369,6 +378,12 @@ class PrunedLlamaModel:
                     decode_masks[seg] = decode.mask(seg, attention_mask, past_len, hidden.shape[1], past_key_values,
                                                     self.config._attn_implementation, hidden.dtype, sdpa_unmasked)
                 mask = decode_masks[seg]
+                if seg not in decode_positions:
+                    shifted = decode.positions(seg, position_ids)
+                    decode_positions[seg] = (None if shifted is None else
+                                             (shifted, self.rotary_emb(hidden, position_ids=shifted)))
+                if decode_positions[seg] is not None:
+                    pos_ids, pos_emb = decode_positions[seg]
             hidden = layer(hidden, attention_mask=mask, position_embeddings=pos_emb, position_ids=pos_ids,
                            past_key_values=past_key_values, use_cache=use_cache, ivtp_probe=probe, **kwargs)
             if run is not None:
@@ -377,7 +392,8 @@ class PrunedLlamaModel:
             hidden = run.finish(hidden)
             self.ivtp_state.last_llm_trace = run.trace
             if past_key_values is not None:
-                past_key_values.ivtp_decode = DecodeState(inputs_embeds.shape[1], run.segments, run.dense)
+                past_key_values.ivtp_decode = DecodeState(inputs_embeds.shape[1], run.segments, run.dense,
+                                                          run.shifts)
         hidden = self.norm(hidden)
         return BaseModelOutputWithPast(last_hidden_state=hidden, past_key_values=past_key_values)
 
@@ -405,6 +421,7 @@ class _PrefillRun:
         self.full_embeddings = tuple(e.expand(b, -1, -1) for e in position_embeddings)
         self.exit_hidden = None  # (B, L + 1, D): dropped tokens' last hidden state (+1: a sink for fillers)
         self.pruned = False
+        self.renumbered = False  # positions rebuilt from the survivors (drop_slots' renumber)
         self.mask = self.position_ids = self.position_embeddings = None
         # What the host must know of the rows, in one copy: per-row reads would each wait for the device.
         self.n_visual = [guidance.visual.sum(-1)]  # per step, (B,) visual tokens per row (for the trace)
@@ -415,6 +432,7 @@ class _PrefillRun:
         self.all_rows = len(rows) == b  # then x[rows] is x itself: skip the copies
         self.segments: list[tuple[int, torch.Tensor]] = []
         self.dense: list[bool] = []  # per segment: every slot usable as a key (DecodeState)
+        self.shifts: list = []  # per segment: None, or (B,) a renumbered segment's position shift (DecodeState)
         per_image = [visual_counts[r] // self.images[r] for r in rows]
         if any(n != self.plan.tokens_in for n in per_image):
             raise ValueError(f"stage 2 expected {self.plan.tokens_in} visual tokens per image, got {per_image}")
@@ -544,8 +562,17 @@ class _PrefillRun:
         keep[self.rows] |= vis_keep
         return self.drop_slots(hidden, keep, idx)
 
-    def drop_slots(self, hidden, keep, idx):
-        """Keep the slots in `keep` (B, S); the others leave the sequence here."""
+    def current_positions(self) -> torch.Tensor:
+        """(B, S) the RoPE position of each slot in the layers now running."""
+        return self.position_ids if self.pruned else self.full_position_ids
+
+    def drop_slots(self, hidden, keep, idx, order_key: torch.Tensor | None = None, renumber: bool = False):
+        """Keep the slots in `keep` (B, S); the others leave the sequence here.
+
+        By default the kept slots stay in order and keep their positions. order_key (B, S) float reorders them
+        (ascending key; a merged token placed after the ones it follows). renumber: from here on, the slots take
+        consecutive positions in their new order (0, 1, ..., as a sequence rebuilt from the survivors would), and
+        decode steps in these layers continue from there (DecodeState.positions)."""
         b, s, d = hidden.shape
         # Dropped tokens exit here with their current hidden state; fillers write to the sink at position L.
         if self.exit_hidden is None:
@@ -556,7 +583,11 @@ class _PrefillRun:
         n_keep = keep.sum(-1)  # (B,)
         fits = (n_keep == n_keep.max()).all() & (self.slot_ok | ~keep).all()
         width, dense = torch.stack([n_keep.max(), fits]).tolist()
-        order = torch.sort((~keep).to(torch.int8), dim=-1, stable=True).indices[:, :width]  # (B, S')
+        if order_key is None:
+            order = torch.sort((~keep).to(torch.int8), dim=-1, stable=True).indices[:, :width]  # (B, S')
+        else:
+            key = torch.where(keep, order_key.float(), float("inf"))
+            order = torch.sort(key, dim=-1, stable=True).indices[:, :width]  # (B, S')
         kept = torch.gather(keep, 1, order)
         hidden = torch.gather(hidden, 1, order[..., None].expand(-1, -1, d))  # (B, S', D)
         self.slot_pos = torch.gather(self.slot_pos, 1, order)
@@ -566,8 +597,11 @@ class _PrefillRun:
         self._vis_slots = self._pcls_slots = None
         self._masks = {}
         self.pruned = True
-        self.position_ids = torch.gather(self.full_position_ids, 1, self.slot_pos)
-        self.position_embeddings = tuple(torch.gather(e, 1, self.slot_pos[..., None].expand(-1, -1, e.shape[-1]))
+        self.renumbered = self.renumbered or renumber
+        # Which input position's id and cos/sin each slot takes: its own, or renumbered, the i-th slot the i-th.
+        source = torch.arange(width, device=keep.device)[None].expand(b, -1) if self.renumbered else self.slot_pos
+        self.position_ids = torch.gather(self.full_position_ids, 1, source)
+        self.position_embeddings = tuple(torch.gather(e, 1, source[..., None].expand(-1, -1, e.shape[-1]))
                                          for e in self.full_embeddings)
         impl = self.model.config._attn_implementation
         keys = _key_width(self.cache, idx + 1, width, width)
@@ -578,9 +612,13 @@ class _PrefillRun:
             # 166-230 tokens on a CPU.
             self.mask = None
         else:
-            self.mask = _format_mask(_prefill_mask(self.slot_pos, self.slot_ok), impl, hidden.dtype, keys)
+            causal_by = self.position_ids if self.renumbered else self.slot_pos  # both ascend along the slots
+            self.mask = _format_mask(_prefill_mask(causal_by, self.slot_ok), impl, hidden.dtype, keys)
         self.segments.append((idx + 1, self.slot_ok.clone()))
         self.dense.append(bool(dense))
+        # A row's survivors hold positions 0..n_keep-1 (fillers after them), so a new token at input position p sits
+        # at p - (L - n_keep) in these layers.
+        self.shifts.append(self.length - n_keep if self.renumbered else None)
         self.n_visual.append(self.slot_visual.sum(-1))
         return hidden
 

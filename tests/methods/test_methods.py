@@ -305,6 +305,83 @@ def test_evit_prunes_and_fuses_as_its_authors_do(small_llava, images):
     assert not torch.allclose(seen[1][:, -1], expected[:, -1], rtol=1e-3, atol=1e-3)
 
 
+def visiondrop_llm_reference(stock, embeds, start: int, n: int, stages) -> torch.Tensor:
+    """VisionDrop's LLM stages re-derived from its paper and code, one row without padding, over the stock
+    decoder layers. At the input of layer L of a stage [L, d, c]: layer L's own q and k at the current positions;
+    each image token's attention over its whole causal row, the head mean, read at the image columns and averaged
+    over the image queries; the d highest stay, in order; the other image tokens give c targets at a stride and the
+    rest join the target whose RoPE'd head-mean key is most cosine-similar; a contextual token is its target plus
+    its members' mean. The sequence is rebuilt as [before, dominant, contextual, after] and numbered 0, 1, ...
+    again. Returns the last token's logits."""
+    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb, repeat_kv
+
+    lm = stock.model.language_model
+    h, at = embeds, {layer: (d, c) for layer, d, c in stages}
+    for i, layer in enumerate(lm.layers):
+        rope = lm.rotary_emb(h, torch.arange(h.shape[1])[None])
+        if i in at:
+            d, c = at[i]
+            attn, x, length = layer.self_attn, layer.input_layernorm(h), h.shape[1]
+            q = attn.q_proj(x).view(1, length, -1, attn.head_dim).transpose(1, 2)
+            k = attn.k_proj(x).view(1, length, -1, attn.head_dim).transpose(1, 2)
+            q, k = apply_rotary_pos_emb(q, k, *rope)
+            logits = q[:, :, start:start + n] @ repeat_kv(k, attn.num_key_value_groups).transpose(-1, -2) * attn.scaling
+            later = torch.arange(length)[None, :] > torch.arange(start, start + n)[:, None]  # (n, L) future keys
+            probs = logits.masked_fill(later, float("-inf")).softmax(-1)  # (1, H, n, L)
+            score = probs.mean(1)[0][:, start:start + n].mean(0)  # (n,)
+            dominant = score.topk(d).indices.sort().values
+            rest = torch.tensor([j for j in range(n) if j not in set(dominant.tolist())])
+            metric = k[0].mean(0)[start:start + n][rest]
+            metric = metric / metric.norm(dim=-1, keepdim=True)
+            is_target = torch.zeros(len(rest), dtype=torch.bool)
+            is_target[torch.arange(0, len(rest), max(1, len(rest) // c))[:c]] = True
+            nearest = (metric[~is_target] @ metric[is_target].T).argmax(-1)
+            image = h[0, start:start + n]
+            members = torch.nn.functional.one_hot(nearest, c).float().T  # (c, M)
+            contextual = image[rest][is_target] + members @ image[rest][~is_target] / members.sum(-1, keepdim=True).clamp_min(1)
+            h = torch.cat([h[:, :start], image[dominant][None], contextual[None], h[:, start + n:]], dim=1)
+            n = d + c
+            rope = lm.rotary_emb(h, torch.arange(h.shape[1])[None])
+        h = layer(h, attention_mask=None, position_embeddings=rope, position_ids=torch.arange(h.shape[1])[None])
+    return stock.lm_head(lm.norm(h))[0, -1]
+
+
+def test_visiondrop_llm_stages_as_its_authors_run_them(small_llava, images):
+    """The last token's logits equal the re-derivation fed the same LLM input (renumbered positions, contextual
+    tokens after the dominant ones); keeping the positions (ours) does not."""
+    stages = [[2, 16, 4], [4, 12, 4]]
+    out = {}
+    for positions in ("renumber", "keep"):
+        model, processor = pruned(small_llava, {"method": "visiondrop", "visiondrop": {
+            "dominant": 24, "contextual": 8, "llm": stages, "positions": positions}})
+        seen = {}
+        model.model.language_model.register_forward_pre_hook(
+            lambda m, args, kwargs: seen.update(embeds=kwargs["inputs_embeds"]), with_kwargs=True)
+        batch = batch_of(processor, images(1), ["Where is the red circle in the picture?"])
+        with torch.no_grad():
+            out[positions] = model(**batch).logits[0, -1]
+        visual = model.ivtp_state.last_llm_trace.visual_positions[0]
+    stock, _ = small_llava()
+    with torch.no_grad():
+        expected = visiondrop_llm_reference(stock, seen["embeds"], int(visual[0]), len(visual),
+                                            [[layer, d, c] for layer, d, c in stages])
+    torch.testing.assert_close(out["renumber"], expected, rtol=1e-4, atol=1e-4)
+    assert not torch.allclose(out["keep"], expected, rtol=1e-3, atol=1e-3)
+
+
+def test_visiondrop_renumbered_batch_equals_single_rows(small_llava, images):
+    """Renumbering under left padding and a text-only row: each row's last logits as when run alone."""
+    model, processor = pruned(small_llava, {"method": "visiondrop", "visiondrop": {
+        "dominant": 24, "contextual": 8, "llm": [[2, 16, 4], [4, 12, 4]]}})
+    questions = ["What colour is it?", "Is there a large red square anywhere in the picture?", "Hi"]
+    pictures = images(2) + [None]
+    with torch.no_grad():
+        batched = model(**batch_of(processor, pictures, questions)).logits[:, -1]
+        for r in range(3):
+            alone = model(**batch_of(processor, pictures[r : r + 1], questions[r : r + 1])).logits[0, -1]
+            torch.testing.assert_close(batched[r], alone, rtol=1e-4, atol=1e-4)
+
+
 def test_sparsevlm_at_llava15_geometry_follows_its_schedule(images):
     """On 576 patches and 32 layers, budget 64 keeps 66, 30, 17 at layers 2, 6, 15, plus recycled tokens:
     82 -> 32 -> 18 visual tokens (the authors' table)."""
