@@ -98,6 +98,8 @@ def check_prompts(model, processor, prompts: list[tuple[str, bool]], max_new_tok
     positions run past max_position_embeddings without an error, into positions it never trained on, so
     without this check such a prompt is answered without a word. A prompt that fits but leaves less than
     `max_new_tokens` is logged. `ids` name the prompts in errors (default: their index)."""
+    if not prompts:  # a resumed run with nothing left to answer
+        return
     limit = model.config.text_config.max_position_embeddings
     patches = num_patches(model.config)
     longest = (-1, 0)

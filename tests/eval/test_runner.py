@@ -147,6 +147,10 @@ def test_cli_eval_end_to_end_with_pruned_model(tmp_path, capsys):
     assert run_info["prune_config"]["method"] == "ivtp" and run_info["max_new_tokens"] == 2
     assert main(argv[:-1] + ["--score-only", "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["result"]["metrics"] == result["metrics"]
+    # Run again on the finished folder: nothing left to answer (the prompt checks run on an empty list).
+    assert main(argv) == 0
+    again = json.loads(capsys.readouterr().out)
+    assert again["answered_now"] == 0 and again["result"]["metrics"] == result["metrics"]
     # A resumed run with another budget is refused before the model loads.
     assert main(argv + ["--method", "topk"]) == 2
     assert "holds a run with other settings" in capsys.readouterr().err
