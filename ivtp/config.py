@@ -261,7 +261,7 @@ class RandomSection(KeepSection):
 
 
 EVIT_FUSIONS = ("sum", "mean")
-VISIONDROP_POSITIONS = ("renumber", "keep")
+VISIONDROP_POSITIONS = ("renumber", "keep")  # also SparseVLM's positions
 TOME_ORDERS = ("tome", "spatial")  # ivtp.ops.merge.bipartite_soft_matching's orders
 
 
@@ -367,12 +367,17 @@ class VisionDropSection:
 class SparseVLMSection:
     """SparseVLM (Zhang et al., ICML 2025), v1.5: text raters from the input embeddings; at LLM layers 2, 6 and 15
     the raters' attention ranks the visual tokens, the best are kept and the deleted ones partly recycled into
-    cluster means. `budget` is its layer-averaged token budget (64, 96, 128 or 192), which fixes its schedule."""
+    cluster means. `budget` is its layer-averaged token budget (64, 96, 128 or 192), which fixes its schedule.
+    `positions` 'renumber' (its v1.5 code): a stage rebuilds the sequence, [prefix, kept image tokens, recycled
+    tokens, text], numbered 0, 1, ... again. 'keep' (its v2.0, and ours before): survivors keep their positions and
+    a recycled token takes its cluster centre's."""
 
     budget: int = 64
     recycle: bool = True
+    positions: str = "renumber"
 
     def validate(self, prefix: str) -> None:
+        _check_choice(self.positions, VISIONDROP_POSITIONS, f"{prefix}.positions")
         if self.budget not in (64, 96, 128, 192):
             raise ConfigError(f"{prefix}.budget: SparseVLM defines schedules for 64, 96, 128 and 192 tokens, "
                               f"got {self.budget!r}")

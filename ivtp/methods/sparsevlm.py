@@ -21,9 +21,10 @@ class SparseVLMStep(LLMStep):
 
     prefix = "sparsevlm"
 
-    def __init__(self, keeps: list[int], recycle: bool):
+    def __init__(self, keeps: list[int], recycle: bool, renumber: bool = True):
         self.keeps = keeps  # per stage: tokens kept per image, before recycling
         self.recycle = recycle
+        self.renumber = renumber  # v1.5: rebuild [prefix, kept, recycled, text] and number it again
 
     def guidance(self, embed, input_ids, visual, instr, images, attention_mask, prompt_len, image_features):
         """The text raters, from the input embeddings: the instruction tokens whose softmax relevance to the row's
@@ -55,6 +56,7 @@ class SparseVLMStep(LLMStep):
         probe = run.last_probe
         scores = score_visual(probe["attn_visual"], probe["rater_ok"])  # (B', Nv)
         keep_slots = torch.zeros_like(run.slot_visual)
+        order_key = torch.arange(hidden.shape[1], device=hidden.device, dtype=torch.float32).repeat(hidden.shape[0], 1)
         hidden = hidden.clone()
         for i, r in enumerate(run.row_list):
             n_vis = int(probe["vis_ok"][i].sum())
@@ -66,7 +68,12 @@ class SparseVLMStep(LLMStep):
                 centres = vis[res.deleted[0, res.recycled.centers[0]]]
                 keep_slots[r, centres] = True
                 hidden[r, centres] = res.recycled.tokens[0].to(hidden.dtype)
-        return run.drop_slots(hidden, run.slot_real & ~run.slot_visual | keep_slots, idx)
+                # renumbered: after the last image slot, in the order the clusters come (as v1.5 appends them)
+                order_key[r, centres] = vis[-1] + torch.arange(1, len(centres) + 1, device=hidden.device) / (len(centres) + 1)
+        keep = run.slot_real & ~run.slot_visual | keep_slots
+        if not self.renumber:
+            return run.drop_slots(hidden, keep, idx)
+        return run.drop_slots(hidden, keep, idx, order_key=order_key, renumber=True)
 
 
 @register_llm("sparsevlm")
@@ -79,7 +86,7 @@ def plan(config, num_layers: int, tokens_in: int) -> LLMPlan:
             raise ConfigError(f"sparsevlm: it prunes at layer {stage.layer}, past the model's last ({num_layers - 1})")
     counts = sparsevlm_visual_counts(stages, tokens_in, section.recycle)
     return LLMPlan([(st.layer, st.layer) for st in stages], counts, tokens_in,
-                   SparseVLMStep([st.keep for st in stages], section.recycle))
+                   SparseVLMStep([st.keep for st in stages], section.recycle, section.positions == "renumber"))
 
 
 @register("sparsevlm")

@@ -382,6 +382,67 @@ def test_visiondrop_renumbered_batch_equals_single_rows(small_llava, images):
             torch.testing.assert_close(batched[r], alone, rtol=1e-4, atol=1e-4)
 
 
+def sparsevlm_llm_reference(stock, embeds, start: int, n: int, raters, stages) -> torch.Tensor:
+    """SparseVLM v1.5's LLM stages, one row without padding, over the stock decoder layers, as its code rebuilds
+    the sequence: at a stage (layer l, keep k), layer l's attention probabilities (each head's softmax over the
+    whole causal row, q and k at the current positions) in the raters' rows and the image columns score the image
+    (score_visual); layer l runs; its output's image segment becomes [kept tokens in order, recycled tokens]
+    (sparsevlm_prune: the selection and recycling, checked against the authors' rules in tests/ops); the sequence
+    [prefix, segment, text] is numbered 0, 1, ... again. raters: (L,) bool over the input positions. Returns the
+    last token's logits. What this re-derives is the sequence: order, positions, and where the scores come from."""
+    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb, repeat_kv
+
+    from ivtp.ops.sparsevlm import score_visual, sparsevlm_prune
+
+    lm = stock.model.language_model
+    h, at, rows = embeds, dict(stages), torch.nonzero(raters).flatten()  # rows: the raters' current indices
+    for i, layer in enumerate(lm.layers):
+        pos = torch.arange(h.shape[1])[None]
+        rope = lm.rotary_emb(h, pos)
+        if i in at:
+            attn, x, length = layer.self_attn, layer.input_layernorm(h), h.shape[1]
+            q = attn.q_proj(x).view(1, length, -1, attn.head_dim).transpose(1, 2)
+            k = attn.k_proj(x).view(1, length, -1, attn.head_dim).transpose(1, 2)
+            q, k = apply_rotary_pos_emb(q, k, *rope)
+            logits = q @ repeat_kv(k, attn.num_key_value_groups).transpose(-1, -2) * attn.scaling  # (1, H, L, L)
+            future = torch.ones(length, length, dtype=torch.bool).triu(1)
+            probs = logits.masked_fill(future, float("-inf")).softmax(-1)
+            scores = score_visual(probs[:, :, rows][..., start:start + n], torch.ones(1, len(rows), dtype=torch.bool))
+        h = layer(h, attention_mask=None, position_embeddings=rope, position_ids=pos)
+        if i in at:
+            segment = sparsevlm_prune(h[:, start:start + n], scores, at[i]).tokens  # (1, kept + recycled, D)
+            h = torch.cat([h[:, :start], segment, h[:, start + n:]], dim=1)
+            rows = rows - (n - segment.shape[1])  # the raters sit after the image: they move down
+            n = segment.shape[1]
+    return stock.lm_head(lm.norm(h))[0, -1]
+
+
+def test_sparsevlm_llm_stages_as_its_v15_code_runs_them(small_llava, images):
+    """The last token's logits equal the re-derivation fed the same LLM input and raters (renumbered sequence,
+    recycled tokens after the kept ones); keeping the positions (its v2.0's way) does not."""
+    from ivtp.ops.sparsevlm import sparsevlm_schedule
+
+    out = {}
+    for positions in ("renumber", "keep"):
+        model, processor = pruned(small_llava, {"method": "sparsevlm", "sparsevlm": {"budget": 64,
+                                                                                   "positions": positions}})
+        seen = {}
+        model.model.language_model.register_forward_pre_hook(
+            lambda m, args, kwargs: seen.update(embeds=kwargs["inputs_embeds"], guidance=kwargs["ivtp_guidance"]),
+            with_kwargs=True)
+        batch = batch_of(processor, images(1), ["Is the large red square left of the small blue circle?"])
+        with torch.no_grad():
+            out[positions] = model(**batch).logits[0, -1]
+        visual = model.ivtp_state.last_llm_trace.visual_positions[0]
+    stock, _ = small_llava()
+    stages = [(st.layer, st.keep) for st in sparsevlm_schedule(64)]
+    with torch.no_grad():
+        expected = sparsevlm_llm_reference(stock, seen["embeds"], int(visual[0]), len(visual),
+                                           seen["guidance"].text_select[0], stages)
+    torch.testing.assert_close(out["renumber"], expected, rtol=1e-4, atol=1e-4)
+    assert not torch.allclose(out["keep"], expected, rtol=1e-3, atol=1e-3)
+
+
 def test_sparsevlm_at_llava15_geometry_follows_its_schedule(images):
     """On 576 patches and 32 layers, budget 64 keeps 66, 30, 17 at layers 2, 6, 15, plus recycled tokens:
     82 -> 32 -> 18 visual tokens (the authors' table)."""
