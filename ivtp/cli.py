@@ -8,7 +8,7 @@ import os
 import sys
 import time
 
-from ivtp.errors import InputError
+from ivtp.errors import InputError, run_reporting_input_errors
 from ivtp.names import (ALLOCATORS, DEFAULT_BUDGETS, DTYPE_NAMES, MODEL_ALIASES, ON_BAD_IMAGE, PRESET_NAMES, SUITES,
                         TESTBED_MODEL, TINY_TOKENIZER)
 
@@ -409,7 +409,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--score-only", action="store_true", help="merge and score existing predictions; no model")
     p.set_defaults(func=cmd_eval, max_new_tokens=None)
 
-
     p = sub.add_parser("ablate", help="methods and IVTP ablations on the trained testbed (docs/testbed.md)")
     p.add_argument("--testbed", default="ivtp_out/testbed", help="the output folder of `make testbed`")
     p.add_argument("--out", default=None, help="default: <testbed>/ablate")
@@ -505,11 +504,7 @@ non_negative_int = _int_at_least(0, "a whole number of at least 0")  # indices
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    try:
-        return args.func(args) or 0
-    except (InputError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    return run_reporting_input_errors(lambda: args.func(args))
 
 
 if __name__ == "__main__":

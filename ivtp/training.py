@@ -288,10 +288,11 @@ def run(argv=None, template: str = "vicuna_v1", tune: str = "projector+llm") -> 
 def main(argv=None, template: str = "vicuna_v1", tune: str = "projector+llm") -> None:
     """train/*.py: `run`, with a bad input (config, data, model name) as one line on stderr and exit code 2,
     as the ivtp command gives it, instead of a traceback from every rank."""
-    from ivtp.errors import InputError
+    from ivtp.errors import run_reporting_input_errors
 
-    try:
+    def train() -> None:
         run(argv, template, tune)
-    except (InputError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+
+    code = run_reporting_input_errors(train)
+    if code:
+        sys.exit(code)

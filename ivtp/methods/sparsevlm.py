@@ -56,7 +56,7 @@ class SparseVLMStep(LLMStep):
         probe = run.last_probe
         scores = score_visual(probe["attn_visual"], probe["rater_ok"])  # (B', Nv)
         keep_slots = torch.zeros_like(run.slot_visual)
-        order_key = torch.arange(hidden.shape[1], device=hidden.device, dtype=torch.float32).repeat(hidden.shape[0], 1)
+        recycled_slots = {}  # per row: the cluster centres' slots, which the recycled tokens take
         hidden = hidden.clone()
         for i, r in enumerate(run.row_list):
             n_vis = int(probe["vis_ok"][i].sum())
@@ -68,12 +68,8 @@ class SparseVLMStep(LLMStep):
                 centres = vis[res.deleted[0, res.recycled.centers[0]]]
                 keep_slots[r, centres] = True
                 hidden[r, centres] = res.recycled.tokens[0].to(hidden.dtype)
-                # renumbered: after the last image slot, in the order the clusters come (as v1.5 appends them)
-                order_key[r, centres] = vis[-1] + torch.arange(1, len(centres) + 1, device=hidden.device) / (len(centres) + 1)
-        keep = run.slot_real & ~run.slot_visual | keep_slots
-        if not self.renumber:
-            return run.drop_slots(hidden, keep, idx)
-        return run.drop_slots(hidden, keep, idx, order_key=order_key, renumber=True)
+                recycled_slots[r] = centres  # renumbered: after the kept ones, in cluster order (as v1.5 appends)
+        return run.keep_visual(hidden, keep_slots, idx, recycled_slots if self.renumber else None)
 
 
 @register_llm("sparsevlm")

@@ -59,8 +59,7 @@ class VisionDropStep(LLMStep):
         layer = run.model.layers[idx + 1]
         dominant, contextual = self.splits[g]
         keep_slots = torch.zeros_like(run.slot_visual)
-        order_key = torch.arange(hidden.shape[1], device=hidden.device, dtype=torch.float32).expand_as(keep_slots)
-        order_key = order_key.clone()  # (B, S): slot order, contextual tokens moved after the dominant ones
+        contextual_slots = {}  # per row: the targets' slots, which the contextual tokens take
         positions = run.current_positions()
         hidden = hidden.clone()
         for r in run.row_list:  # rows differ in visual counts; B is small
@@ -80,12 +79,8 @@ class VisionDropStep(LLMStep):
             targets = vis[res.targets[0]]
             keep_slots[r, targets] = True
             hidden[r, targets] = res.tokens[0, dominant * n_img :]  # contextual tokens sit at their targets' slots
-            # ... and, renumbered, after the last visual slot, in target order
-            order_key[r, targets] = vis[-1] + torch.arange(1, len(targets) + 1, device=hidden.device) / (len(targets) + 1)
-        keep = run.slot_real & ~run.slot_visual | keep_slots
-        if not self.renumber:
-            return run.drop_slots(hidden, keep, idx)
-        return run.drop_slots(hidden, keep, idx, order_key=order_key, renumber=True)
+            contextual_slots[r] = targets  # renumbered: after the dominant ones, in target order
+        return run.keep_visual(hidden, keep_slots, idx, contextual_slots if self.renumber else None)
 
 
 @register_llm("visiondrop")

@@ -555,12 +555,26 @@ class _PrefillRun:
     def drop_visual(self, hidden, probe, keep_vis, idx):
         """Keep every text and padding token and, of the scored rows' visual slots (probe's vis_idx), those in
         keep_vis (B', Nv)."""
-        s = hidden.shape[1]
-        keep = self.slot_real & ~self.slot_visual  # (B, S): every text and padding token stays
-        vis_keep = torch.zeros(len(self.rows), s, dtype=torch.bool, device=hidden.device)
-        vis_keep.scatter_(1, probe["vis_idx"], keep_vis & probe["vis_ok"])
-        keep[self.rows] |= vis_keep
-        return self.drop_slots(hidden, keep, idx)
+        keep = torch.zeros_like(self.slot_visual)  # (B, S)
+        keep[self.rows] = keep.new_zeros(len(self.rows), keep.shape[1]).scatter_(
+            1, probe["vis_idx"], keep_vis & probe["vis_ok"])
+        return self.keep_visual(hidden, keep, idx)
+
+    def keep_visual(self, hidden, visual_slots, idx, appended: dict | None = None):
+        """Keep every text and padding token and the visual slots marked in visual_slots (B, S).
+
+        appended: None keeps every survivor's position. Else the sequence is rebuilt and renumbered (drop_slots'
+        renumber) with, per row r, the slots appended[r] (merged tokens, in that order) moved right after the
+        row's last visual slot, as methods that append their merged tokens to the image do."""
+        keep = self.slot_real & ~self.slot_visual | visual_slots
+        if appended is None:
+            return self.drop_slots(hidden, keep, idx)
+        slots = torch.arange(hidden.shape[1], device=hidden.device)
+        order_key = slots.float().repeat(hidden.shape[0], 1)  # (B, S): slot order, then the appended moved
+        last_visual = torch.where(self.slot_visual, slots, -1).max(-1).values.tolist()  # (B,)
+        for r, moved in appended.items():
+            order_key[r, moved] = last_visual[r] + torch.arange(1, len(moved) + 1, device=hidden.device) / (len(moved) + 1)
+        return self.drop_slots(hidden, keep, idx, order_key=order_key, renumber=True)
 
     def current_positions(self) -> torch.Tensor:
         """(B, S) the RoPE position of each slot in the layers now running."""
