@@ -213,14 +213,29 @@ def stage_llm_init(cfg: TestbedConfig, out: str) -> None:
     LlamaForCausalLM(config).save_pretrained(path)
 
 
+# Optimiser steps between the checkpoints a DeepSpeed stage leaves in its output folder (about 10 minutes of fp32
+# pretraining here). Not a recipe setting: the trained model does not depend on it, so it stays out of testbed.json.
+CHECKPOINT_STEPS = 250
+
+
 def train_command(cfg: TestbedConfig, script: str, args: dict) -> list[str]:
-    """A DeepSpeed ZeRO-2 CPU run of train/<script>.py, as `make train-smoke` and the 8-GPU recipes run it."""
+    """A DeepSpeed ZeRO-2 CPU run of train/<script>.py, as `make train-smoke` and the 8-GPU recipes run it. It
+    keeps its latest checkpoint in the output folder and, when one is there (an interrupted stage), resumes from it:
+    a stage of hours need not start over."""
+    from transformers.trainer_utils import get_last_checkpoint
+
     deepspeed = os.path.join(os.path.dirname(sys.executable), "deepspeed")
     common = {"deepspeed": os.path.join(REPO, "configs", "deepspeed", "zero2.json"),
               "per_device_train_batch_size": cfg.batch_size, "warmup_steps": 0.05, "lr_scheduler_type": "cosine",
               "weight_decay": 0.0, "model_max_length": cfg.max_length, "use_cpu": True, "report_to": "none",
-              "save_strategy": "no", "logging_steps": 25, "seed": cfg.seed, "dataloader_num_workers": 1,
-              "disable_tqdm": False, "bf16": cfg.train_precision == "bf16"}
+              "save_strategy": "steps", "save_steps": CHECKPOINT_STEPS, "save_total_limit": 1, "logging_steps": 25,
+              "seed": cfg.seed, "dataloader_num_workers": 1, "disable_tqdm": False,
+              "bf16": cfg.train_precision == "bf16"}
+    out = args.get("output_dir")
+    last = get_last_checkpoint(out) if out and os.path.isdir(out) else None
+    if last:
+        print(f"[testbed] resuming {script} from {last}", flush=True)
+        common["resume_from_checkpoint"] = last
     argv = [deepspeed, "--num_gpus", "1", os.path.join(REPO, "train", f"{script}.py")]
     for key, value in {**common, **args}.items():
         argv += [f"--{key}", str(value)]
@@ -229,22 +244,22 @@ def train_command(cfg: TestbedConfig, script: str, args: dict) -> list[str]:
 
 def stage_pretrain(cfg: TestbedConfig, out: str) -> None:
     data = os.path.join(out, "data")
-    _run(train_command(cfg, "pretrain", {
+    _train(cfg, "pretrain", {
         "model_name_or_path": os.path.join(out, "llm-init"), "vision_tower": os.path.join(out, "clip", "vision"),
         "data_path": os.path.join(data, "pretrain.json"), "image_folder": data, "output_dir": os.path.join(out,
                                                                                                              "pretrain"),
         "num_train_epochs": cfg.pretrain_epochs, "learning_rate": cfg.pretrain_lr,
         # LLaVA-1.5 pretrains the projector alone because Vicuna already speaks; the testbed's LLM starts from
         # random weights, so here the captions also teach it the language.
-        "tune": "projector+llm"}))
+        "tune": "projector+llm"})
 
 
 def stage_finetune(cfg: TestbedConfig, out: str) -> None:
     data = os.path.join(out, "data")
-    _run(train_command(cfg, "finetune", {
+    _train(cfg, "finetune", {
         "model_name_or_path": os.path.join(out, "pretrain"), "data_path": os.path.join(data, "finetune.json"),
         "image_folder": data, "output_dir": os.path.join(out, "llava"), "num_train_epochs": cfg.finetune_epochs,
-        "learning_rate": cfg.finetune_lr, "group_by_modality_length": True}))
+        "learning_rate": cfg.finetune_lr, "group_by_modality_length": True})
     attach_aligner(out, "llava")
 
 
@@ -255,11 +270,11 @@ def stage_retrain(cfg: TestbedConfig, out: str) -> None:
     config_path = os.path.join(out, "configs", f"retrain_{cfg.retrain_method}_{cfg.retrain_tokens}.yaml")
     write_yaml(fit_prune_config(cfg.retrain_method, cfg.retrain_tokens, cfg.llm_layers,
                                     aligner=os.path.join(out, "clip", ALIGNER_FILE)), config_path)
-    _run(train_command(cfg, "finetune", {
+    _train(cfg, "finetune", {
         "model_name_or_path": os.path.join(out, "llava"), "prune_config": config_path,
         "data_path": os.path.join(data, "finetune.json"), "image_folder": data,
         "output_dir": os.path.join(out, "llava-ivtp"), "num_train_epochs": cfg.retrain_epochs,
-        "learning_rate": cfg.retrain_lr, "group_by_modality_length": True}))
+        "learning_rate": cfg.retrain_lr, "group_by_modality_length": True})
     attach_aligner(out, "llava-ivtp")
 
 
@@ -355,6 +370,16 @@ def relative_to(obj, root: str):
     if isinstance(obj, str) and obj.startswith(prefix):
         return os.path.relpath(obj, root)
     return obj
+
+
+def _train(cfg: TestbedConfig, script: str, args: dict) -> None:
+    """Run a DeepSpeed stage (resuming it if it was interrupted); once it has finished, its checkpoints go."""
+    from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+
+    _run(train_command(cfg, script, args))
+    for name in os.listdir(args["output_dir"]):
+        if name.startswith(PREFIX_CHECKPOINT_DIR + "-"):
+            shutil.rmtree(os.path.join(args["output_dir"], name))
 
 
 def _run(argv: list[str]) -> None:

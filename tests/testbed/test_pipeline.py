@@ -94,6 +94,26 @@ def test_train_command_precision(precision):
     assert argv[argv.index("--learning_rate") + 1] == "0.001"
 
 
+def test_an_interrupted_stage_resumes_from_its_last_checkpoint(tmp_path, monkeypatch):
+    """A stage saves a checkpoint every CHECKPOINT_STEPS; run again, it resumes from the latest one in its output
+    folder, and once it has finished the checkpoints are removed (the model is in the folder itself)."""
+    cfg, out = pipeline.TestbedConfig(), tmp_path / "pretrain"
+    argv = train_command(cfg, "pretrain", {"output_dir": str(out)})
+    assert "--resume_from_checkpoint" not in argv and argv[argv.index("--save_strategy") + 1] == "steps"
+    assert argv[argv.index("--save_steps") + 1] == str(pipeline.CHECKPOINT_STEPS)
+    for step in (250, 1000, 750):
+        (out / f"checkpoint-{step}").mkdir(parents=True)
+        (out / f"checkpoint-{step}" / "trainer_state.json").write_text("{}")
+    argv = train_command(cfg, "pretrain", {"output_dir": str(out)})
+    assert argv[argv.index("--resume_from_checkpoint") + 1] == str(out / "checkpoint-1000")
+
+    ran = []
+    monkeypatch.setattr(pipeline, "_run", ran.append)
+    (out / "config.json").write_text("{}")
+    pipeline._train(cfg, "pretrain", {"output_dir": str(out)})
+    assert len(ran) == 1 and sorted(os.listdir(out)) == ["config.json"]
+
+
 def test_shipped_reports_name_paths_relative_to_the_testbed_folder(tmp_path):
     from ivtp.testbed.pipeline import relative_to
 
