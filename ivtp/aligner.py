@@ -155,15 +155,17 @@ class Aligner(nn.Module):
         """The image [CLS] in the joint space. cls_final: (B, Dv), already post-layernormed -> (B, E)."""
         return cls_final.to(self.visual_proj.dtype) @ self.visual_proj
 
-    def text_features(self, texts: list[str]) -> tuple[list[list[Span]], torch.Tensor]:
+    def text_features(self, texts: list[str], width: int | None = None) -> tuple[list[list[Span]], torch.Tensor]:
         """The character spans of each text's CLIP tokens, and the unit joint-space features of every token
         (B, C, E), start token first. They need no image, so a caller can compute them before the vision tower
-        runs (on a GPU the host's tokenising then overlaps the tower's kernels)."""
+        runs (on a GPU the host's tokenising then overlaps the tower's kernels). `width`: C, at least (the
+        context length fits every text); by default as wide as the longest text needs."""
         tokenized = [clip_tokens_with_offsets(self.tokenizer, t, self.context_length - 2) for t in texts]
         sot, eot = self.tokenizer.sot_token_id, self.tokenizer.eot_token_id
         # A causal tower needs no padding past the longest text (its tokens cannot see it): about half the work
         # for a typical instruction.
-        width = 2 + max((len(tok_ids) for tok_ids, _ in tokenized), default=0) if self.causal else self.context_length
+        need = 2 + max((len(tok_ids) for tok_ids, _ in tokenized), default=0) if self.causal else self.context_length
+        width = max(need, width or 0)
         ids = torch.zeros(len(texts), width, dtype=torch.long)  # built on the host, copied once
         for b, (tok_ids, _) in enumerate(tokenized):
             row = [sot] + tok_ids + [eot]
@@ -344,13 +346,12 @@ def llm_token_spans(tokenizer, ids: list[int], window: int = 16) -> tuple[str, l
     return text, spans
 
 
-def map_relevance(llm_spans: list[Span], clip_spans: list[Span], clip_rel: torch.Tensor) -> list[float]:
-    """Eq. 7: each LLM token's relevance is the mean over the CLIP tokens whose characters it overlaps.
+def overlaps(llm_spans: list[Span], clip_spans: list[Span]) -> list[list[int]]:
+    """Eq. 7's sets: for each LLM token, the indices of the CLIP tokens whose characters it overlaps.
 
     Leading whitespace of an LLM token does not count as overlap. A token that overlaps no CLIP token (only
-    whitespace, or past CLIP's context window) gets nan, which never passes a threshold.
+    whitespace, or past CLIP's context window) gets an empty set: it is not rated.
     """
-    rel = clip_rel.tolist()  # one copy to the host, not one per overlap (each would wait for the device)
     out = []
     first = 0  # both span lists run left to right: the first CLIP token that may still overlap only moves on
     for a, b in llm_spans:
@@ -359,7 +360,14 @@ def map_relevance(llm_spans: list[Span], clip_spans: list[Span], clip_rel: torch
         hits, j = [], first
         while j < len(clip_spans) and clip_spans[j][0] < b:
             if a < clip_spans[j][1]:
-                hits.append(rel[j])
+                hits.append(j)
             j += 1
-        out.append(sum(hits) / len(hits) if hits else math.nan)
+        out.append(hits)
     return out
+
+
+def map_relevance(llm_spans: list[Span], clip_spans: list[Span], clip_rel: torch.Tensor) -> list[float]:
+    """Eq. 7: each LLM token's relevance is the mean over the CLIP tokens whose characters it overlaps (`overlaps`);
+    nan for a token that overlaps none, which never passes a threshold."""
+    rel = clip_rel.tolist()  # one copy to the host, not one per overlap (each would wait for the device)
+    return [sum(rel[j] for j in hits) / len(hits) if hits else math.nan for hits in overlaps(llm_spans, clip_spans)]

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ivtp.aligner import Aligner, Span, TokenRelevance, llm_token_spans, map_relevance
+from ivtp.aligner import Aligner, Span, TokenRelevance, llm_token_spans, overlaps
 
 
 @dataclass
@@ -53,21 +53,28 @@ def instruction_mask(visual: torch.Tensor, attention_mask: torch.Tensor | None, 
 @dataclass
 class InstructionText:
     """The image-independent half of eqs. 5-7 for a batch: each row's instruction tokens as text and their CLIP
-    token features (`prepare_clip`). `rate_prepared` finishes the job once the image's [CLS] is known."""
+    token features (`prepare_clip`). `rate_clip` finishes the job once the image's [CLS] is known."""
 
     positions: list[list[int]]  # per row: positions of its instruction tokens in the LLM input
     texts: list[str]  # per row: the text they decode to (CLIP reads it with any template phrases blanked)
     spans: list[list[Span]]  # per row: each LLM token's character span in that text
     clip_spans: list[list[Span]]  # per row: each CLIP token's character span
     clip_features: torch.Tensor  # (B, C, E) unit CLIP features of every token, start token first
+    weights: torch.Tensor  # (B, L, C) eq. 7 as a matrix: LLM token p averages the CLIP tokens it overlaps
+
+    def token_texts(self) -> list[dict[int, str]]:
+        """Per row: the text of each rated position, for the report."""
+        return [{p: text[a:b] for p, (a, b) in zip(pos, sp)}
+                for pos, text, sp in zip(self.positions, self.texts, self.spans)]
 
 
 def prepare_clip(aligner: Aligner, tokenizer, input_ids: torch.Tensor, instr: torch.Tensor,
-                 template_phrases=()) -> InstructionText:
+                 template_phrases=(), width: int | None = None) -> InstructionText:
     """Decode each row's instruction tokens to text and run CLIP's text tower on them. instr: (B, L) bool.
 
     `template_phrases` (llm.instruction 'question'): every occurrence of them in the text is blanked before CLIP
-    reads it (spaces: character offsets stay put), and tokens with no other character are not rated."""
+    reads it (spaces: character offsets stay put), and tokens with no other character are not rated. `width`:
+    CLIP tokens per row, padded (a compiled prefill needs one shape; the extra tokens weigh nothing)."""
     instr, ids = instr.cpu(), input_ids.cpu()  # the text work is on the host: copy once, not once per row
     positions = [torch.nonzero(instr[b]).flatten().tolist() for b in range(instr.shape[0])]
     texts, clip_texts, spans = [], [], []
@@ -81,8 +88,25 @@ def prepare_clip(aligner: Aligner, tokenizer, input_ids: torch.Tensor, instr: to
         texts.append(text)
         clip_texts.append(clip_text)
         spans.append(sp)
-    clip_spans, features = aligner.text_features(clip_texts)
-    return InstructionText(positions, texts, spans, clip_spans, features)
+    clip_spans, features = aligner.text_features(clip_texts, width)
+    weights = torch.zeros(len(positions), ids.shape[1], features.shape[1])  # built on the host, copied once
+    for b, pos in enumerate(positions):
+        for p, hits in zip(pos, overlaps(spans[b], clip_spans[b])):
+            if hits:
+                weights[b, p, [1 + j for j in hits]] = 1.0 / len(hits)  # +1: the start token comes first
+    weights = weights.to(features.device, non_blocking=True)
+    return InstructionText(positions, texts, spans, clip_spans, features, weights)
+
+
+def rate_clip(aligner: Aligner, clip_features: torch.Tensor, weights: torch.Tensor,
+              cls_final: torch.Tensor) -> torch.Tensor:
+    """Eqs. 6-7 on the device: each CLIP token's cosine to its row's image, averaged into the LLM tokens that
+    overlap it. clip_features: (B, C, E), weights: (B, L, C) (InstructionText), cls_final: (B, Dv) the
+    post-layernormed final [CLS] of each row's image. Returns (B, L) float32, nan where no token is rated."""
+    image = torch.nn.functional.normalize(aligner.image_features(cls_final).float(), dim=-1)  # (B, E)
+    cos = torch.einsum("bce,be->bc", clip_features.float(), image)  # (B, C)
+    rel = torch.bmm(weights.float(), cos[:, :, None])[..., 0]  # (B, L)
+    return torch.where(weights.any(-1), rel, torch.nan)
 
 
 def blank_phrases(text: str, spans: list[Span], phrases) -> tuple[str, list[bool]]:
@@ -98,56 +122,49 @@ def blank_phrases(text: str, spans: list[Span], phrases) -> tuple[str, list[bool
     return blanked, [any(not hidden[i] and not text[i].isspace() for i in range(a, b)) for a, b in spans]
 
 
-def standardise(rated: list[list[TokenRelevance]], mode: str) -> list[list[TokenRelevance]]:
-    """Relevance as llm.relevance reads it: 'cosine' as rated (the paper); 'centred' minus the row's mean over
-    its rated tokens; 'standardised' centred and divided by the row's standard deviation (a row with one rated
-    token, or all equal, gets 0)."""
+def standardise(rel: torch.Tensor, mode: str) -> torch.Tensor:
+    """Relevance as llm.relevance reads it. rel: (B, L), nan where a token is not rated. 'cosine' as rated (the
+    paper); 'centred' minus the row's mean over its rated tokens; 'standardised' centred and divided by the row's
+    (population) standard deviation (a row with one rated token, or all equal, gets 0)."""
     if mode == "cosine":
-        return rated
-    out = []
-    for toks in rated:
-        vals = [t.relevance for t in toks if not math.isnan(t.relevance)]
-        mean = sum(vals) / len(vals) if vals else 0.0
-        std = math.sqrt(sum((v - mean) ** 2 for v in vals) / len(vals)) if vals else 0.0
-        scale = (std if std > 1e-12 else math.inf) if mode == "standardised" else 1.0
-        out.append([TokenRelevance(t.position, t.text, (t.relevance - mean) / scale) for t in toks])
-    return out
+        return rel
+    rated = ~rel.isnan()  # (B, L)
+    n = rated.sum(-1, keepdim=True).clamp_min(1)  # (B, 1)
+    centred = rel - torch.where(rated, rel, 0.0).sum(-1, keepdim=True) / n  # nan stays nan
+    if mode == "centred":
+        return centred
+    std = (torch.where(rated, centred, 0.0).square().sum(-1, keepdim=True) / n).sqrt()  # (B, 1)
+    return torch.where(std > 1e-12, centred / std.clamp_min(1e-12), centred * 0.0)
 
 
-def rate_prepared(aligner: Aligner, prepared: InstructionText, cls_final: torch.Tensor) -> list[list[TokenRelevance]]:
-    """Eqs. 6-7 per row: CLIP relevance to the row's image, mapped back to its LLM tokens.
-    cls_final: (B, Dv) the post-layernormed final [CLS] of each row's image. Rows without instruction: []."""
-    rated = aligner.relevance(prepared.clip_spans, prepared.clip_features, cls_final)
-    out = []
-    for b, pos in enumerate(prepared.positions):
-        clip_spans, clip_rel = rated[b]
-        rel = map_relevance(prepared.spans[b], clip_spans, clip_rel)
-        text = prepared.texts[b]
-        out.append([TokenRelevance(p, text[s:e], r) for p, (s, e), r in zip(pos, prepared.spans[b], rel)])
-    return out
-
-
-def rate_by_embedding(embeddings: torch.Tensor, instr: torch.Tensor, reference: torch.Tensor,
-                      tokenizer=None, input_ids: torch.Tensor | None = None) -> list[list[TokenRelevance]]:
+def rate_by_embedding(embeddings: torch.Tensor, instr: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
     """Table 6's 'threshold on the original text tokens': cosine between each instruction token's LLM input
-    embedding and the row's projected visual [CLS]. embeddings: (B, L, D), reference: (B, D)."""
+    embedding and the row's projected visual [CLS]. embeddings: (B, L, D), instr: (B, L), reference: (B, D).
+    Returns (B, L) float32, nan outside the instruction."""
     cos = torch.nn.functional.cosine_similarity(embeddings.float(), reference.float()[:, None], dim=-1)  # (B, L)
-    out = []
-    for b in range(instr.shape[0]):
-        pos = torch.nonzero(instr[b]).flatten().tolist()
-        names = (tokenizer.convert_ids_to_tokens(input_ids[b, pos].tolist())
-                 if tokenizer is not None and input_ids is not None else [""] * len(pos))
-        out.append([TokenRelevance(p, n, float(cos[b, p])) for p, n in zip(pos, names)])
-    return out
+    return torch.where(instr, cos, torch.nan)
 
 
-def select(rated: list[list[TokenRelevance]], tau: float, shape: tuple[int, int], device) -> tuple[
-        torch.Tensor, list[RowGuidance]]:
-    """Eq. 8's indicator: tokens with relevance >= tau. Returns the (B, L) mask and the per-row report."""
-    mask = torch.zeros(shape, dtype=torch.bool)  # filled on the host, then copied once
-    rows = []
-    for b, toks in enumerate(rated):
-        chosen = [t for t in toks if not math.isnan(t.relevance) and t.relevance >= tau]
-        mask[b, [t.position for t in chosen]] = True
-        rows.append(RowGuidance("text" if chosen else "visual", chosen, toks))
-    return mask.to(device, non_blocking=True), rows
+@dataclass
+class GuidanceReport:
+    """What eq. 8 selected in one prefill, kept as device tensors; the per-row report (RowGuidance) is read on the
+    host only when asked for, so a prefill waits on no copy for it (and a compiled one has none to break on)."""
+
+    relevance: torch.Tensor  # (B, L) as thresholded, nan where not rated
+    select: torch.Tensor  # (B, L) bool: the tokens that form the pseudo-CLS
+    instr: torch.Tensor  # (B, L) bool: the instruction
+    instruction: InstructionText | None = None  # CLIP guidance: the rated tokens and their text
+    _rows: list | None = None
+
+    def rows(self) -> list[RowGuidance]:
+        if self._rows is None:
+            rel, select, instr = (x.detach().cpu() for x in (self.relevance, self.select, self.instr))
+            texts = self.instruction.token_texts() if self.instruction is not None else None
+            self._rows = []
+            for b in range(rel.shape[0]):
+                positions = (self.instruction.positions[b] if texts is not None
+                             else torch.nonzero(instr[b] & ~rel[b].isnan()).flatten().tolist())
+                toks = [TokenRelevance(p, texts[b][p] if texts else "", float(rel[b, p])) for p in positions]
+                chosen = [t for t in toks if bool(select[b, t.position])]
+                self._rows.append(RowGuidance("text" if chosen else "visual", chosen, toks))
+        return self._rows

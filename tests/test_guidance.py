@@ -8,9 +8,9 @@ import torch
 
 from conftest import batch_of
 from ivtp import ConfigError, PruneConfig, apply_pruning
-from ivtp.aligner import TokenRelevance, llm_token_spans
+from ivtp.aligner import llm_token_spans, map_relevance
 from ivtp.config import TEMPLATE_PHRASES
-from ivtp.guidance import blank_phrases, instruction_mask, prepare_clip, standardise
+from ivtp.guidance import blank_phrases, instruction_mask, prepare_clip, rate_clip, standardise
 from ivtp.models import tiny_aligner
 
 
@@ -27,14 +27,36 @@ def test_blank_phrases_by_hand():
 
 
 def test_standardise_by_hand():
-    rows = [[TokenRelevance(5, "a", 0.1), TokenRelevance(6, "b", 0.3), TokenRelevance(7, " ", math.nan)], []]
+    nan = math.nan
+    rows = torch.tensor([[0.1, 0.3, nan], [nan, nan, nan]])  # a row with two rated tokens and one without any
     assert standardise(rows, "cosine") is rows
     centred = standardise(rows, "centred")
-    assert [round(t.relevance, 6) for t in centred[0][:2]] == [-0.1, 0.1] and math.isnan(centred[0][2].relevance)
+    assert centred[0, :2].tolist() == pytest.approx([-0.1, 0.1]) and centred[0, 2].isnan() and centred[1].isnan().all()
     std = standardise(rows, "standardised")  # mean 0.2, population std 0.1
-    assert [round(t.relevance, 6) for t in std[0][:2]] == [-1.0, 1.0] and std[1] == []
-    flat = standardise([[TokenRelevance(1, "x", 0.4)]], "standardised")
-    assert flat[0][0].relevance == 0.0  # one rated token: no spread, never above a positive tau
+    assert std[0, :2].tolist() == pytest.approx([-1.0, 1.0]) and std[1].isnan().all()
+    flat = standardise(torch.tensor([[0.4, nan]]), "standardised")
+    assert flat[0, 0] == 0.0  # one rated token: no spread, never above a positive tau
+
+
+def test_clip_relevance_on_the_device_is_eq7_by_hand(small_llava, images):
+    """rate_clip's matrix form against eq. 7 read off the host: each rated LLM token's relevance is the mean of
+    the cosines of the CLIP tokens it overlaps (map_relevance over Aligner.relevance), nan for the others. With a
+    width (a compiled prefill's fixed shape) the padded CLIP tokens change nothing."""
+    model, processor = small_llava()
+    batch = batch_of(processor, images(2), ["What colour is the square?", "Is the red circle left of it?"])
+    ids = batch["input_ids"]
+    instr = instruction_mask(ids == model.config.image_token_id, batch["attention_mask"], None, None)
+    aligner = tiny_aligner()
+    cls = torch.randn(2, aligner.vision_width)
+    for width in (None, aligner.context_length):
+        prepared = prepare_clip(aligner, processor.tokenizer, ids, instr, width=width)
+        assert prepared.clip_features.shape[1] == (width or prepared.clip_features.shape[1])
+        got = rate_clip(aligner, prepared.clip_features, prepared.weights, cls)
+        for b, (spans, cos) in enumerate(aligner.relevance(prepared.clip_spans, prepared.clip_features, cls)):
+            want = map_relevance(prepared.spans[b], spans, cos)
+            rated = [p for p, w in zip(prepared.positions[b], want) if not math.isnan(w)]
+            assert rated and got[b, rated].tolist() == pytest.approx([w for w in want if not math.isnan(w)], abs=1e-6)
+            assert got[b][[p for p in range(ids.shape[1]) if p not in rated]].isnan().all()
 
 
 def test_question_scope_rates_only_the_question(small_llava, images):

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import logging
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from transformers import LlavaForConditionalGeneration
@@ -84,7 +84,7 @@ class PruningState:
     tokenizer: object = None  # the LLM tokenizer, to read instruction tokens as text (guidance 'clip')
     last_vision: VisionOutput | None = None
     last_llm_trace: LLMTrace | None = None
-    last_guidance: list = field(default_factory=list)  # per row: guidance.RowGuidance
+    guidance_report: gd.GuidanceReport | None = None  # the last prefill's pseudo-CLS selection
 
     def save_pretrained(self, folder: str | os.PathLike) -> None:
         """ivtp_config.json, and the aligner when it is carried (its config then names that file), so the folder
@@ -97,6 +97,12 @@ class PruningState:
             config = PruneConfig.from_dict(config.to_dict())
             config.llm.aligner.model, config.llm.aligner.pretrained = self.aligner.config_name, ALIGNER_FILE
         config.save_pretrained(folder)
+
+    @property
+    def last_guidance(self) -> list:
+        """Per row of the last prefill: its pseudo-CLS guidance (guidance.RowGuidance); [] for a step that brings
+        its own query (FastV, SparseVLM)."""
+        return [] if self.guidance_report is None else self.guidance_report.rows()
 
     @property
     def last_trace(self):
@@ -248,9 +254,11 @@ class PrunedLlavaForConditionalGeneration:
 
     @torch.profiler.record_function("ivtp.guidance")  # `ivtp bench` prices this range (the aligner) as scoring
     def _guidance(self, input_ids, visual, instr, attention_mask, prompt_len, image_features,
-                  instruction: gd.InstructionText | None = None) -> LLMGuidance:
+                  instruction: gd.InstructionText | None = None, clip_features=None, clip_weights=None) -> LLMGuidance:
         """Eq. 8's ingredients for each row: visual positions, selected instruction tokens, the fallback.
-        visual, instr: (B, L) bool, the placeholders and the instruction (gd.instruction_mask)."""
+        visual, instr: (B, L) bool, the placeholders and the instruction (gd.instruction_mask). CLIP guidance
+        reads `instruction`'s features and overlap weights (clip_features, clip_weights: those tensors, given
+        apart when the InstructionText stays outside a compiled graph)."""
         state = self.ivtp_state
         stage = state.config.llm
         vision = state.last_vision
@@ -258,8 +266,10 @@ class PrunedLlavaForConditionalGeneration:
         own = state.llm_plan.step.guidance(self.get_input_embeddings(), input_ids, visual, instr, images,
                                            attention_mask, prompt_len, image_features)
         if own is not None:  # the step's own (FastV's query, SparseVLM's raters): no pseudo-CLS to report
-            state.last_guidance = []
+            state.guidance_report = None
             return own
+        if instruction is not None:
+            clip_features, clip_weights = instruction.clip_features, instruction.weights
         row_of_image = torch.repeat_interleave(torch.arange(len(images), device=images.device), images)  # (n_img,)
 
         def per_row(x):  # (n_img, D) -> (B, D): the mean over each row's images (zeros for text-only rows)
@@ -267,23 +277,21 @@ class PrunedLlavaForConditionalGeneration:
             return out / images.clamp_min(1)[:, None].to(x.dtype)
 
         fallback = per_row(self.model.multi_modal_projector(vision.cls_feature))  # (B, D)
-        if stage.guidance in ("none", "random"):
-            rated = [[] for _ in range(len(images))]
-            if stage.guidance == "random":  # the control: a fixed random direction at the fallback's norm
-                gen = torch.Generator().manual_seed(0)
-                noise = torch.randn(fallback.shape[-1], generator=gen).to(fallback.device, fallback.dtype)
-                fallback = noise[None] * (fallback.norm(dim=-1, keepdim=True) / noise.norm())
+        relevance = torch.full(visual.shape, torch.nan, device=visual.device)  # (B, L): nothing rated
+        if stage.guidance == "random":  # the control: a fixed random direction at the fallback's norm
+            gen = torch.Generator().manual_seed(0)
+            noise = torch.randn(fallback.shape[-1], generator=gen).to(fallback.device, fallback.dtype)
+            fallback = noise[None] * (fallback.norm(dim=-1, keepdim=True) / noise.norm())
         elif stage.guidance == "all_text":
-            rated = gd.rate_by_embedding(self.get_input_embeddings()(input_ids), instr, fallback)
-            rated = [[gd.TokenRelevance(t.position, t.text, 1.0) for t in row] for row in rated]
+            relevance = torch.where(instr, 1.0, relevance)
         elif stage.guidance == "llm_threshold":
-            rated = gd.rate_by_embedding(self.get_input_embeddings()(input_ids), instr, fallback)
-        else:  # "clip": the text side was prepared before the tower ran (_instruction_text)
-            rated = gd.standardise(gd.rate_prepared(state.aligner, instruction, per_row(vision.cls_final)),
-                                   stage.relevance)
+            relevance = gd.rate_by_embedding(self.get_input_embeddings()(input_ids), instr, fallback)
+        elif stage.guidance == "clip":  # the text side was prepared before the tower ran (_instruction_text)
+            rated = gd.rate_clip(state.aligner, clip_features, clip_weights, per_row(vision.cls_final))
+            relevance = gd.standardise(rated, stage.relevance)
         tau = -1.0 if stage.guidance == "all_text" else stage.tau
-        select, report = gd.select(rated, tau, tuple(visual.shape), visual.device)
-        state.last_guidance = report
+        select = relevance >= tau  # (B, L): nan (not rated) never passes
+        state.guidance_report = gd.GuidanceReport(relevance, select, instr, instruction)
         return LLMGuidance(visual=visual, images=images, text_select=select, fallback=fallback)
 
     def generate(self, inputs=None, ivtp_shrunk: bool = False, **kwargs):
