@@ -33,6 +33,9 @@ class LLMStep:
     _PrefillRun: its probes (new_probe, rater_probe, pseudo_cls_probe), slots and drops (drop_visual, drop_slots)."""
 
     prefix = "llm"  # step names: <prefix>.layers<lo>-<hi>
+    # Every image keeps the plan's count at each drop (drop_visual's per_image): the host knows every width ahead,
+    # so a compiled prefill can run the step (ivtp/compiled.py).
+    known_counts = False
     layers_after = 0  # layers past a group's top that its scoring reads (VisionDrop scores with the next one)
 
     def guidance(self, embed, input_ids, visual, instr, images, attention_mask, prompt_len, image_features):

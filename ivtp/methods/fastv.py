@@ -16,18 +16,19 @@ from ivtp.patch.llama import LLMPlan
 
 class FastVStep(LLMStep):
     prefix = "fastv"  # its query: the default guidance, each row's last prompt token
+    known_counts = True
 
     def probe(self, run, g, lo, hi, idx, layer, hidden):
         # One rater per row: the slot still holding the prompt's last position.
         positions = run.g.last_prompt[:, None] == torch.arange(run.length, device=run.slot_pos.device)  # (B, L)
-        return run.rater_probe(run.text_slots(positions))
+        return run.rater_probe(run.text_slots(positions), width=1)
 
     def after_layer(self, run, g, lo, hi, idx, hidden):
         probe = run.last_probe
         scores = probe["attn_visual"][:, :, 0].mean(1)  # (B', H, 1, Nv) -> (B', Nv): head mean, not renormalised
         run.trace.scores.append(scores)
         k = run.plan.counts[g] * run.g.images[run.rows]  # (B',)
-        return run.drop_visual(hidden, probe, keep_topk_per_row(scores, k, probe["vis_ok"]), idx)
+        return run.drop_visual(hidden, probe, keep_topk_per_row(scores, k, probe["vis_ok"]), idx, run.plan.counts[g])
 
 
 def make_fastv_plan(section, num_layers: int, tokens_in: int) -> LLMPlan:

@@ -53,6 +53,8 @@ class GTPStep(LLMStep):
     pseudo-CLS row; the rollout (or the configured aggregation) of that row times ||V|| ranks the visual tokens,
     and the top count per image stay."""
 
+    known_counts = True
+
     def __init__(self, aggregation: str):
         self.aggregation = aggregation
 
@@ -79,7 +81,7 @@ class GTPStep(LLMStep):
         run.scratch.clear()
         run.trace.scores.append(scores)
         k = run.plan.counts[g] * run.g.images[run.rows]  # (B',) per-image budget times images in the row
-        return run.drop_visual(hidden, probe, keep_topk_per_row(scores, k, probe["vis_ok"]), idx)
+        return run.drop_visual(hidden, probe, keep_topk_per_row(scores, k, probe["vis_ok"]), idx, run.plan.counts[g])
 
 
 def make_llm_plan(stage: LLMStage, num_layers: int, tokens_in: int) -> LLMPlan:

@@ -65,6 +65,15 @@ class LLMPlan:
         return out
 
 
+@dataclass(frozen=True)
+class PrefillShape:
+    """What the host knows of a prefill before it runs (a compiled prefill, ivtp/compiled.py): with it the slot
+    bookkeeping reads nothing back from the device, and every width is a constant of the graph."""
+
+    images: tuple[int, ...]  # images per row
+    padded: bool  # the attention mask hides some position
+
+
 @dataclass
 class LLMGuidance:
     """What the LLaVA level hands the decoder for one prefill: where the visual tokens are and what the
@@ -75,14 +84,40 @@ class LLMGuidance:
     text_select: torch.Tensor  # (B, L) bool: instruction tokens that form the pseudo-CLS (may be none)
     fallback: torch.Tensor  # (B, D): the pseudo-CLS of rows with no selected token (projected visual [CLS])
     last_prompt: torch.Tensor | None = None  # (B,) position of each row's last prompt token (FastV's query)
+    shape: PrefillShape | None = None  # given by a compiled prefill
 
 
 @dataclass
 class LLMTrace:
+    """What the last prefill's in-LLM stage did. The positions are kept as device tensors and read on the host
+    when first asked for (a prefill waits on no copy for them)."""
+
     counts: list[list[int]]  # per row: visual tokens in and after each group
-    visual_positions: list[torch.Tensor]  # per row: positions of the visual tokens entering the LLM
-    kept_positions: list[torch.Tensor] = field(default_factory=list)  # per row: those left after the last group
     scores: list[torch.Tensor] = field(default_factory=list)  # per group: (rows with images, Nv) eq.-4 scores
+    visual: torch.Tensor | None = None  # (B, L) bool: the visual tokens entering the LLM
+    kept: tuple | None = None  # (slot_pos, slot_visual), each (B, S), after the last group; None: nothing dropped
+    _positions: tuple | None = None
+
+    def _resolve(self) -> tuple:
+        if self._positions is None:
+            first, last = [row[0] if row else 0 for row in self.counts], [row[-1] if row else 0 for row in self.counts]
+            entering = list(torch.split(torch.nonzero(self.visual)[:, 1], first))
+            if self.kept is None:
+                self._positions = entering, list(entering)
+            else:
+                slot_pos, slot_visual = self.kept
+                self._positions = entering, list(torch.split(slot_pos[slot_visual], last))
+        return self._positions
+
+    @property
+    def visual_positions(self) -> list[torch.Tensor]:
+        """Per row: the positions of the visual tokens entering the LLM."""
+        return self._resolve()[0]
+
+    @property
+    def kept_positions(self) -> list[torch.Tensor]:
+        """Per row: those left after the last group."""
+        return self._resolve()[1]
 
 
 # ---- attention probe ---------------------------------------------------------------------------------------------
@@ -361,7 +396,7 @@ class PrunedLlamaModel:
         position_embeddings = self.rotary_emb(hidden, position_ids=position_ids)
         layers = self.layers[: self.config.num_hidden_layers]
 
-        if ivtp_guidance is not None and not premade and past_len == 0 and bool(ivtp_guidance.visual.any()):
+        if ivtp_guidance is not None and not premade and past_len == 0 and _has_images(ivtp_guidance):
             run = _PrefillRun(self, ivtp_guidance, hidden, attention_mask, position_ids, position_embeddings,
                               past_key_values)
         # The stock mask builder gives SDPA no mask for one new token without padding (create_causal_mask).
@@ -398,6 +433,10 @@ class PrunedLlamaModel:
         return BaseModelOutputWithPast(last_hidden_state=hidden, past_key_values=past_key_values)
 
 
+def _has_images(guidance: LLMGuidance) -> bool:
+    return any(guidance.shape.images) if guidance.shape is not None else bool(guidance.visual.any())
+
+
 class _PrefillRun:
     """The slot bookkeeping of one pruned prefill. A slot is a sequence position still present in a row; rows
     that keep fewer tokens end in filler slots, which nothing attends to and whose outputs are discarded."""
@@ -406,7 +445,8 @@ class _PrefillRun:
                  cache=None):
         self.model = model
         self.cache = cache  # the KV cache the layers fill (its kind sets how many keys a layer's attention sees)
-        _check_one_device(model, model.ivtp_llm_plan, hidden.device)
+        if guidance.shape is None:  # a compiled prefill checked it before it was traced (ivtp/compiled.py)
+            _check_one_device(model, model.ivtp_llm_plan, hidden.device)
         self.plan: LLMPlan = model.ivtp_llm_plan
         self.g = guidance
         b, length = guidance.visual.shape
@@ -423,9 +463,16 @@ class _PrefillRun:
         self.pruned = False
         self.renumbered = False  # positions rebuilt from the survivors (drop_slots' renumber)
         self.mask = self.position_ids = self.position_embeddings = None
-        # What the host must know of the rows, in one copy: per-row reads would each wait for the device.
         self.n_visual = [guidance.visual.sum(-1)]  # per step, (B,) visual tokens per row (for the trace)
-        self.images, visual_counts = torch.stack([guidance.images, self.n_visual[0]]).tolist()
+        self.known = guidance.shape  # PrefillShape: the host knows the rows, and no width is read back
+        if self.known is None:
+            # What the host must know of the rows, in one copy: per-row reads would each wait for the device.
+            self.images, visual_counts = torch.stack([guidance.images, self.n_visual[0]]).tolist()
+        else:  # the placeholders were counted (and checked) on the host before the prefill
+            self.images = list(self.known.images)
+            visual_counts = [n * self.plan.tokens_in for n in self.images]
+        # Host-side counts of a known prefill: slots per row, visual tokens per image, after each drop.
+        self.row_len, self.per_image = [length] * b, [self.plan.tokens_in]
         rows = [r for r in range(b) if self.images[r] > 0]  # rows that have visual tokens
         self.row_list = rows
         self.rows = torch.tensor(rows, dtype=torch.long, device=device)
@@ -436,7 +483,7 @@ class _PrefillRun:
         per_image = [visual_counts[r] // self.images[r] for r in rows]
         if any(n != self.plan.tokens_in for n in per_image):
             raise ValueError(f"stage 2 expected {self.plan.tokens_in} visual tokens per image, got {per_image}")
-        self.trace = LLMTrace(counts=[], visual_positions=[])  # filled by finish()
+        self.trace = LLMTrace(counts=[])  # filled by finish()
         self.scratch: dict = {}  # the step's own state within a group (IVTP's attention maps of the lower layers)
         self.last_probe: Probe | None = None
         self._vis_slots: tuple[torch.Tensor, torch.Tensor] | None = None
@@ -463,10 +510,12 @@ class _PrefillRun:
         vis_idx, vis_ok = self.visual_slots()
         return Probe(mode=mode, rows=self.rows, all_rows=self.all_rows, vis_idx=vis_idx, vis_ok=vis_ok)
 
-    def rater_probe(self, raters: torch.Tensor) -> Probe:
+    def rater_probe(self, raters: torch.Tensor, width: int | None = None) -> Probe:
         """A probe whose queries are the `raters` (B', S) slots of each scored row, in order (short rows padded,
-        marked by rater_ok): their attention over every key they see, read at the visual columns (attn_visual)."""
-        width = int(raters.sum(-1).clamp_min(1).max())  # the most raters of any row
+        marked by rater_ok): their attention over every key they see, read at the visual columns (attn_visual).
+        width: the most raters of any row, when the step knows it (else it is read from the device)."""
+        if width is None:
+            width = int(raters.sum(-1).clamp_min(1).max())
         order = torch.sort((~raters).to(torch.int8), dim=-1, stable=True).indices  # raters first, in order
         probe = self.new_probe("row")
         probe["rater_idx"] = order[:, :width]  # (B', Nt)
@@ -498,13 +547,12 @@ class _PrefillRun:
         if self._vis_slots is None:
             vis = self.slot_visual[self.rows]  # (B', S)
             n_vis = vis.sum(-1)  # (B',)
-            width = int(n_vis.max())
+            width = (int(n_vis.max()) if self.known is None
+                     else self.per_image[-1] * max(self.images[r] for r in self.row_list))
             vis_idx = torch.sort((~vis).to(torch.int8), dim=-1, stable=True).indices[:, :width]  # (B', Nv)
             self._vis_slots = vis_idx, torch.arange(width, device=vis.device)[None] < n_vis[:, None]
         return self._vis_slots
 
-    @torch.profiler.record_function("ivtp.score")
-    @torch.no_grad()
     def _pseudo_cls(self, layer, hidden, rows, vis_idx, vis_ok) -> dict:
         """Eq. 8 at this layer: mean hidden state of the selected instruction tokens, or the fallback, through the
         layer's own input norm; and the RoPE of the position right after the last visual token. The layer's
@@ -513,29 +561,31 @@ class _PrefillRun:
         Without a graph: the pseudo-CLS only scores, and its column is cut from the layer's q/k before attention.
         A graph would also tie the layer's inputs to the outer forward, which reentrant checkpointing cannot
         replay (it would run the backward of the outer graph twice)."""
-        if self._pcls_slots is None:  # which slots to average and where the pseudo-CLS sits: fixed until a drop
-            sel = self.text_slots(self.g.text_select)  # (B', S)
-            count = sel.sum(-1, keepdim=True)  # (B', 1)
-            last_vis = torch.gather(self.slot_pos[rows], 1, vis_idx).masked_fill(~vis_ok, -1).max(-1).values  # (B',)
-            pos = torch.gather(self.full_position_ids[rows], 1, last_vis[:, None]) + 1  # (B', 1)
-            rope = self.model.rotary_emb(hidden[:1, :1], position_ids=pos)  # cos, sin: (B', 1, Dh)
-            # The cos/sin of the layer's sequence with the pseudo-CLS column appended (rows not scored: zeros).
-            sequence = self.position_embeddings if self.pruned else self.full_embeddings  # each (B, S, Dh)
-            joint = []
-            for seq, pc in zip(sequence, rope):
-                if self.all_rows:
-                    joint.append(torch.cat([seq, pc.to(seq.dtype)], dim=1))  # (B, S + 1, Dh)
-                else:
-                    col = seq.new_zeros(seq.shape[0], 1, seq.shape[-1])
-                    col[rows] = pc.to(seq.dtype)
-                    joint.append(torch.cat([seq, col], dim=1))
-            self._pcls_slots = (sel[:, None].float() / count.clamp_min(1)[:, :, None],  # (B', 1, S) mean weights
-                                count > 0, self.g.fallback[rows].float(), tuple(joint))
-        weights, has_text, fallback, joint_rope = self._pcls_slots
-        h = hidden if self.all_rows else hidden[rows]  # (B', S, D)
-        mean = torch.bmm(weights, h.float())[:, 0]  # (B', D)
-        pcls = torch.where(has_text, mean, fallback).to(hidden.dtype)  # (B', D)
-        return {"pcls_x": layer.input_layernorm(pcls[:, None]), "joint_rope": joint_rope}  # (B', 1, D)
+        with torch.profiler.record_function("ivtp.score"), torch.no_grad():
+            if self._pcls_slots is None:  # which slots to average and where the pseudo-CLS sits: fixed until a drop
+                sel = self.text_slots(self.g.text_select)  # (B', S)
+                count = sel.sum(-1, keepdim=True)  # (B', 1)
+                last_vis = torch.gather(self.slot_pos[rows], 1, vis_idx).masked_fill(~vis_ok, -1)
+                last_vis = last_vis.max(-1).values  # (B',)
+                pos = torch.gather(self.full_position_ids[rows], 1, last_vis[:, None]) + 1  # (B', 1)
+                rope = self.model.rotary_emb(hidden[:1, :1], position_ids=pos)  # cos, sin: (B', 1, Dh)
+                # The cos/sin of the layer's sequence with the pseudo-CLS column appended (rows not scored: zeros).
+                sequence = self.position_embeddings if self.pruned else self.full_embeddings  # each (B, S, Dh)
+                joint = []
+                for seq, pc in zip(sequence, rope):
+                    if self.all_rows:
+                        joint.append(torch.cat([seq, pc.to(seq.dtype)], dim=1))  # (B, S + 1, Dh)
+                    else:
+                        col = seq.new_zeros(seq.shape[0], 1, seq.shape[-1])
+                        col[rows] = pc.to(seq.dtype)
+                        joint.append(torch.cat([seq, col], dim=1))
+                self._pcls_slots = (sel[:, None].float() / count.clamp_min(1)[:, :, None],  # (B', 1, S) mean weights
+                                    count > 0, self.g.fallback[rows].float(), tuple(joint))
+            weights, has_text, fallback, joint_rope = self._pcls_slots
+            h = hidden if self.all_rows else hidden[rows]  # (B', S, D)
+            mean = torch.bmm(weights, h.float())[:, 0]  # (B', D)
+            pcls = torch.where(has_text, mean, fallback).to(hidden.dtype)  # (B', D)
+            return {"pcls_x": layer.input_layernorm(pcls[:, None]), "joint_rope": joint_rope}  # (B', 1, D)
 
     def query_key(self, layer, hidden, positions):
         """A layer's own q and k for tokens outside the sequence: its input norm, projections and RoPE.
@@ -552,15 +602,25 @@ class _PrefillRun:
         found = self._group_of(idx)
         return hidden if found is None else self.plan.step.after_layer(self, *found, idx, hidden)
 
-    def drop_visual(self, hidden, probe, keep_vis, idx):
+    def drop_visual(self, hidden, probe, keep_vis, idx, per_image: int | None = None):
         """Keep every text and padding token and, of the scored rows' visual slots (probe's vis_idx), those in
-        keep_vis (B', Nv)."""
+        keep_vis (B', Nv). per_image: how many that is per image, when every image keeps the same count (a known
+        prefill needs it: the new width is then counted on the host)."""
         keep = torch.zeros_like(self.slot_visual)  # (B, S)
         keep[self.rows] = keep.new_zeros(len(self.rows), keep.shape[1]).scatter_(
             1, probe["vis_idx"], keep_vis & probe["vis_ok"])
-        return self.keep_visual(hidden, keep, idx)
+        known = None
+        if self.known is not None:
+            if per_image is None:
+                raise RuntimeError(f"{type(self.plan.step).__name__} keeps a count the host cannot know: it cannot "
+                                   "run in a compiled prefill")
+            dropped = self.per_image[-1] - per_image
+            self.row_len = [n - dropped * i for n, i in zip(self.row_len, self.images)]
+            self.per_image.append(per_image)
+            known = max(self.row_len), not self.known.padded and len(set(self.row_len)) == 1
+        return self.keep_visual(hidden, keep, idx, known=known)
 
-    def keep_visual(self, hidden, visual_slots, idx, appended: dict | None = None):
+    def keep_visual(self, hidden, visual_slots, idx, appended: dict | None = None, known: tuple | None = None):
         """Keep every text and padding token and the visual slots marked in visual_slots (B, S).
 
         appended: None keeps every survivor's position. Else the sequence is rebuilt and renumbered (drop_slots'
@@ -568,7 +628,7 @@ class _PrefillRun:
         row's last visual slot, as methods that append their merged tokens to the image do."""
         keep = self.slot_real & ~self.slot_visual | visual_slots
         if appended is None:
-            return self.drop_slots(hidden, keep, idx)
+            return self.drop_slots(hidden, keep, idx, known=known)
         slots = torch.arange(hidden.shape[1], device=hidden.device)
         order_key = slots.float().repeat(hidden.shape[0], 1)  # (B, S): slot order, then the appended moved
         last_visual = torch.where(self.slot_visual, slots, -1).max(-1).values.tolist()  # (B,)
@@ -580,13 +640,15 @@ class _PrefillRun:
         """(B, S) the RoPE position of each slot in the layers now running."""
         return self.position_ids if self.pruned else self.full_position_ids
 
-    def drop_slots(self, hidden, keep, idx, order_key: torch.Tensor | None = None, renumber: bool = False):
+    def drop_slots(self, hidden, keep, idx, order_key: torch.Tensor | None = None, renumber: bool = False,
+                   known: tuple[int, bool] | None = None):
         """Keep the slots in `keep` (B, S); the others leave the sequence here.
 
         By default the kept slots stay in order and keep their positions. order_key (B, S) float reorders them
         (ascending key; a merged token placed after the ones it follows). renumber: from here on, the slots take
         consecutive positions in their new order (0, 1, ..., as a sequence rebuilt from the survivors would), and
-        decode steps in these layers continue from there (DecodeState.positions)."""
+        decode steps in these layers continue from there (DecodeState.positions). known: (width, dense) as the host
+        counted them (drop_visual), instead of reading them back."""
         b, s, d = hidden.shape
         # Dropped tokens exit here with their current hidden state; fillers write to the sink at position L.
         if self.exit_hidden is None:
@@ -595,8 +657,11 @@ class _PrefillRun:
         # The new slots: kept ones in order, then fillers, as wide as the longest row. Whether every new slot is a
         # usable key (no fillers, no padding) is read with the width, in the same copy.
         n_keep = keep.sum(-1)  # (B,)
-        fits = (n_keep == n_keep.max()).all() & (self.slot_ok | ~keep).all()
-        width, dense = torch.stack([n_keep.max(), fits]).tolist()
+        if known is None:
+            fits = (n_keep == n_keep.max()).all() & (self.slot_ok | ~keep).all()
+            width, dense = torch.stack([n_keep.max(), fits]).tolist()
+        else:
+            width, dense = known
         if order_key is None:
             order = torch.sort((~keep).to(torch.int8), dim=-1, stable=True).indices[:, :width]  # (B, S')
         else:
@@ -641,16 +706,18 @@ class _PrefillRun:
 
     def finish(self, hidden):
         """Put every kept token's final hidden state back at its position; dropped ones keep their exit state.
-        Then fill the trace, with one copy of the counts and one boolean selection per position list."""
-        counts = torch.stack(self.n_visual, dim=1).tolist()  # (B, steps + 1)
+        Then fill the trace: the counts in one copy (counted on the host for a known prefill), the positions left
+        on the device until asked for."""
+        if self.known is None:
+            counts = torch.stack(self.n_visual, dim=1).tolist()  # (B, steps + 1)
+        else:
+            counts = [[n * i for n in self.per_image] for i in self.images]
         trace = self.trace
         trace.counts = [row if self.images[r] else [] for r, row in enumerate(counts)]
-        first, last = [row[0] for row in counts], [row[-1] for row in counts]
-        trace.visual_positions = list(torch.split(torch.nonzero(self.g.visual)[:, 1], first))
+        trace.visual = self.g.visual
         if not self.pruned:
-            trace.kept_positions = list(trace.visual_positions)
             return hidden
-        trace.kept_positions = list(torch.split(self.slot_pos[self.slot_visual], last))
+        trace.kept = (self.slot_pos, self.slot_visual)
         d = hidden.shape[-1]
         hidden = hidden.to(self.exit_hidden.device)  # the last layer may run on another device (device_map)
         return self.exit_hidden.scatter(1, self._sink()[..., None].expand(-1, -1, d), hidden)[:, : self.length]

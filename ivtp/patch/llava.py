@@ -24,6 +24,7 @@ from transformers.modeling_outputs import BaseModelOutputWithPooling
 
 from ivtp import guidance as gd
 from ivtp.aligner import Aligner
+from ivtp.compiled import CompiledPrefill, CompileOptions, check_compilable
 from ivtp.config import ConfigError, PruneConfig
 from ivtp.ops.sequence import (
     PlaceholderError,
@@ -35,6 +36,7 @@ from ivtp.ops.sequence import (
 )
 from ivtp.methods import VisionRunner, build_llm_plan, build_vision_runner
 from ivtp.patch.clip import VisionOutput, patch_attention, tower_patches
+from ivtp.patch.probe import profiled
 from ivtp.patch.llama import (
     SUPPORTED_ATTENTION,
     LLMGuidance,
@@ -82,6 +84,7 @@ class PruningState:
     # not describe it: a checkpoint saved from this model carries it beside the weights.
     aligner_carried: bool = False
     tokenizer: object = None  # the LLM tokenizer, to read instruction tokens as text (guidance 'clip')
+    compiled: object = None  # ivtp.compiled.CompiledPrefill: the prefill runs as one compiled graph
     last_vision: VisionOutput | None = None
     last_llm_trace: LLMTrace | None = None
     guidance_report: gd.GuidanceReport | None = None  # the last prefill's pseudo-CLS selection
@@ -221,6 +224,10 @@ class PrunedLlavaForConditionalGeneration:
                 kwargs["labels"] = shrunk.labels
             if position_ids is not None:  # given for the full-length sequence: rebuild for the shrunk one
                 position_ids = None if attention_mask is None else _positions_from_mask(attention_mask)
+        if (state.compiled is not None and _is_prefill(past_key_values) and kwargs.get("labels") is None
+                and not self.training and inputs_embeds is None):
+            return state.compiled(self, input_ids, pixel_values, attention_mask, position_ids, past_key_values,
+                                  ivtp_prompt_len, kwargs)
         if state.llm_plan is None or not _is_prefill(past_key_values):
             return super().forward(input_ids=input_ids, pixel_values=pixel_values, attention_mask=attention_mask,
                                    position_ids=position_ids, past_key_values=past_key_values,
@@ -242,17 +249,18 @@ class PrunedLlavaForConditionalGeneration:
                                past_key_values=past_key_values, inputs_embeds=inputs_embeds,
                                mm_encoder_outputs={"image": image_outputs}, ivtp_guidance=guidance, **kwargs)
 
-    @torch.profiler.record_function("ivtp.guidance")  # `ivtp bench` prices this range as scoring, like _guidance
-    def _instruction_text(self, input_ids, instr) -> gd.InstructionText:
-        """The image-independent half of IVTP's CLIP guidance (gd.prepare_clip). instr: (B, L) bool."""
+    @profiled("ivtp.guidance")  # `ivtp bench` prices this range as scoring, like _guidance
+    def _instruction_text(self, input_ids, instr, width: int | None = None) -> gd.InstructionText:
+        """The image-independent half of IVTP's CLIP guidance (gd.prepare_clip). instr: (B, L) bool; width: CLIP
+        tokens per row (a compiled prefill's fixed shape), else as the longest instruction needs."""
         state = self.ivtp_state
         if state.aligner.visual_proj.device != input_ids.device:  # model.to() does not reach it
             state.aligner.to(input_ids.device)  # (a no-op .to() still walks every parameter: ~1 ms for ViT-L's)
         stage = state.config.llm
         phrases = stage.template_phrases if stage.instruction == "question" else ()
-        return gd.prepare_clip(state.aligner, state.tokenizer, input_ids, instr, phrases)
+        return gd.prepare_clip(state.aligner, state.tokenizer, input_ids, instr, phrases, width)
 
-    @torch.profiler.record_function("ivtp.guidance")  # `ivtp bench` prices this range (the aligner) as scoring
+    @profiled("ivtp.guidance")  # `ivtp bench` prices this range (the aligner) as scoring
     def _guidance(self, input_ids, visual, instr, attention_mask, prompt_len, image_features,
                   instruction: gd.InstructionText | None = None, clip_features=None, clip_weights=None) -> LLMGuidance:
         """Eq. 8's ingredients for each row: visual positions, selected instruction tokens, the fallback.
@@ -311,6 +319,15 @@ class PrunedLlavaForConditionalGeneration:
                 kwargs["attention_mask"] = shrunk.attention_mask
         elif input_ids is not None:
             state.check_no_placeholders(input_ids)
+        added = 0  # left padding to the compiled prefill's bucket, cut from the sequences returned
+        if state.compiled is not None and input_ids is not None and pixel_values is not None:
+            from ivtp.compiled import bucket_length, pad_left
+
+            length = bucket_length(input_ids.shape[1], state.compiled.options.bucket)
+            added = length - input_ids.shape[1]
+            input_ids, kwargs["attention_mask"] = pad_left(input_ids, kwargs.get("attention_mask"), length,
+                                                           state.pad_token_id)
+            _shift_length_limits(kwargs, -added)
         if state.llm_plan is not None:
             gen_cfg = kwargs.get("generation_config") or self.generation_config
             if (kwargs.get("num_beams") or gen_cfg.num_beams or 1) > 1:
@@ -322,7 +339,12 @@ class PrunedLlavaForConditionalGeneration:
             # decoder traces as one full graph (tested on a CPU), but the compiled path has not run on a GPU yet,
             # so it stays eager unless the caller passes disable_compile=False.
             kwargs.setdefault("disable_compile", True)
-        return super().generate(input_ids, ivtp_shrunk=True, **kwargs)
+        out = super().generate(input_ids, ivtp_shrunk=True, **kwargs)
+        if added:
+            if isinstance(out, torch.Tensor):
+                return out[:, added:]
+            out.sequences = out.sequences[:, added:]
+        return out
 
     def create_masks_for_generate(self, config, inputs_embeds, attention_mask, past_key_values, position_ids=None,
                                   **kwargs):
@@ -400,13 +422,14 @@ def _swap_class(module: torch.nn.Module, mixin: type) -> None:
 
 
 def apply_pruning(model: LlavaForConditionalGeneration, config=None, aligner: Aligner | None = None,
-                  tokenizer=None) -> LlavaForConditionalGeneration:
+                  tokenizer=None, compile=None) -> LlavaForConditionalGeneration:
     """Apply a prune config to a LLaVA model in place and return it.
 
     `config` is a PruneConfig, a dict, a YAML/JSON path or a checkpoint folder holding ivtp_config.json.
     Stage 2 with CLIP guidance needs the LLM `tokenizer` (to read instruction tokens as text) and an `aligner`,
-    built from `config.llm.aligner` when not given. Refuses a model that is already pruned; every check runs
-    before anything is changed.
+    built from `config.llm.aligner` when not given. `compile` (True, or ivtp.compiled.CompileOptions or its dict)
+    runs each inference prefill as one compiled graph (ivtp/compiled.py). Refuses a model that is already pruned;
+    every check runs before anything is changed.
     """
     if not isinstance(model, LlavaForConditionalGeneration):
         raise TypeError(f"apply_pruning expects a transformers LlavaForConditionalGeneration, got {type(model).__name__}")
@@ -436,6 +459,10 @@ def apply_pruning(model: LlavaForConditionalGeneration, config=None, aligner: Al
         patch_attention(layer.self_attn)
     state = PruningState(cfg, patches, int(mc.image_token_id), pad_token_id(mc), runner, llm_plan,
                          aligner if cfg.needs_aligner else None, carried and cfg.needs_aligner, tokenizer)
+    options = CompileOptions.resolve(compile)
+    if options is not None:
+        check_compilable(state)
+        state.compiled = CompiledPrefill(options)
     if llm_plan is not None:
         lm = language_model(model)
         for layer in lm.layers:
@@ -477,9 +504,9 @@ def _checked_aligner(aligner, cfg: PruneConfig, mc, tokenizer) -> Aligner:
 
 
 def load_pruned(path: str | os.PathLike, config=None, tokenizer=None, aligner: Aligner | None = None,
-                **load_kwargs) -> LlavaForConditionalGeneration:
+                compile=None, **load_kwargs) -> LlavaForConditionalGeneration:
     """Load a llava-hf checkpoint and apply the config saved beside it (or the one given). Stage 2's tokenizer
-    defaults to the one saved in the checkpoint folder."""
+    defaults to the one saved in the checkpoint folder. `compile`: as for apply_pruning."""
     from ivtp.models import check_llava_folder
 
     if os.path.isdir(path):
@@ -496,4 +523,4 @@ def load_pruned(path: str | os.PathLike, config=None, tokenizer=None, aligner: A
         from ivtp.models import preset_aligner
 
         aligner = preset_aligner(str(path))
-    return apply_pruning(model, cfg, aligner=aligner, tokenizer=tokenizer)
+    return apply_pruning(model, cfg, aligner=aligner, tokenizer=tokenizer, compile=compile)
