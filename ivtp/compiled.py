@@ -16,6 +16,7 @@ have a fixed shape; they are refused when the model is prepared (`check_compilab
 
 from __future__ import annotations
 
+import types
 from dataclasses import dataclass
 
 import torch
@@ -26,7 +27,7 @@ from ivtp.config import ConfigError
 class CompileOptions:
     """How the prefill is compiled (not a pruning setting: it changes speed, never the tokens kept)."""
 
-    backend: str = "inductor"  # torch.compile's backend ("eager": trace only, for checks)
+    backend: object = "inductor"  # torch.compile's backend, a name or a callable ("eager": trace only, for checks)
     mode: str | None = None  # torch.compile's mode: "reduce-overhead" replays CUDA graphs on a GPU
     bucket: int = 32  # generate pads prompts on the left to a multiple of this: one graph per bucket
 
@@ -51,10 +52,10 @@ class CompileOptions:
         raise ConfigError(f"compile: expected true, false or a dict of options, got {value!r}")
 
 
-def check_compilable(state) -> None:
-    """Refuse, before anything is traced, a method whose kept counts depend on the data."""
-    if state.llm_plan is not None and not state.llm_plan.step.known_counts:
-        raise ConfigError(f"{state.config.method}: its in-LLM stage keeps a data-dependent number of tokens, so its "
+def check_compilable(config, llm_plan) -> None:
+    """Refuse, before the model is changed, a method whose kept counts depend on the data."""
+    if llm_plan is not None and not llm_plan.step.known_counts:
+        raise ConfigError(f"{config.method}: its in-LLM stage keeps a data-dependent number of tokens, so its "
                           "prefill has no fixed shape to compile; run it without compile")
 
 
@@ -80,8 +81,10 @@ class CompiledPrefill:
 
     def __init__(self, options: CompileOptions):
         self.options = options
-        self.graph = torch.compile(_prefill, fullgraph=True, dynamic=False, backend=options.backend,
-                                   mode=options.mode)
+        # Dynamo keeps its graphs, and its limit of 8 recompiles, per code object, and each model is a guard of
+        # its own: a code object per model keeps one model's graphs from using up another's limit.
+        fn = types.FunctionType(_prefill.__code__.replace(), _prefill.__globals__, _prefill.__name__)
+        self.graph = torch.compile(fn, fullgraph=True, dynamic=False, backend=options.backend, mode=options.mode)
 
     def __call__(self, model, input_ids, pixel_values, attention_mask, position_ids, past_key_values, prompt_len,
                  kwargs: dict):

@@ -447,6 +447,9 @@ def apply_pruning(model: LlavaForConditionalGeneration, config=None, aligner: Al
     patches = num_patches(mc)
     layers = vision_layers(model)
     runner, llm_plan = make_plans(cfg, mc)
+    options = CompileOptions.resolve(compile)
+    if options is not None:
+        check_compilable(cfg, llm_plan)
     if llm_plan is not None:
         impl = mc.text_config._attn_implementation
         if impl not in SUPPORTED_ATTENTION:
@@ -459,9 +462,7 @@ def apply_pruning(model: LlavaForConditionalGeneration, config=None, aligner: Al
         patch_attention(layer.self_attn)
     state = PruningState(cfg, patches, int(mc.image_token_id), pad_token_id(mc), runner, llm_plan,
                          aligner if cfg.needs_aligner else None, carried and cfg.needs_aligner, tokenizer)
-    options = CompileOptions.resolve(compile)
     if options is not None:
-        check_compilable(state)
         state.compiled = CompiledPrefill(options)
     if llm_plan is not None:
         lm = language_model(model)
