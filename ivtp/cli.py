@@ -29,7 +29,27 @@ def _model_args(p: argparse.ArgumentParser, default_model: str = "tiny-random") 
     p.add_argument("--device", default=None, help="cuda if one is available, else cpu")
     p.add_argument("--attn-implementation", default=None, help="sdpa (default), eager, flash_attention_2")
     p.add_argument("--max-new-tokens", type=positive_int, default=32)
+    _compile_args(p)
     p.add_argument("--json", action="store_true", help="print one JSON object instead of text")
+
+
+def _compile_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--compile", nargs="?", const="inductor", default=None, metavar="BACKEND",
+                   help="run each pruned prefill as one compiled graph (torch.compile, fullgraph; default backend "
+                        "inductor; docs/benchmarks.md); prompts are padded on the left to --compile-bucket tokens")
+    p.add_argument("--compile-mode", default=None,
+                   help="torch.compile mode: reduce-overhead replays CUDA graphs on a GPU")
+    p.add_argument("--compile-bucket", type=positive_int, default=None, help="prompt-length bucket (default 32)")
+
+
+def _compile(args) -> dict | None:
+    """The CompileOptions fields the --compile flags give, or None."""
+    if args.compile is None:
+        if args.compile_mode is not None or args.compile_bucket is not None:
+            raise InputError("--compile-mode and --compile-bucket need --compile")
+        return None
+    options = {"backend": args.compile, "mode": args.compile_mode}
+    return options if args.compile_bucket is None else {**options, "bucket": args.compile_bucket}
 
 
 def _prune_config(args):
@@ -43,7 +63,8 @@ def _load(args, config=None):
 
     config = _prune_config(args) if config is None else config
     model, processor = load_for_inference(args.model, config, random_weights=args.random_weights, dtype=args.dtype,
-                                          device=_device(args), attn_implementation=args.attn_implementation)
+                                          device=_device(args), attn_implementation=args.attn_implementation,
+                                          compile=_compile(args))
     return model, processor, config
 
 
@@ -257,7 +278,8 @@ def cmd_bench(args) -> int:
     result = bench(args.preset, args.method, args.visual_tokens, device=_device(args),
                    dtype=_dtype(args.dtype) or torch.float32, new_tokens=args.new_tokens,
                    repeats=args.repeats, progress=not args.json, allocator=args.allocator,
-                   attn_implementation=args.attn_implementation, batch_size=args.batch_size, trace=args.trace)
+                   attn_implementation=args.attn_implementation, batch_size=args.batch_size, trace=args.trace,
+                   compile=_compile(args))
     if args.json:
         json.dump(result, sys.stdout, indent=2)
         sys.stdout.write("\n")
@@ -274,6 +296,14 @@ def cmd_bench(args) -> int:
         print(f"  before the LLM (tower, projector, aligner): x{vit['speedup']:.2f} (ViT FLOPs "
               f"x{vit['flops_speedup_vit']:.2f}); LLM decoder: x{llm['speedup']:.2f} (LLM FLOPs "
               f"x{llm['flops_speedup_llm']:.2f})")
+        compiled = result["compile"]
+        if compiled:
+            print(f"  compiled ({compiled['backend']}, mode {compiled['mode']}): pruned prefill "
+                  f"x{compiled['speedup_prefill_vs_stock_eager']:.2f} against stock eager, "
+                  f"x{compiled['speedup_prefill_vs_stock_compiled']:.2f} against stock compiled "
+                  f"({100 * compiled['prefill_vs_flops_compiled']:.0f}% of the FLOPs speedup); stock compiled is "
+                  f"x{compiled['stock_compiled_vs_eager']:.2f} its eager self; compile "
+                  f"{compiled['compile_s']['pruned']:.0f} s (pruned), {compiled['compile_s']['unpruned']:.0f} s (stock)")
     return 0
 
 
@@ -454,6 +484,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="sdpa (on a GPU its flash kernel where no mask is needed), eager, flash_attention_2")
     p.add_argument("--trace", default=None, metavar="PATH",
                    help="write a Chrome trace of one profiled pruned prefill (IVTP's scoring in labelled ranges)")
+    _compile_args(p)
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_bench)
 

@@ -187,15 +187,20 @@ def architecture(name: str, random_weights: bool = False, cache_dir: str | None 
         return None
 
 
-def check_fits(config, name: str, random_weights: bool = False) -> None:
-    """Budgets `name`'s geometry cannot meet fail here, from its config.json, before any weights load (a name
-    whose config is not at hand yet is checked by apply_pruning instead)."""
+def check_fits(config, name: str, random_weights: bool = False, compile=None) -> None:
+    """Budgets `name`'s geometry cannot meet, and a method that cannot compile when `compile` asks for it, fail
+    here, from its config.json, before any weights load (a name whose config is not at hand yet is checked by
+    apply_pruning instead)."""
     arch = architecture(name, random_weights)
     if arch is not None:
+        from ivtp.compiled import check_compilable
         from ivtp.config import PruneConfig
         from ivtp.patch.llava import make_plans
 
-        make_plans(PruneConfig.load(config), arch)
+        config = PruneConfig.load(config)
+        _, llm_plan = make_plans(config, arch)
+        if compile:
+            check_compilable(config, llm_plan)
 
 
 def _preset(name: str) -> Preset:
@@ -317,21 +322,25 @@ def resolve_prune_config(prune_config=None, method: str | None = None, model: st
 
 
 def load_for_inference(name: str, config=None, *, random_weights: bool = False, dtype: "str | torch.dtype | None" = None,
-                       device: str | torch.device = "cpu", attn_implementation: str | None = None):
+                       device: str | torch.device = "cpu", attn_implementation: str | None = None, compile=None):
     """(model, processor) ready for generation: loaded as `load_model` does, then pruned in place with `config`
-    (None: unpruned) and the aligner the preset or checkpoint folder brings, if any."""
+    (None: unpruned) and the aligner the preset or checkpoint folder brings, if any. `compile`: the pruned
+    prefill as one compiled graph (ivtp.compiled; apply_pruning's argument)."""
     from ivtp import apply_pruning
 
     if isinstance(dtype, str):
         if dtype not in DTYPES:
             raise InputError(f"dtype {dtype!r}: choose one of {', '.join(sorted(DTYPES))}")
         dtype = DTYPES[dtype]
+    if compile and config is None:
+        raise InputError("--compile compiles the pruned prefill: give a method or a prune config (the unpruned "
+                         "model runs as transformers runs it; `ivtp bench --compile` compiles both to compare)")
     if config is not None:
-        check_fits(config, name, random_weights)
+        check_fits(config, name, random_weights, compile)
     model, processor = load_model(name, random_weights=random_weights, dtype=dtype, device=device,
                                   attn_implementation=attn_implementation)
     if config is not None:
-        apply_pruning(model, config, aligner=preset_aligner(name), tokenizer=processor.tokenizer)
+        apply_pruning(model, config, aligner=preset_aligner(name), tokenizer=processor.tokenizer, compile=compile)
     return model.eval(), processor
 
 

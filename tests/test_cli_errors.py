@@ -386,3 +386,23 @@ def test_help_and_usage_errors_import_neither_torch_nor_transformers():
             "m.split('.')[0] in ('torch', 'transformers'))[:5]")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr
+
+
+@pytest.mark.parametrize("argv, fragments", [
+    (["--method", "sparsevlm", "--compile"], ["sparsevlm", "data-dependent number of tokens"]),
+    (["--prune-config", "none", "--compile"], ["--compile compiles the pruned prefill"]),
+    (["--compile-mode", "reduce-overhead"], ["--compile-mode and --compile-bucket need --compile"]),
+])
+def test_compile_that_cannot_run_is_refused_before_the_model_loads(capsys, no_model, scene, argv, fragments):
+    fails_in_one_line(capsys, ["generate", "--image", scene, "--prompt", "What is it?", *argv], *fragments)
+
+
+def test_generate_with_compile_answers_as_eager(capsys, scene):
+    """The CLI's --compile reaches the model: the same answer and kept tokens, traced as one graph."""
+    runs = []
+    for extra in ([], ["--compile", "eager", "--compile-bucket", "16"]):
+        assert main(["generate", "--image", scene, "--prompt", "What is it?", "--max-new-tokens", "3", "--json",
+                     "--method", "ivtp", *extra]) == 0
+        out = json.loads(capsys.readouterr().out)
+        runs.append((out["answers"], [s["kept_patches"] for s in out["samples"]]))
+    assert runs[0] == runs[1]

@@ -15,6 +15,7 @@ from __future__ import annotations
 import copy
 import ctypes
 import ctypes.util
+import math
 import resource
 import statistics
 import sys
@@ -121,10 +122,16 @@ class _DecoderClock:
 
 
 class _Subject:
-    """One model under measurement, with the inputs of the prefill it is timed on."""
+    """One model under measurement, with the inputs of the prefill it is timed on. `prefill_fn`: what runs the
+    prefill instead of the model (the stock model's compiled forward); decode steps run the model itself."""
 
-    def __init__(self, model, inputs: dict):
+    def __init__(self, model, inputs: dict, prefill_fn=None):
         self.model, self.inputs = model, inputs
+        self.prefill_fn = model if prefill_fn is None else prefill_fn
+        # A compiled prefill is one graph: no hook can clock the decoder inside it.
+        state = getattr(model, "ivtp_state", None)
+        self.clocked = prefill_fn is None and getattr(state, "compiled", None) is None
+        self.first_s: float | None = None  # the first prefill: for a compiled one, the compile
         self.device = next(model.parameters()).device
         self.times: list[float] = []  # prefill seconds, per repeat
         self.llm_times: list[float] = []  # of which inside the LLM decoder
@@ -132,17 +139,18 @@ class _Subject:
         self.decode_times: list[float] = []
 
     def prefill(self):
-        return self.model(**self.inputs, use_cache=True, logits_to_keep=1)
+        return self.prefill_fn(**self.inputs, use_cache=True, logits_to_keep=1)
 
     def time_prefill(self) -> None:
-        clock = _DecoderClock(self.model, self.device)
+        clock = _DecoderClock(self.model, self.device) if self.clocked else None
         faults = _minor_faults()
         try:
             self.times.append(_timed(self.prefill, self.device))
         finally:
-            clock.remove()
+            if clock is not None:
+                clock.remove()
         self.faults.append(_minor_faults() - faults)
-        self.llm_times.append(clock.seconds)
+        self.llm_times.append(clock.seconds if clock is not None else math.nan)
 
     def time_decode(self, new_tokens: int) -> None:
         # Greedy steps on the cache the prefill left, one token at a time: the decode cost alone.
@@ -169,17 +177,20 @@ class _Subject:
 
 
 @torch.no_grad()
-def measure(models: dict, inputs: dict, new_tokens: int, repeats: int, prompt_len: int) -> dict:
-    """For each named model: median prefill seconds over `repeats` (after a warm-up), split into the LLM decoder
-    and what runs before it; decode tokens/s; KV-cache bytes; peak memory on a GPU.
+def measure(models: dict, inputs: dict, new_tokens: int, repeats: int, prompt_len: int,
+            prefill_fns: dict | None = None) -> dict:
+    """For each named model: median prefill seconds over `repeats` (after a warm-up, whose time is reported apart:
+    for a compiled prefill it holds the compile), split into the LLM decoder and what runs before it (not inside a
+    compiled graph: nan); decode tokens/s; KV-cache bytes; peak memory on a GPU. prefill_fns: per name, what runs
+    that model's prefill instead of the model (a compiled forward).
 
     The models take turns (A B A B ...), so that a machine whose speed drifts during the run (shared cores,
     clock changes: on the 2-core CPU the unpruned prefill alone varied by up to 35% between runs) shifts all of them
     alike; blocks of repeats per model would turn such drift into a false speedup or slowdown.
     """
-    subjects = {name: _Subject(model, inputs) for name, model in models.items()}
+    subjects = {name: _Subject(model, inputs, (prefill_fns or {}).get(name)) for name, model in models.items()}
     for sub in subjects.values():
-        sub.prefill()  # warm-up: allocator, kernels, lazy init
+        sub.first_s = _timed(sub.prefill, sub.device)  # warm-up: allocator, kernels, lazy init, a compile
     memory = {name: sub.memory() for name, sub in subjects.items()}
     for _ in range(repeats):
         for sub in subjects.values():
@@ -195,7 +206,8 @@ def measure(models: dict, inputs: dict, new_tokens: int, repeats: int, prompt_le
                      "prefill_before_llm_s": statistics.median(t - llm for t, llm in zip(sub.times, sub.llm_times)),
                      "prefill_page_faults": statistics.median(sub.faults),
                      "decode_tokens_per_s": rows * new_tokens / statistics.median(sub.decode_times),
-                     "kv_cache_bytes": kv, "prefill_peak_memory_bytes": peak, "prompt_tokens": prompt_len}
+                     "kv_cache_bytes": kv, "prefill_peak_memory_bytes": peak, "prompt_tokens": prompt_len,
+                     "first_prefill_s": sub.first_s}
     return out
 
 
@@ -271,7 +283,7 @@ def predicted_flops(model, text_tokens: int) -> dict:
 
 
 def subjects(preset: str, config: PruneConfig, device: str = "cpu", dtype: torch.dtype = torch.float32,
-             attn_implementation: str = "sdpa", batch_size: int = 1):
+             attn_implementation: str = "sdpa", batch_size: int = 1, compile=None):
     """What the bench measures: the preset with random weights, a copy of it pruned by `config`, and the inputs of
     one prefill: `batch_size` drawn scenes, each with the vicuna_v1 prompt of QUESTION (rows of equal length, so
     no padding).
@@ -289,7 +301,7 @@ def subjects(preset: str, config: PruneConfig, device: str = "cpu", dtype: torch
     aligner = preset_aligner(preset)
     if aligner is None and config.needs_aligner:
         aligner = tiny_aligner(model=config.llm.aligner.model)
-    apply_pruning(pruned, config, aligner=aligner, tokenizer=processor.tokenizer)
+    apply_pruning(pruned, config, aligner=aligner, tokenizer=processor.tokenizer, compile=compile)
     images = [draw_scene(seed=seed)[0] for seed in range(batch_size)]
     inputs = processor(images=images, text=[vicuna_v1_prompt(QUESTION)] * batch_size, return_tensors="pt").to(device)
     inputs["pixel_values"] = inputs["pixel_values"].to(dtype)
@@ -298,7 +310,7 @@ def subjects(preset: str, config: PruneConfig, device: str = "cpu", dtype: torch
 
 def bench(preset: str, method: str, visual_tokens: int, device: str = "cpu", dtype: torch.dtype = torch.float32,
           new_tokens: int = 16, repeats: int = 3, progress: bool = True, allocator: str = "steady",
-          attn_implementation: str = "sdpa", batch_size: int = 1, trace: str | None = None) -> dict:
+          attn_implementation: str = "sdpa", batch_size: int = 1, trace: str | None = None, compile=None) -> dict:
     """Build the preset with random weights, prune a copy with `method` at `visual_tokens`, measure both.
 
     allocator: 'steady' (on a CPU, see `steady_allocator`; it changes this process's malloc for good) or 'default'
@@ -307,22 +319,34 @@ def bench(preset: str, method: str, visual_tokens: int, device: str = "cpu", dty
     where the FLOPs decide. Decode tokens/s then counts the tokens of all rows. trace: write a Chrome trace of one
     profiled pruned prefill to this path, with IVTP's scoring in the ranges "ivtp.score" and "ivtp.guidance" (the
     profiler adds host time to every operation: on an H100 a batch-16 7B prefill took 294 ms profiled against
-    168 ms without, so read a trace for where time goes, not for how much).
+    168 ms without, so read a trace for where time goes, not for how much). compile: the pruned model's prefill
+    as one compiled graph (ivtp.compiled.CompileOptions or its dict); the stock model is then also measured with
+    its prefill compiled the same way ("unpruned_compiled"), and each compiled prefill's first call (the compile)
+    is reported apart from the steady state. Inside one graph nothing can time the decoder or the scoring ranges:
+    those splits are left out.
     """
     if allocator not in ALLOCATORS:
         raise ValueError(f"allocator must be one of {ALLOCATORS}, not {allocator!r}")
     steady = allocator == "steady" and torch.device(device).type == "cpu" and steady_allocator()
 
+    from ivtp.compiled import CompileOptions
+
     config = PruneConfig.for_method(method, visual_tokens)
-    stock, pruned, inputs = subjects(preset, config, device, dtype, attn_implementation, batch_size)
+    options = CompileOptions.resolve(compile)
+    stock, pruned, inputs = subjects(preset, config, device, dtype, attn_implementation, batch_size, options)
     n_visual = pruned.ivtp_state.num_patches
     text_tokens = inputs["input_ids"].shape[1] - n_visual
 
     steps = tqdm(total=2, desc=f"bench {preset} {method}@{visual_tokens}", disable=not progress)
-    runs = measure({"unpruned": stock, "pruned": pruned}, inputs, new_tokens, repeats, inputs["input_ids"].shape[1])
+    models, prefill_fns = {"unpruned": stock, "pruned": pruned}, {}
+    if options is not None:  # the stock prefill compiled as the pruned one is: the fair comparison
+        models["unpruned_compiled"] = stock
+        prefill_fns["unpruned_compiled"] = torch.compile(stock, fullgraph=True, dynamic=False,
+                                                         backend=options.backend, mode=options.mode)
+    runs = measure(models, inputs, new_tokens, repeats, inputs["input_ids"].shape[1], prefill_fns)
     base, ours = runs["unpruned"], runs["pruned"]
     steps.update()
-    scored = method in ("ivtp", "topk+", "tome+")
+    scored = method in ("ivtp", "topk+", "tome+") and options is None
     profiled = scoring_share(pruned, inputs, trace) if scored or trace else None
     overhead = profiled if scored else None
     steps.update()
@@ -363,4 +387,18 @@ def bench(preset: str, method: str, visual_tokens: int, device: str = "cpu", dty
         },
         "scoring_overhead": overhead,
         "trace": trace,
+        "compile": None if options is None else _compiled_figures(runs, options, f_base["total"] / f_ours["total"]),
     }
+
+
+def _compiled_figures(runs: dict, options, flops_speedup: float) -> dict:
+    """The compiled pruned prefill against the stock one eager and compiled, and what each compile cost."""
+    base, stock, ours = runs["unpruned"], runs["unpruned_compiled"], runs["pruned"]
+    return {"backend": str(options.backend), "mode": options.mode, "bucket": options.bucket,
+            "unpruned_compiled": stock,
+            "speedup_prefill_vs_stock_eager": base["prefill_s"] / ours["prefill_s"],
+            "speedup_prefill_vs_stock_compiled": stock["prefill_s"] / ours["prefill_s"],
+            "stock_compiled_vs_eager": base["prefill_s"] / stock["prefill_s"],
+            "prefill_vs_flops_compiled": stock["prefill_s"] / ours["prefill_s"] / flops_speedup,
+            "compile_s": {"pruned": ours["first_prefill_s"] - ours["prefill_s"],
+                          "unpruned": stock["first_prefill_s"] - stock["prefill_s"]}}

@@ -2,6 +2,7 @@
 asserted here: speed is measured with `ivtp bench` and recorded in docs/benchmarks.md."""
 
 import json
+import math
 import subprocess
 import sys
 
@@ -177,3 +178,21 @@ def test_a_batch_caches_each_row_and_counts_every_rows_tokens():
     assert three["text_tokens"] == one["text_tokens"] and three["flops_speedup"] == one["flops_speedup"]
     with pytest.raises(ValueError, match="batch_size"):
         bench("tiny-random", "topk", 16, batch_size=0)
+
+
+def test_bench_compile_reports_the_compiled_prefills_and_their_compile(capsys):
+    """--compile: the stock prefill is compiled too ("unpruned_compiled"); the ratios against both, and each
+    compile's cost apart from the steady state. Dynamo's eager backend here (tracing only: the figures of a
+    kernel compiler are in docs/benchmarks.md). Nothing can be clocked inside one graph: no stage split."""
+    assert main(["bench", "--preset", "tiny-random", "--method", "topk", "--visual-tokens", "64", "--repeats", "1",
+                 "--new-tokens", "1", "--allocator", "default", "--compile", "eager", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    compiled, stock = out["compile"], out["compile"]["unpruned_compiled"]
+    assert (compiled["backend"], compiled["mode"], compiled["bucket"]) == ("eager", None, 32)
+    ours = out["pruned"]
+    assert compiled["speedup_prefill_vs_stock_compiled"] == pytest.approx(stock["prefill_s"] / ours["prefill_s"])
+    assert compiled["speedup_prefill_vs_stock_eager"] == pytest.approx(out["speedup_prefill"])
+    assert compiled["compile_s"]["pruned"] == pytest.approx(ours["first_prefill_s"] - ours["prefill_s"])
+    assert compiled["compile_s"]["pruned"] > 0 and compiled["compile_s"]["unpruned"] > 0  # tracing took time
+    assert math.isnan(out["pruned"]["prefill_llm_s"]) and out["unpruned"]["prefill_llm_s"] > 0
+    assert out["scoring_overhead"] is None and stock["kv_cache_bytes"] == out["unpruned"]["kv_cache_bytes"]
