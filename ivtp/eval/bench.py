@@ -339,7 +339,12 @@ def bench(preset: str, method: str, visual_tokens: int, device: str = "cpu", dty
 
     steps = tqdm(total=2, desc=f"bench {preset} {method}@{visual_tokens}", disable=not progress)
     models, prefill_fns = {"unpruned": stock, "pruned": pruned}, {}
-    if options is not None:  # the stock prefill compiled as the pruned one is: the fair comparison
+    if options is not None:  # the stock prefill compiled as the pruned one is (the fair comparison); pruned eager
+        from ivtp import apply_pruning
+
+        state = pruned.ivtp_state
+        models["pruned_eager"] = apply_pruning(copy.deepcopy(stock), config, aligner=state.aligner,
+                                               tokenizer=state.tokenizer)
         models["unpruned_compiled"] = stock
         prefill_fns["unpruned_compiled"] = torch.compile(stock, fullgraph=True, dynamic=False,
                                                          backend=options.backend, mode=options.mode)
@@ -393,9 +398,11 @@ def bench(preset: str, method: str, visual_tokens: int, device: str = "cpu", dty
 
 def _compiled_figures(runs: dict, options, flops_speedup: float) -> dict:
     """The compiled pruned prefill against the stock one eager and compiled, and what each compile cost."""
-    base, stock, ours = runs["unpruned"], runs["unpruned_compiled"], runs["pruned"]
+    base, stock, ours, eager = runs["unpruned"], runs["unpruned_compiled"], runs["pruned"], runs["pruned_eager"]
     return {"backend": str(options.backend), "mode": options.mode, "bucket": options.bucket,
-            "unpruned_compiled": stock,
+            "unpruned_compiled": stock, "pruned_eager": eager,
+            "compiled_vs_eager_pruned": eager["prefill_s"] / ours["prefill_s"],
+            "speedup_prefill_eager": base["prefill_s"] / eager["prefill_s"],
             "speedup_prefill_vs_stock_eager": base["prefill_s"] / ours["prefill_s"],
             "speedup_prefill_vs_stock_compiled": stock["prefill_s"] / ours["prefill_s"],
             "stock_compiled_vs_eager": base["prefill_s"] / stock["prefill_s"],

@@ -196,3 +196,6 @@ def test_bench_compile_reports_the_compiled_prefills_and_their_compile(capsys):
     assert compiled["compile_s"]["pruned"] > 0 and compiled["compile_s"]["unpruned"] > 0  # tracing took time
     assert math.isnan(out["pruned"]["prefill_llm_s"]) and out["unpruned"]["prefill_llm_s"] > 0
     assert out["scoring_overhead"] is None and stock["kv_cache_bytes"] == out["unpruned"]["kv_cache_bytes"]
+    eager = compiled["pruned_eager"]  # the same pruned model run eagerly in the same run
+    assert compiled["compiled_vs_eager_pruned"] == pytest.approx(eager["prefill_s"] / ours["prefill_s"])
+    assert eager["kv_cache_bytes"] == ours["kv_cache_bytes"] and eager["prefill_llm_s"] > 0

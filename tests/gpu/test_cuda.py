@@ -183,3 +183,27 @@ def test_fused_maps_keep_the_same_tokens(images, monkeypatch):
     assert torch.equal(runs["1"][1], runs["0"][1])
     assert all(torch.equal(a, b) for a, b in zip(runs["1"][2], runs["0"][2]))
     torch.testing.assert_close(runs["1"][0], runs["0"][0], rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("mode", [None, "reduce-overhead"])
+def test_compiled_prefill_equals_eager_on_cuda(images, mode):
+    """The compiled prefill with inductor's CUDA kernels (and, with reduce-overhead, replayed as CUDA graphs):
+    the same kept tokens and greedy tokens as eager, logits to float32 rounding, on a second call too (a replay)."""
+    eager, processor = model_on_gpu(STAGE2)
+    compiled, _ = tiny_random(0, image_size=112)
+    apply_pruning(compiled, STAGE2, aligner=tiny_aligner(), tokenizer=processor.tokenizer,
+                  compile={"mode": mode, "bucket": 16})
+    compiled.to(CUDA)
+    batch = batch_of(processor, images(2), QUESTIONS[:2], device=CUDA)
+    kwargs = dict(max_new_tokens=6, do_sample=False, return_dict_in_generate=True, output_logits=True)
+    with torch.no_grad():
+        ref = eager.generate(**batch, **kwargs)
+        ref_kept = [p.cpu() for p in eager.ivtp_state.last_llm_trace.kept_positions]
+        for _ in range(2):
+            out = compiled.generate(**batch, **kwargs)
+            assert torch.equal(out.sequences, ref.sequences)
+            for a, b in zip(out.logits, ref.logits):
+                assert rel_err(a, b) < 1e-4
+            # the trace is in the padded prompt's positions: compare each row's kept tokens by their order
+            kept = compiled.ivtp_state.last_llm_trace
+            assert [k.numel() for k in kept.kept_positions] == [k.numel() for k in ref_kept]
