@@ -140,3 +140,14 @@ def test_options_and_padding_helpers():
     assert [bucket_length(n, 32) for n in (1, 32, 33)] == [32, 32, 64]
     ids, mask = pad_left(torch.tensor([[5, 6], [7, 8]]), torch.tensor([[1, 1], [0, 1]]), 4, pad_id=0)
     assert ids.tolist() == [[0, 0, 5, 6], [0, 0, 7, 8]] and mask.tolist() == [[0, 0, 1, 1], [0, 0, 0, 1]]
+
+
+def test_a_static_cache_after_the_compiled_prefill_equals_eager(small_llava, images):
+    """generate with a static cache (what HF compiles its decode step on): the compiled prefill fills it as the eager
+    one does."""
+    eager, processor = pruned(small_llava, "ivtp")
+    compiled, _ = pruned(small_llava, "ivtp", compile={"backend": "eager", "bucket": 16})
+    batch = batch_of(processor, images(2), QUESTIONS)
+    kwargs = dict(max_new_tokens=4, do_sample=False, cache_implementation="static")
+    with torch.no_grad():
+        assert torch.equal(compiled.generate(**batch, **kwargs), eager.generate(**batch, **kwargs))

@@ -17,6 +17,7 @@ from ivtp.data.llava import Collator, LlavaDataset, MissingImageError, load_reco
 from ivtp.data.templates import ConversationError
 from ivtp.models import ModelNotFoundError
 from ivtp.models import tiny_aligner, tiny_random
+from ivtp.testbed.pipeline import free_port
 from ivtp.training import (ModelArguments, build_trainer, detach_frozen_tower, load_for_training, parse_args,
                            save_final, set_trainable)
 
@@ -150,7 +151,8 @@ def test_deepspeed_zero3_saves_gathered_weights_that_load(tmp_path):
     argv = args_for(tmp_path / "out", "--max_steps", "2", "--learning_rate", "0", "--weight_decay", "0",
                     "--model_name_or_path", str(init))
     argv[argv.index(CONFIG)] = str(config)
-    cmd = [launcher, "--num_gpus", "1", os.path.join(ROOT, "train", "finetune.py"), "--deepspeed",
+    cmd = [launcher, "--num_gpus", "1", "--master_port", str(free_port()), os.path.join(ROOT, "train", "finetune.py"),
+           "--deepspeed",
            os.path.join(ROOT, "configs", "deepspeed", "zero3.json"), *argv]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=ROOT)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]

@@ -236,7 +236,9 @@ def train_command(cfg: TestbedConfig, script: str, args: dict) -> list[str]:
     if last:
         print(f"[testbed] resuming {script} from {last}", flush=True)
         common["resume_from_checkpoint"] = last
-    argv = [deepspeed, "--num_gpus", "1", os.path.join(REPO, "train", f"{script}.py")]
+    # A port of its own: DeepSpeed's default (29500) would clash with any other run on the machine.
+    argv = [deepspeed, "--num_gpus", "1", "--master_port", str(free_port()),
+            os.path.join(REPO, "train", f"{script}.py")]
     for key, value in {**common, **args}.items():
         argv += [f"--{key}", str(value)]
     return argv
@@ -370,6 +372,15 @@ def relative_to(obj, root: str):
     if isinstance(obj, str) and obj.startswith(prefix):
         return os.path.relpath(obj, root)
     return obj
+
+
+def free_port() -> int:
+    """A TCP port nothing listens on now (the OS picks it)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def _train(cfg: TestbedConfig, script: str, args: dict) -> None:
