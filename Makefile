@@ -35,9 +35,11 @@ test-lmms: $(LMMS_STAMP)
 	$(LMMS_PY) -m pytest -q tests/integrations
 
 # A few DeepSpeed ZeRO-2 steps on CPU: tiny-random model, fixture data, IVTP pruning active in the forward; then
-# the checkpoint loads back, with the aligner it carries, and answers (offline: nothing may be downloaded).
+# the checkpoint loads back, with the aligner it carries, and answers (offline: nothing may be downloaded). On a
+# free port: another run on the machine may hold DeepSpeed's default, 29500.
 train-smoke: $(STAMP)
-	$(VENV)/bin/deepspeed --num_gpus 1 train/finetune.py --deepspeed configs/deepspeed/zero2.json \
+	$(VENV)/bin/deepspeed --num_gpus 1 --master_port $$($(PY) -c "from ivtp.testbed.pipeline import free_port; print(free_port())") \
+		train/finetune.py --deepspeed configs/deepspeed/zero2.json \
 		--prune-config configs/ivtp_64.yaml --model_name_or_path tiny-random \
 		--data_path data/fixtures/tiny_llava.json --image_folder data/fixtures/images \
 		--output_dir ivtp_out/train-smoke --max_steps 3 --per_device_train_batch_size 2 \
