@@ -89,7 +89,6 @@ class CompiledPrefill:
     def __call__(self, model, input_ids, pixel_values, attention_mask, position_ids, past_key_values, prompt_len,
                  kwargs: dict):
         """The host's part, then the graph. input_ids hold the shrunk `<image>` runs (checked by the caller)."""
-        from ivtp import guidance as gd
         from ivtp.ops.sequence import placeholder_counts
         from ivtp.patch.llama import PrefillShape
 
@@ -99,10 +98,9 @@ class CompiledPrefill:
         shape = PrefillShape(tuple((counts // state.tokens_per_image).tolist()), padded)
         visual = instr = features = weights = instruction = None
         if state.llm_plan is not None:
-            visual = input_ids == state.image_token_id  # (B, L)
-            instr = gd.instruction_mask(visual, attention_mask, None, prompt_len)  # (B, L)
-            if state.aligner is not None:
-                instruction = model._instruction_text(input_ids, instr, width=state.aligner.context_length)
+            width = state.aligner.context_length if state.aligner is not None else None
+            visual, instr, instruction = model._guidance_inputs(input_ids, attention_mask, None, prompt_len, width)
+            if instruction is not None:
                 features, weights = instruction.clip_features, instruction.weights
         out = self.graph(model, input_ids, attention_mask, position_ids, pixel_values, past_key_values, visual, instr,
                          features, weights, shape, prompt_len, kwargs)

@@ -236,18 +236,26 @@ class PrunedLlavaForConditionalGeneration:
         # tokenising, then overlaps the tower's kernels instead of leaving the GPU idle after them), the image
         # features, the guidance built from both, then the stock forward with the features handed in
         # (mm_encoder_outputs) so the tower runs once.
-        with torch.profiler.record_function("ivtp.guidance"):  # priced as scoring by `ivtp bench`
-            visual = input_ids == state.image_token_id  # (B, L)
-            instr = gd.instruction_mask(visual, attention_mask, kwargs.get("labels"), ivtp_prompt_len)  # (B, L)
-        instruction = None
-        if state.aligner is not None:  # apply_pruning keeps one exactly when the guidance is CLIP's
-            instruction = self._instruction_text(input_ids, instr)
+        visual, instr, instruction = self._guidance_inputs(input_ids, attention_mask, kwargs.get("labels"),
+                                                           ivtp_prompt_len)
         image_outputs = self.model.get_image_features(pixel_values=pixel_values)
         guidance = self._guidance(input_ids, visual, instr, attention_mask, ivtp_prompt_len,
                                   image_outputs.pooler_output, instruction)
         return super().forward(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                                past_key_values=past_key_values, inputs_embeds=inputs_embeds,
                                mm_encoder_outputs={"image": image_outputs}, ivtp_guidance=guidance, **kwargs)
+
+    def _guidance_inputs(self, input_ids, attention_mask, labels, prompt_len, clip_width: int | None = None):
+        """What the guidance needs before the tower runs: the placeholders and the instruction, (B, L) bool each,
+        and for CLIP guidance the instruction's CLIP side (clip_width: its fixed width in a compiled prefill)."""
+        state = self.ivtp_state
+        with torch.profiler.record_function("ivtp.guidance"):  # priced as scoring by `ivtp bench`
+            visual = input_ids == state.image_token_id  # (B, L)
+            instr = gd.instruction_mask(visual, attention_mask, labels, prompt_len)  # (B, L)
+        instruction = None
+        if state.aligner is not None:  # apply_pruning keeps one exactly when the guidance is CLIP's
+            instruction = self._instruction_text(input_ids, instr, clip_width)
+        return visual, instr, instruction
 
     @profiled("ivtp.guidance")  # `ivtp bench` prices this range as scoring, like _guidance
     def _instruction_text(self, input_ids, instr, width: int | None = None) -> gd.InstructionText:
