@@ -26,32 +26,11 @@ from tqdm import tqdm
 from ivtp.data.jsonio import dump_jsonl
 from ivtp.methods.peers import PeerRunner
 from ivtp.names import DEFAULT_BUDGETS, SUITES  # noqa: F401 (re-exported)
-from ivtp.testbed.configs import TESTBED_METHODS, fit_prune_config
+from ivtp.testbed.configs import (BEST_EXTENSION, EXTENSIONS, TESTBED_METHODS, extension_config,
+                                  fit_prune_config)
 
 QTYPES = ("colour", "shape", "position", "count", "existence")
 MAIN_TOKENS = 7  # 1/9 of the 64 patches: the paper's 576 -> 64
-# Our extensions (config overrides of the vision and llm sections), measured against the paper's form. A name is
-# "<geometry>:<guidance>": "paper" keeps the paper's geometry (stage 1 to 14, stage 2 over layers 0-2), "early"
-# drops in the LLM after layer 0 and lets stage 1 keep 28 (the same visual tokens x LLM layers: 14 x 3 + 7 x 3 =
-# 28 + 7 x 5), so that the instruction decides more of the selection; "llm_only" drops after layer 0 from all 64.
-# Each geometry has its random-query control.
-QUESTION = {"instruction": "question", "relevance": "standardised", "tau": 1.0}
-EARLY_VISION, EARLY_LLM = {"keep": 28}, {"layers": 1, "group_size": 1}
-EXTENSIONS = {
-    "paper:clip": ({}, {}),
-    "paper:question": ({}, QUESTION),
-    "paper:question+own_rows": ({}, {**QUESTION, "aggregation": "mean"}),
-    "paper:none": ({}, {"guidance": "none"}),
-    "paper:random": ({}, {"guidance": "random"}),
-    "early:clip": (EARLY_VISION, EARLY_LLM),
-    "early:question": (EARLY_VISION, {**EARLY_LLM, **QUESTION}),
-    "early:none": (EARLY_VISION, {**EARLY_LLM, "guidance": "none"}),
-    "early:random": (EARLY_VISION, {**EARLY_LLM, "guidance": "random"}),
-    # Stage 1 off: the instruction chooses 7 of all 64 after layer 0 (more compute: 64 + 7 x 5 token-layers).
-    "llm_only:question": ({"enabled": False}, {**EARLY_LLM, **QUESTION}),
-    "llm_only:random": ({"enabled": False}, {**EARLY_LLM, "guidance": "random"}),
-}
-BEST_EXTENSION = "early:question"
 
 
 @dataclass
@@ -123,10 +102,11 @@ def plan_rows(suites, budgets, aligner: str, llm_layers: int, retrained: bool) -
                      cfg("ivtp", MAIN_TOKENS, llm={"guidance": g}), compare="guidance=random" if g != "random" else None)
                  for g in ("clip", "llm_threshold", "all_text", "none", "random")]
     if "extensions" in suites:  # ours, against the paper's form (docs/paper.md, "Extensions")
-        for name, (vision, llm) in EXTENSIONS.items():
+        for name in EXTENSIONS:
             control = name.split(":")[0] + ":random"
             rows.append(Row("extensions", name, "finetuned", MAIN_TOKENS,
-                            cfg("ivtp", MAIN_TOKENS, vision=vision, llm=llm), compare=control if name != control else None))
+                            extension_config(name, MAIN_TOKENS, llm_layers, aligner).to_dict(),
+                            compare=control if name != control else None))
     if "tau_extended" in suites:  # the threshold on the extension's standardised relevance
         vision, llm = EXTENSIONS[BEST_EXTENSION]
         rows += [Row("tau_extended", f"{BEST_EXTENSION} tau={t}", "finetuned", MAIN_TOKENS,

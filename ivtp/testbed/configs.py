@@ -44,6 +44,38 @@ def fit_prune_config(method: str, tokens: int, llm_layers: int, aligner: str | N
     return PruneConfig.from_dict(d)
 
 
+# Our extensions (config overrides of the vision and llm sections), measured against the paper's form. A name is
+# "<geometry>:<guidance>": "paper" keeps the paper's geometry (stage 1 to 14, stage 2 over layers 0-2), "early"
+# drops in the LLM after layer 0 and lets stage 1 keep 28 (the same visual tokens x LLM layers: 14 x 3 + 7 x 3 =
+# 28 + 7 x 5), so that the instruction decides more of the selection; "llm_only" drops after layer 0 from all 64.
+# Each geometry has its random-query control.
+QUESTION = {"instruction": "question", "relevance": "standardised", "tau": 1.0}
+EARLY_VISION, EARLY_LLM = {"keep": 28}, {"layers": 1, "group_size": 1}
+EXTENSIONS = {
+    "paper:clip": ({}, {}),
+    "paper:question": ({}, QUESTION),
+    "paper:question+own_rows": ({}, {**QUESTION, "aggregation": "mean"}),
+    "paper:none": ({}, {"guidance": "none"}),
+    "paper:random": ({}, {"guidance": "random"}),
+    "early:clip": (EARLY_VISION, EARLY_LLM),
+    "early:question": (EARLY_VISION, {**EARLY_LLM, **QUESTION}),
+    "early:none": (EARLY_VISION, {**EARLY_LLM, "guidance": "none"}),
+    "early:random": (EARLY_VISION, {**EARLY_LLM, "guidance": "random"}),
+    # Stage 1 off: the instruction chooses 7 of all 64 after layer 0 (more compute: 64 + 7 x 5 token-layers).
+    "llm_only:question": ({"enabled": False}, {**EARLY_LLM, **QUESTION}),
+    "llm_only:random": ({"enabled": False}, {**EARLY_LLM, "guidance": "random"}),
+}
+BEST_EXTENSION = "early:question"
+
+
+def extension_config(name: str, tokens: int, llm_layers: int, aligner: str | None = None) -> PruneConfig:
+    """IVTP at `tokens` in the form EXTENSIONS names ("paper:clip" is the paper's own)."""
+    if name not in EXTENSIONS:
+        raise ValueError(f"{name}: not an extension (choose from {', '.join(EXTENSIONS)})")
+    vision, llm = EXTENSIONS[name]
+    return fit_prune_config("ivtp", tokens, llm_layers, aligner=aligner, vision=vision, llm=llm)
+
+
 def write_yaml(config: PruneConfig, path: str) -> str:
     import yaml
 

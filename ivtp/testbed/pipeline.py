@@ -265,19 +265,38 @@ def stage_finetune(cfg: TestbedConfig, out: str) -> None:
     attach_aligner(out, "llava")
 
 
-def stage_retrain(cfg: TestbedConfig, out: str) -> None:
-    from ivtp.testbed.configs import fit_prune_config, write_yaml
+PAPER_FORM = "paper:clip"  # the retrain stage's form: the paper's, as `retrain_method` at `retrain_tokens`
 
-    data = os.path.join(out, "data")
-    config_path = os.path.join(out, "configs", f"retrain_{cfg.retrain_method}_{cfg.retrain_tokens}.yaml")
-    write_yaml(fit_prune_config(cfg.retrain_method, cfg.retrain_tokens, cfg.llm_layers,
-                                    aligner=os.path.join(out, "clip", ALIGNER_FILE)), config_path)
+
+def extension_slug(extension: str) -> str:
+    return extension.replace(":", "_").replace("+", "_")
+
+
+def retrain_dir(extension: str = PAPER_FORM) -> str:
+    """The retrained model's folder under the testbed's: llava-ivtp for the paper's form (the one `make testbed`
+    ships), llava-ivtp-<extension> for one of ours."""
+    return "llava-ivtp" if extension == PAPER_FORM else f"llava-ivtp-{extension_slug(extension)}"
+
+
+def stage_retrain(cfg: TestbedConfig, out: str, extension: str = PAPER_FORM) -> None:
+    """Retrain the finetuned model with pruning active: the paper's IVTP, or with `extension` one of our
+    extensions (ivtp.testbed.configs.EXTENSIONS), into retrain_dir(extension)."""
+    from ivtp.testbed.configs import extension_config, fit_prune_config, write_yaml
+
+    data, aligner = os.path.join(out, "data"), os.path.join(out, "clip", ALIGNER_FILE)
+    if extension == PAPER_FORM:
+        config = fit_prune_config(cfg.retrain_method, cfg.retrain_tokens, cfg.llm_layers, aligner=aligner)
+        name = f"retrain_{cfg.retrain_method}_{cfg.retrain_tokens}"
+    else:  # an extension is IVTP's, at the recipe's budget
+        config = extension_config(extension, cfg.retrain_tokens, cfg.llm_layers, aligner=aligner)
+        name = f"retrain_ivtp_{cfg.retrain_tokens}_{extension_slug(extension)}"
+    config_path = write_yaml(config, os.path.join(out, "configs", f"{name}.yaml"))
     _train(cfg, "finetune", {
         "model_name_or_path": os.path.join(out, "llava"), "prune_config": config_path,
         "data_path": os.path.join(data, "finetune.json"), "image_folder": data,
-        "output_dir": os.path.join(out, "llava-ivtp"), "num_train_epochs": cfg.retrain_epochs,
+        "output_dir": os.path.join(out, retrain_dir(extension)), "num_train_epochs": cfg.retrain_epochs,
         "learning_rate": cfg.retrain_lr, "group_by_modality_length": True})
-    attach_aligner(out, "llava-ivtp")
+    attach_aligner(out, retrain_dir(extension))
 
 
 def attach_aligner(out: str, model_dir: str) -> None:
@@ -290,11 +309,13 @@ STAGE_FUNCS = {"data": stage_data, "clip": stage_clip, "aligner": stage_aligner,
                "pretrain": stage_pretrain, "finetune": stage_finetune, "retrain": stage_retrain}
 STAGE_OUTPUTS = {"data": "data/manifest.json", "clip": f"clip/{ALIGNER_META}", "aligner": "clip/aligner_metrics.json",
                  "llm_init": "llm-init/config.json", "pretrain": "pretrain/config.json",
-                 "finetune": f"llava/{ALIGNER_META}", "retrain": f"llava-ivtp/{ALIGNER_META}"}
+                 "finetune": f"llava/{ALIGNER_META}", "retrain": f"{retrain_dir()}/{ALIGNER_META}"}
 
 
-def run(out: str, cfg: TestbedConfig, stages=STAGES, force: str | None = None) -> dict:
-    """Run the stages whose outputs are missing (or from `force` on); returns seconds per stage."""
+def run(out: str, cfg: TestbedConfig, stages=STAGES, force: str | None = None,
+        retrain_as: str = PAPER_FORM) -> dict:
+    """Run the stages whose outputs are missing (or from `force` on); returns seconds per stage. `retrain_as`: the
+    retrain stage's form, the paper's or one of our extensions (each into its own folder, retrain_dir)."""
     os.makedirs(out, exist_ok=True)
     saved = os.path.join(out, "testbed.json")
     if os.path.exists(saved):
@@ -306,52 +327,50 @@ def run(out: str, cfg: TestbedConfig, stages=STAGES, force: str | None = None) -
     redo = set(STAGES[STAGES.index(force):]) if force else set()
     timings = {}
     for stage in stages:
-        done = os.path.exists(os.path.join(out, STAGE_OUTPUTS[stage]))
-        if done and stage not in redo:
-            print(f"[testbed] {stage}: done already ({STAGE_OUTPUTS[stage]})", flush=True)
+        extra = (retrain_as,) if stage == "retrain" and retrain_as != PAPER_FORM else ()
+        output = f"{retrain_dir(*extra)}/{ALIGNER_META}" if extra else STAGE_OUTPUTS[stage]
+        if os.path.exists(os.path.join(out, output)) and stage not in redo:
+            print(f"[testbed] {stage}: done already ({output})", flush=True)
             continue
-        print(f"[testbed] {stage} ...", flush=True)
+        print(f"[testbed] {stage} {' '.join(extra)}...", flush=True)
         t0 = time.time()
-        STAGE_FUNCS[stage](cfg, out)
+        STAGE_FUNCS[stage](cfg, out, *extra)
         timings[stage] = round(time.time() - t0, 1)
         print(f"[testbed] {stage}: {timings[stage]} s", flush=True)
     dump_json(timings, os.path.join(out, f"timings_{int(time.time())}.json"), indent=2)
     return timings
 
 
-SHIPPED = ("llava-ivtp",)  # ~11 MB in fp16 with its aligner; both models would exceed the 20 MB the repo allows
-
-
-def ship(out: str, dest: str, dtype: str = "float16", models=SHIPPED) -> dict[str, int]:
-    """Copy the trained IVTP-retrained model into the package (`dest`, ivtp/assets/testbed) in fp16, with its
-    tokenizer, processor, prune config and aligner, so that `ivtp demo` and `--model testbed` use it. The
-    unpruned-trained model stays in the testbed folder. Returns file sizes."""
+def ship(out: str, dest: str, dtype: str = "float16", retrained: str = PAPER_FORM) -> dict[str, int]:
+    """Copy the model retrained in the form `retrained` into the package (`dest`, ivtp/assets/testbed) as
+    llava-ivtp, in fp16, with its tokenizer, processor, prune config and aligner, so that `ivtp demo` and `--model
+    testbed` use it. Only one model ships (~11 MB in fp16 with its aligner; two would exceed the 20 MB the repo
+    allows): the unpruned-trained one stays in the testbed folder. Returns file sizes."""
     import torch
     from transformers import AutoProcessor, LlavaForConditionalGeneration
 
-    sizes = {}
-    for name in models:
-        src, dst = os.path.join(out, name), os.path.join(dest, name)
-        if not os.path.isdir(src):
-            continue
-        shutil.rmtree(dst, ignore_errors=True)
-        model = LlavaForConditionalGeneration.from_pretrained(src, dtype=getattr(torch, dtype))
-        model.save_pretrained(dst)
-        AutoProcessor.from_pretrained(src).save_pretrained(dst)
-        for extra in (ALIGNER_FILE, ALIGNER_META):
-            shutil.copy(os.path.join(src, extra), os.path.join(dst, extra))
-        if os.path.exists(os.path.join(src, "ivtp_config.json")):
-            # The retraining config named the aligner by its path on this machine; the shipped folder carries
-            # the aligner beside the weights (ivtp.models.preset_aligner), so name that file instead.
-            from ivtp.config import PruneConfig
+    src, dst = os.path.join(out, retrain_dir(retrained)), os.path.join(dest, retrain_dir())
+    if not os.path.isdir(src):
+        raise SystemExit(f"--ship: {src} is not trained (run the retrain stage for {retrained})")
+    shutil.rmtree(dst, ignore_errors=True)
+    model = LlavaForConditionalGeneration.from_pretrained(src, dtype=getattr(torch, dtype))
+    model.save_pretrained(dst)
+    AutoProcessor.from_pretrained(src).save_pretrained(dst)
+    for extra in (ALIGNER_FILE, ALIGNER_META):
+        shutil.copy(os.path.join(src, extra), os.path.join(dst, extra))
+    if os.path.exists(os.path.join(src, "ivtp_config.json")):
+        # The retraining config named the aligner by its path on this machine; the shipped folder carries
+        # the aligner beside the weights (ivtp.models.preset_aligner), so name that file instead.
+        from ivtp.config import PruneConfig
 
-            config = PruneConfig.from_pretrained(src)
-            if config.method == "ivtp":
-                config.llm.aligner.pretrained = ALIGNER_FILE
-            config.save_pretrained(dst)
-        for root, _, files in os.walk(dst):
-            for f in files:
-                sizes[os.path.relpath(os.path.join(root, f), dest)] = os.path.getsize(os.path.join(root, f))
+        config = PruneConfig.from_pretrained(src)
+        if config.method == "ivtp":
+            config.llm.aligner.pretrained = ALIGNER_FILE
+        config.save_pretrained(dst)
+    sizes = {}
+    for root, _, files in os.walk(dst):
+        for f in files:
+            sizes[os.path.relpath(os.path.join(root, f), dest)] = os.path.getsize(os.path.join(root, f))
     for report in ("ablate/ablate.json",):
         if os.path.exists(os.path.join(out, report)):
             # The rows name the aligner by its absolute path on the machine that ran them: ship those paths
@@ -424,11 +443,18 @@ def main(argv=None) -> int:
     p.add_argument("--stages", default=",".join(STAGES), help=f"comma-separated subset of {','.join(STAGES)}")
     p.add_argument("--force", choices=STAGES, default=None, help="redo this stage and the ones after it")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a TestbedConfig field")
+    p.add_argument("--retrain-as", default=PAPER_FORM, metavar="EXTENSION",
+                   help="the retrain stage's (and --ship's) form: the paper's, or one of our extensions "
+                        "(ivtp.testbed.configs.EXTENSIONS), trained into llava-ivtp-<extension>")
     p.add_argument("--ship", default=None, metavar="DIR",
                    help="only copy the trained models, in fp16, into DIR (make testbed: ivtp/assets/testbed)")
     args = p.parse_args(argv)
+    from ivtp.testbed.configs import EXTENSIONS
+
+    if args.retrain_as not in EXTENSIONS:
+        p.error(f"--retrain-as {args.retrain_as}: choose from {', '.join(EXTENSIONS)}")
     if args.ship:
-        sizes = ship(args.out, args.ship)
+        sizes = ship(args.out, args.ship, retrained=args.retrain_as)
         print(json.dumps(sizes, indent=1))
         print(f"shipped {sum(sizes.values()) / 2**20:.1f} MiB to {args.ship}")
         return 0
@@ -437,7 +463,7 @@ def main(argv=None) -> int:
     unknown = [s for s in stages if s not in STAGES]
     if unknown:
         raise SystemExit(f"unknown stage(s) {unknown}; stages: {', '.join(STAGES)}")
-    run(args.out, cfg, stages, args.force)
+    run(args.out, cfg, stages, args.force, args.retrain_as)
     return 0
 
 

@@ -124,3 +124,32 @@ def test_shipped_reports_name_paths_relative_to_the_testbed_folder(tmp_path):
     assert shipped[0]["config"]["llm"]["aligner"]["pretrained"] == os.path.join("clip", "aligner.safetensors")
     # paths outside the folder, including a sibling whose name only starts the same, stay as they were
     assert shipped[0]["other"] == rows[0]["other"] and shipped[0]["name"] == "ivtp" and shipped[0]["tokens"] == 7
+
+
+def test_retraining_as_an_extension_goes_to_its_own_folder(tmp_path, monkeypatch):
+    """`--retrain-as early:clip` retrains into llava-ivtp-early_clip with that extension's config at the recipe's
+    budget, beside (not over) the paper's llava-ivtp; a form that is not an extension stops before any work."""
+    from ivtp.testbed.configs import extension_config
+
+    cfg = pipeline.TestbedConfig.smoke()
+    trained = []
+    monkeypatch.setattr(pipeline, "_train", lambda cfg, script, args: trained.append(args))
+    monkeypatch.setattr(pipeline, "attach_aligner", lambda out, model_dir: os.makedirs(os.path.join(out, model_dir)))
+    pipeline.stage_retrain(cfg, str(tmp_path), "early:clip")
+    pipeline.stage_retrain(cfg, str(tmp_path))
+    assert [os.path.basename(a["output_dir"]) for a in trained] == ["llava-ivtp-early_clip", "llava-ivtp"]
+    import yaml
+
+    with open(trained[0]["prune_config"]) as f:
+        written = yaml.safe_load(f)
+    aligner = os.path.join(str(tmp_path), "clip", "aligner.safetensors")
+    assert written == extension_config("early:clip", cfg.retrain_tokens, cfg.llm_layers, aligner).to_dict()
+    assert written["llm"]["layers"] == 1 and written["vision"]["keep"] == 28 and written["llm"]["keep"] == 7
+    with open(trained[1]["prune_config"]) as f:
+        assert yaml.safe_load(f)["llm"]["layers"] == 3  # the paper's form
+
+    with pytest.raises(SystemExit) as e:
+        pipeline.main(["--out", str(tmp_path / "x"), "--retrain-as", "early:clever"])
+    assert e.value.code == 2 and not os.path.exists(tmp_path / "x")
+    with pytest.raises(SystemExit, match="is not trained"):
+        pipeline.ship(str(tmp_path / "x"), str(tmp_path / "dest"), retrained="early:question")
