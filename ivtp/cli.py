@@ -9,8 +9,8 @@ import sys
 import time
 
 from ivtp.errors import InputError, run_reporting_input_errors
-from ivtp.names import (ALLOCATORS, DEFAULT_BUDGETS, DTYPE_NAMES, MODEL_ALIASES, ON_BAD_IMAGE, PRESET_NAMES, SUITES,
-                        TESTBED_MODEL, TINY_TOKENIZER)
+from ivtp.names import (ALLOCATORS, DEFAULT_BUDGETS, DTYPE_NAMES, MODEL_ALIASES, ON_BAD_IMAGE, PRESET_NAMES,
+                        PROJECTOR_NAMES, SUITES, TESTBED_MODEL, TINY_TOKENIZER)
 
 # torch and transformers are imported inside the commands: `ivtp --help` and argument errors answer at once.
 
@@ -253,6 +253,9 @@ def cmd_flops(args) -> int:
     else:
         preset = PRESETS[args.model]
         config = llava_config(preset.vision, {"vocab_size": 32064, **preset.text})
+    if args.projector != "mlp":
+        return _compressor_flops(args, config)
+    args.method = args.method or "ivtp"
     prune = None if args.method == "none" else (
         PruneConfig.load(args.prune_config) if args.prune_config else PruneConfig.for_method(args.method,
                                                                                           args.visual_tokens))
@@ -266,6 +269,32 @@ def cmd_flops(args) -> int:
               f"{result['extra']:.3f} = {result['total']:.3f} TFLOPs; visual tokens reaching the last LLM layer "
               f"{result['final_visual_tokens'] if 'final_visual_tokens' in result else 576}, layer-averaged "
               f"{result['llm_equivalent_visual_tokens']:.1f}")
+    return 0
+
+
+def _compressor_flops(args, config) -> int:
+    """`ivtp flops --projector NAME`: the unpruned model with a trained compressor in place of its projector."""
+    from ivtp.eval.flops import Arch, compressor_llava_flops
+
+    if args.prune_config or args.method not in (None, "none"):
+        raise InputError(f"--projector {args.projector} sets the visual tokens itself: it prices the unpruned "
+                         "model (--method none, no --prune-config)")
+    args.method = "none"
+    try:
+        result = compressor_llava_flops(Arch.from_llava_config(config), args.projector, args.text_tokens,
+                                        args.visual_tokens)
+    except ValueError as e:  # a budget that is not a grid
+        raise InputError(f"--projector {args.projector}: {e}") from None
+    result = {"model": args.model, "method": "none", "projector": args.projector,
+              "visual_tokens": args.visual_tokens, "text_tokens": args.text_tokens, **result}
+    if args.json:
+        json.dump(result, sys.stdout, indent=2)
+        sys.stdout.write("\n")
+    else:
+        print(f"{args.model} {args.projector}@{args.visual_tokens}: ViT {result['vit']:.3f} + LLM "
+              f"{result['llm']:.3f} + extra {result['extra']:.3f} = {result['total']:.3f} TFLOPs; visual tokens in the LLM "
+              f"{result['final_visual_tokens']} (its readout MLP, {result['readout']:.4f}, is left out as LLaVA's "
+              "projector is)")
     return 0
 
 
@@ -459,10 +488,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("flops", help="TFLOPs of a model and method, in the IVTP paper's convention (docs/flops.md)")
     p.add_argument("--model", default="llava-1.5-7b", help="llava-1.5-7b, llava-1.5-13b, cpu-mid, or a llava-hf folder")
-    p.add_argument("--method", default="ivtp", help="a method name, or none for the unpruned model")
+    p.add_argument("--method", default=None, help="a method name, or none for the unpruned model (default ivtp; "
+                                                  "none with --projector)")
     p.add_argument("--visual-tokens", type=positive_int, default=64, help="final visual tokens per image (budget)")
     p.add_argument("--text-tokens", type=positive_int, default=512)
     p.add_argument("--prune-config", default=None, help="a prune config instead of --method/--visual-tokens")
+    p.add_argument("--projector", choices=PROJECTOR_NAMES, default="mlp",
+                   help="a trained compressor in place of LLaVA's projector, at --visual-tokens (unpruned: "
+                        "--method none); its own FLOPs go to 'extra'")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_flops)
 

@@ -14,6 +14,7 @@ from ivtp.data.llava import prepare_image
 from ivtp.data.templates import vicuna_v1_prompt
 from ivtp.errors import InputError
 from ivtp.patch.llava import num_patches
+from ivtp.projectors import image_tokens
 
 logger = logging.getLogger(__name__)
 
@@ -101,7 +102,7 @@ def check_prompts(model, processor, prompts: list[tuple[str, bool]], max_new_tok
     if not prompts:  # a resumed run with nothing left to answer
         return
     limit = model.config.text_config.max_position_embeddings
-    patches = num_patches(model.config)
+    patches = image_tokens(model.config)  # one per patch, or a compressor's count (ivtp.projectors)
     longest = (-1, 0)
     for i, (question, has_image) in enumerate(prompts):
         text = vicuna_v1_prompt(question, has_image)  # a question holding <image> fails here
@@ -147,9 +148,9 @@ def _generate_batch(model, processor, batch, batch_images, max_new_tokens, use_c
             report = state.row_report(row, image_idx, 1)
             counts, kept = report.pop("visual_tokens"), report.pop("kept_patches")[0]
             stage1 = report.pop("stage1_patches")[0]
-        else:  # an unpruned model: every patch reaches the LLM
+        else:  # an unpruned model: every patch reaches the LLM (through a compressor's tokens, if it has one)
             n = num_patches(model.config)
-            counts, kept, stage1, report = [n], list(range(n)), list(range(n)), {}
+            counts, kept, stage1, report = [image_tokens(model.config)], list(range(n)), list(range(n)), {}
         results.append(Result(sample.prompt, image_name, answer.strip(), counts, kept, stage1,
                               inputs["pixel_values"][image_idx].float().cpu(), guidance=report))
         image_idx += 1

@@ -231,8 +231,16 @@ def load_model(
     kwargs = dict(dtype=dtype or "auto")
     if attn_implementation:
         kwargs["attn_implementation"] = attn_implementation
-    model = _from_local_or_cache(LlavaForConditionalGeneration, source, cache_dir, **kwargs).to(device).eval()
+    from ivtp.projectors import load_with_projector, match_processor, projector_spec
+
+    # A checkpoint trained with a compressor in place of the projector (config.json records it, ivtp.projectors)
+    # gets it back with its weights, and a processor that writes its placeholder count.
+    model = load_with_projector(
+        lambda **extra: _from_local_or_cache(LlavaForConditionalGeneration, source, cache_dir, **kwargs, **extra),
+        source, cache_dir).to(device).eval()
     processor = _from_local_or_cache(AutoProcessor, source, cache_dir)
+    if projector_spec(model.config) is not None:
+        match_processor(processor, model.config)
     return model, processor
 
 
@@ -313,12 +321,26 @@ def resolve_prune_config(prune_config=None, method: str | None = None, model: st
         folder = TESTBED_MODEL if model == "testbed" else model
         if os.path.isfile(os.path.join(folder, CONFIG_NAME)):
             return PruneConfig.from_pretrained(folder)
+        if _has_compressor(model):  # trained with a compressor (ivtp.projectors): it sets the visual tokens
+            return None
     config = PruneConfig.load(prune_config)
     if method is not None:
         if prune_config is not None and config.method != method:
             raise ConfigError(f"--method {method} disagrees with method {config.method!r} of {prune_config}")
         config = PruneConfig.for_method(method) if prune_config is None else config
     return config
+
+
+def _has_compressor(name: str) -> bool:
+    """Whether `name`'s config.json records a trained compressor in place of the projector (read without weights;
+    False for a name whose config is not at hand)."""
+    if name in PRESETS:
+        return False
+    try:
+        arch = architecture(name)
+    except InputError:
+        return False  # a bad name is load_model's to report
+    return getattr(arch, "ivtp_projector", None) is not None
 
 
 def load_for_inference(name: str, config=None, *, random_weights: bool = False, dtype: "str | torch.dtype | None" = None,

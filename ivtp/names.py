@@ -17,6 +17,8 @@ SUITES = ("methods", "group", "tau", "aggregation", "guidance", "stages", "exten
 DEFAULT_BUDGETS = (4, 7, 14)  # ivtp ablate: final visual tokens per image on the testbed's 64 patches
 ALLOCATORS = ("steady", "default")  # ivtp bench --allocator
 ON_BAD_IMAGE = ("stop", "skip")  # ivtp eval --on-bad-image (ivtp.eval.runner.run_chunk)
+# LLaVA's own projector and the trained compressors that may replace it (ivtp.projectors.PROJECTORS).
+PROJECTOR_NAMES = ("mlp", "honeybee", "llama_vid", "qwen_vl")
 # A checkpoint folder may carry the aligner its stage 2 was trained with (the testbed's and train/*.py's do): the
 # weights, and a JSON naming the open_clip model config they fit (ivtp.aligner.Aligner.save_pretrained).
 ALIGNER_FILE, ALIGNER_META = "aligner.safetensors", "aligner.json"

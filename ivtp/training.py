@@ -40,6 +40,10 @@ class ModelArguments:
     lora_alpha: int = 256
     lora_dropout: float = 0.05
     mm_projector_lr: float | None = field(default=None, metadata={"help": "learning rate of the projector"})
+    projector: str | None = field(default=None, metadata={
+        "help": "the projector: mlp (LLaVA's), or a trained compressor in its place: honeybee, llama_vid, qwen_vl "
+                "(docs/methods.md). Default: the checkpoint's own, else mlp"})
+    projector_tokens: int = field(default=64, metadata={"help": "visual tokens per image of a compressor"})
 
 
 @dataclass
@@ -70,8 +74,21 @@ def parse_args(argv=None, template: str = "vicuna_v1", tune: str = "projector+ll
         raise SystemExit(f"error: --template must be one of {', '.join(TEMPLATES)}")
     if model_args.tune not in ("projector", "projector+llm"):
         raise SystemExit("error: --tune must be 'projector' or 'projector+llm'")
+    _check_projector_args(model_args)
     _reporting(train_args)
     return model_args, data_args, train_args
+
+
+def _check_projector_args(args: ModelArguments) -> None:
+    """A bad --projector, or one beside --prune-config, is a one-line error before anything loads."""
+    from ivtp.names import PROJECTOR_NAMES
+    from ivtp.projectors import ProjectorError
+
+    if args.projector is not None and args.projector not in PROJECTOR_NAMES:
+        raise ProjectorError(f"--projector {args.projector!r}: choose one of {', '.join(PROJECTOR_NAMES)}")
+    if args.projector not in (None, "mlp") and args.prune_config:
+        raise ProjectorError(f"--projector {args.projector} sets the visual tokens itself; it does not combine "
+                             "with --prune-config")
 
 
 def _reporting(args: TrainingArguments) -> None:
@@ -130,11 +147,30 @@ def load_for_training(args: ModelArguments, dtype=None):
         model, processor = build_from_parts(args.model_name_or_path, args.vision_tower, dtype)
     else:
         model, processor = load_model(args.model_name_or_path, dtype=dtype or torch.float32)
+    use_projector(model, processor, args)
     if config is not None:
         apply_pruning(model, config, aligner=preset_aligner(args.model_name_or_path), tokenizer=processor.tokenizer)
     model = set_trainable(model, args)
     detach_frozen_tower(model)
     return model, processor, config
+
+
+def use_projector(model, processor, args: ModelArguments) -> None:
+    """--projector: a fresh compressor in place of LLaVA's projector (pretraining), or a check that the checkpoint
+    already has the one asked for (instruction tuning from a pretrained compressor). None: as the checkpoint is."""
+    from ivtp.projectors import ProjectorError, attach_projector, projector_spec
+
+    spec = projector_spec(model.config)
+    if args.projector is None:
+        return
+    if spec is None:
+        if args.projector != "mlp":
+            attach_projector(model, args.projector, args.projector_tokens, processor=processor)
+        return
+    if (spec["name"], spec["num_tokens"]) != (args.projector, args.projector_tokens):
+        raise ProjectorError(f"{args.model_name_or_path} was trained with the {spec['name']} projector at "
+                             f"{spec['num_tokens']} tokens; --projector {args.projector} with --projector_tokens "
+                             f"{args.projector_tokens} disagrees (leave --projector out to keep the checkpoint's)")
 
 
 def set_trainable(model, args: ModelArguments):
@@ -242,11 +278,11 @@ def build_trainer(model, processor, model_args: ModelArguments, data_args: DataA
                   train_args: TrainingArguments, records=None) -> LlavaTrainer:
     """The Trainer over `records` (default: load_records(data_args.data_path))."""
     base = unwrap(model)
-    from ivtp.patch.llava import num_patches
+    from ivtp.projectors import image_tokens
 
     dataset = LlavaDataset(
         load_records(data_args.data_path) if records is None else records, processor.tokenizer, processor.image_processor, data_args.template,
-        data_args.image_folder, image_tokens=num_patches(base.config),
+        data_args.image_folder, image_tokens=image_tokens(base.config),
         model_max_length=train_args.model_max_length, image_aspect_ratio=data_args.image_aspect_ratio,
         skip_missing=data_args.skip_missing)
     if train_args.gradient_checkpointing and not train_args.gradient_checkpointing_kwargs:

@@ -386,6 +386,82 @@ def extra_flops_rollout(hidden: int, tokens_per_layer: Sequence[int], group_size
     return 2 * macs
 
 
+# ---------------------------------------------------------------------------------------------- trained compressors
+
+
+def compressor_flops(arch: Arch, name: str, num_tokens: int = 64, instruction_tokens: int = 0, **options) -> dict:
+    """FLOPs of a trained compressor in place of LLaVA's projector (ivtp/projectors), at its defaults unless
+    `options` give the module's own keywords. Returns {'compressor': int, 'readout': int, 'tokens_per_image': int}.
+
+    'readout' is the MLP that maps the compressed tokens to the LLM width (LLaVA's projector on them, or
+    Honeybee's SiLU MLP); the convention leaves LLaVA's projector out, so 'compressor' alone is the paper's extra
+    column (Table 9: Qwen-VL 0.003 TFLOPs at 7B). Counted as everywhere here: matmuls and convolutions (the
+    depthwise 3x3 at 9 MACs per channel and position), not norms, activations, pooling or softmax.
+    instruction_tokens: the instruction's tokens, which LLaMA-VID's Q-Former reads (at most its max_text, 256).
+    """
+    pricers = {"honeybee": _honeybee_macs, "llama_vid": _llama_vid_macs, "qwen_vl": _qwen_vl_macs}
+    if name not in pricers:
+        raise ValueError(f"unknown projector {name!r}; choose one of {', '.join(pricers)}")
+    side = _check_positive(math.isqrt(_check_positive(num_tokens, "num_tokens")), "num_tokens")
+    if side * side != num_tokens:
+        raise ValueError(f"num_tokens must be a square number (a grid), got {num_tokens}")
+    _check_count(instruction_tokens, "instruction_tokens")
+    compressor, readout, tokens = pricers[name](arch, num_tokens, instruction_tokens, **options)
+    return {"compressor": 2 * compressor, "readout": 2 * readout, "tokens_per_image": tokens}
+
+
+def _honeybee_macs(arch: Arch, k: int, _instruction: int, hidden: int | None = None, depth: int = 3,
+                   mlp_depth: int = 2) -> tuple[int, int, int]:
+    """Two RegNet stages (the first on the patches, the second on the pooled grid) and the SiLU MLP readout."""
+    d, h, n = arch.vision_hidden, hidden or arch.vision_hidden, arch.num_patches
+
+    def block(tokens: int, c_in: int, c: int) -> int:
+        reduced = max(1, round(c_in * 0.25))
+        shortcut = tokens * c_in * c if c_in != c else 0
+        return tokens * c_in * c + tokens * c * 9 + 2 * c * reduced + tokens * c * c + shortcut
+
+    stages = sum(block(n, d if i == 0 else h, h) + block(k, h, h) for i in range(depth))
+    return stages, k * (h * arch.llm_hidden + (mlp_depth - 1) * arch.llm_hidden ** 2), k
+
+
+def _qwen_vl_macs(arch: Arch, k: int, _instruction: int, width: int | None = None,
+                  heads: int | None = None) -> tuple[int, int, int]:
+    """kv_proj (when the width differs from the tower's), q/k/v/out projections, QK^T and AV, Qwen-VL's square
+    output projection; then LLaVA's projector on the k tokens."""
+    d, n, w = arch.vision_hidden, arch.num_patches, width or arch.vision_hidden
+    kv_proj = n * d * w if w != d else 0
+    attention = k * w * w + 2 * n * w * w + 2 * k * n * w + k * w * w
+    return kv_proj + attention + k * w * w, k * (w * arch.llm_hidden + arch.llm_hidden ** 2), k
+
+
+def _llama_vid_macs(arch: Arch, k: int, instruction: int, width: int | None = None, layers: int = 12,
+                    heads: int | None = None, num_queries: int = 32, cross_every: int = 2,
+                    max_text: int = 256, text_hidden: int | None = None) -> tuple[int, int, int]:
+    """The Q-Former (text in-projection; per layer self-attention over queries and text, the queries'
+    cross-attention to the patches every cross_every-th layer, the two feed-forwards), the context attention
+    (query, key and value maps, QK^T, AV), then LLaVA's projector on the k content tokens."""
+    d, n, dl = arch.vision_hidden, arch.num_patches, arch.llm_hidden
+    w, q, t = width or min(768, d), num_queries, min(instruction, max_text)
+    s = q + t
+    qformer = t * (text_hidden or dl) * w
+    for i in range(layers):
+        qformer += 4 * s * w * w + 2 * s * s * w + 8 * s * w * w
+        if i % cross_every == 0:
+            qformer += 2 * q * w * w + 2 * n * d * w + 2 * q * n * w
+    context = q * w * d + n * d * d + 2 * q * n * d + d * dl
+    return qformer + context, k * (d * dl + dl * dl), k + 1
+
+
+def compressor_llava_flops(arch: Arch, name: str, text_tokens: int, num_tokens: int = 64, **options) -> dict:
+    """llava_flops for LLaVA-1.5 with a compressor in place of its projector: the whole ViT, the LLM on the
+    compressor's tokens (LLaMA-VID: num_tokens + its context token) and `text_tokens`, the compressor in 'extra'.
+    The instruction LLaMA-VID's Q-Former reads is taken to be the text tokens (capped at its max_text)."""
+    priced = compressor_flops(arch, name, num_tokens, instruction_tokens=text_tokens, **options)
+    out = llava_flops(arch, text_tokens, llm_visual_per_layer=[priced["tokens_per_image"]] * arch.llm_layers,
+                      extra=priced["compressor"] / TERA)
+    return {**out, "readout": priced["readout"] / TERA, "final_visual_tokens": priced["tokens_per_image"]}
+
+
 # ---------------------------------------------------------------------------------------------- validation
 
 

@@ -443,6 +443,9 @@ def apply_pruning(model: LlavaForConditionalGeneration, config=None, aligner: Al
         raise TypeError(f"apply_pruning expects a transformers LlavaForConditionalGeneration, got {type(model).__name__}")
     if isinstance(model, PrunedLlavaForConditionalGeneration) or hasattr(model, "ivtp_state"):
         raise RuntimeError("apply_pruning was already applied to this model; load a fresh model to change the config")
+    if getattr(model.config, "ivtp_projector", None) is not None:  # ivtp.projectors.CONFIG_KEY
+        raise ConfigError(f"this model's projector is the trained compressor {model.config.ivtp_projector['name']!r}"
+                          ", which already sets its visual tokens; pruning does not combine with it")
     cfg = PruneConfig.load(config)
     mc = model.config
     if not isinstance(mc.vision_feature_layer, int):
@@ -520,7 +523,14 @@ def load_pruned(path: str | os.PathLike, config=None, tokenizer=None, aligner: A
 
     if os.path.isdir(path):
         check_llava_folder(str(path))  # e.g. LoRA adapters, which transformers would try to complete from the hub
-    model = LlavaForConditionalGeneration.from_pretrained(path, **load_kwargs)
+    from ivtp.projectors import load_with_projector, projector_spec
+
+    model = load_with_projector(lambda **extra: LlavaForConditionalGeneration.from_pretrained(path, **load_kwargs,
+                                                                                             **extra),
+                                str(path), load_kwargs.get("cache_dir"))
+    if projector_spec(model.config) is not None and config is None and not os.path.isfile(
+            os.path.join(path, "ivtp_config.json")):
+        return model  # a trained compressor is the model's token reduction: nothing to prune
     if config is None and os.path.isfile(os.path.join(path, "ivtp_config.json")):
         config = path
     cfg = PruneConfig.load(config)
