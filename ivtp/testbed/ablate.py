@@ -6,7 +6,8 @@ sweep only runs what is missing. Two baselines frame the methods: no image (a fl
 gives) and an oracle that keeps the patches of the object the question is about (a ceiling the generator knows).
 
 Suites:
-- methods:     every method at each budget, on the unpruned-trained model; IVTP also on the IVTP-retrained one
+- methods:     every method at each budget, on the unpruned-trained model; IVTP also on the IVTP-retrained one;
+               the trained compressors (ivtp.testbed.projectors), unpruned at their own token count, where trained
 - group:       stage-1 group size 1, 2, 3, 4, 6 (IVTP Table 8)
 - tau:         the relevance threshold of the pseudo-CLS
 - aggregation: how a group's attention rows are combined, in both stages (Tables 4-5)
@@ -18,6 +19,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from dataclasses import dataclass, field
 
 import torch
@@ -72,13 +74,18 @@ class OracleRunner(PeerRunner):
         return self._select(tower, pixel_values, want_final_cls, pick)
 
 
-def plan_rows(suites, budgets, aligner: str, llm_layers: int, retrained: bool) -> list[Row]:
-    """Every row of the chosen suites (the prune configs they evaluate)."""
+def plan_rows(suites, budgets, aligner: str, llm_layers: int, retrained: bool,
+              projectors: dict[str, int] | None = None) -> list[Row]:
+    """Every row of the chosen suites (the prune configs they evaluate). projectors: {name: tokens per image} of
+    the trained compressors (methods suite: unpruned, after IVTP retrained at MAIN_TOKENS, else last)."""
     def cfg(method, k, **over):
         return fit_prune_config(method, k, llm_layers, aligner=aligner, **over).to_dict()
 
     rows: list[Row] = []
     if "methods" in suites:
+        from ivtp.testbed.projectors import model_dir
+
+        trained = [Row("methods", name, model_dir(name), n) for name, n in (projectors or {}).items()]
         rows += [Row("methods", "unpruned", "finetuned", None), Row("methods", "no_image", "finetuned", 0,
                                                                      baseline="no_image")]
         for k in budgets:
@@ -86,6 +93,9 @@ def plan_rows(suites, budgets, aligner: str, llm_layers: int, retrained: bool) -
             rows += [Row("methods", m, "finetuned", k, cfg(m, k)) for m in TESTBED_METHODS]
             if retrained:
                 rows.append(Row("methods", "ivtp", "retrained", k, cfg("ivtp", k)))
+            if k == MAIN_TOKENS:
+                rows, trained = rows + trained, []
+        rows += trained
     if "group" in suites:
         rows += [Row("group", f"group_size={g}", "finetuned", MAIN_TOKENS, cfg("ivtp", MAIN_TOKENS,
                                                                               vision={"group_size": g}))
@@ -278,7 +288,18 @@ def ablate(testbed: str, out: str, suites=SUITES, budgets=DEFAULT_BUDGETS, limit
     if fresh:
         data = fresh_split(testbed, out, fresh)
     retrained = os.path.isfile(os.path.join(models["retrained"], "config.json"))
-    rows = plan_rows(suites, budgets, os.path.join(testbed, "clip", "aligner.safetensors"), llm_layers, retrained)
+    projectors = {}
+    if "methods" in suites:  # the trained compressors (ivtp.testbed.projectors), where they are trained
+        from ivtp.testbed.projectors import model_dir, trained_projectors
+
+        found, missing = trained_projectors(testbed)
+        for name, (path, n) in found.items():
+            models[model_dir(name)], projectors[name] = path, n
+        if missing:
+            print(f"ablate: no trained {', '.join(missing)} in {testbed} (llava-<name>): those rows are skipped; "
+                  "`make testbed-projectors` trains them", file=sys.stderr, flush=True)
+    rows = plan_rows(suites, budgets, os.path.join(testbed, "clip", "aligner.safetensors"), llm_layers, retrained,
+                     projectors)
     for row in tqdm(rows, desc="ablate", disable=not progress):
         row.path = models[row.model]
         row.metrics = run_row(row, row.path, data, out, limit, batch_size, pope_images)
@@ -332,19 +353,21 @@ def on_target(row: Row, key: str = "kept_on_target_share", qtype: str = "all") -
 
 
 def selection_cells(r: Row) -> list[str]:
-    """Final share on colour/shape/position questions together and per type, the share after stage 1, the
-    aligner's fallback rate and the key-word hit rate (all percent; blank where they do not apply)."""
+    """The mean accuracy of colour, shape and position questions (what selection should move); the final share on
+    them together and per type, the share after stage 1, the aligner's fallback rate and the key-word hit rate (all
+    percent; blank where they do not apply)."""
     def fmt(v):
         return "" if v is None else f"{v:.1f}"
 
     sel = r.metrics.get("selection") or {}
+    accuracy = [r.metrics.get("gqa_by_type", {}).get(q) for q in SELECTION_TYPES]
     final = [on_target(r, qtype=q) for q in SELECTION_TYPES]
     stage1 = [on_target(r, "stage1_on_target_share", q) for q in SELECTION_TYPES]
     fallback = sel.get("aligner_fallback_rate")
     hits = r.metrics.get("key_word_hit") or {}
     jaccard = r.metrics.get("jaccard_to_compare")
-    return [fmt(_mean(final)), *map(fmt, final), fmt(_mean(stage1)), fmt(None if fallback is None else 100 * fallback),
-            fmt(hits.get("all")), "" if jaccard is None else f"{jaccard:.2f} ({r.compare})"]
+    return [fmt(_mean(accuracy)), fmt(_mean(final)), *map(fmt, final), fmt(_mean(stage1)),
+            fmt(None if fallback is None else 100 * fallback), fmt(hits.get("all")), "" if jaccard is None else f"{jaccard:.2f} ({r.compare})"]
 
 
 def _mean(values):
@@ -355,7 +378,7 @@ def _mean(values):
 def markdown(rows: list[Row]) -> str:
     unpruned = next((r for r in rows if r.name == "unpruned"), None)
     ref = headline(unpruned)[0] if unpruned else None
-    lines = ["On target: the share of the final kept patches that lie on the question's object (colour, shape and "
+    lines = ["Acc c+s+p: the mean accuracy of the colour, shape and position questions. On target: the share of the final kept patches that lie on the question's object (colour, shape and "
              "position questions, mean of the three types, then each); stage 1: the same for the tokens that reached "
              "the LLM; fallback: rows whose pseudo-CLS fell back to the visual [CLS]; key word: questions whose "
              "pseudo-CLS holds a colour or shape word of the question (all percent); Jaccard: the mean Jaccard index "
@@ -364,7 +387,7 @@ def markdown(rows: list[Row]) -> str:
     paths = dict.fromkeys(f"{r.model} = {r.path}" for r in rows if r.path)
     if paths:
         lines += ["Models: " + "; ".join(paths) + ".", ""]
-    sel_head = ["on target c+s+p", "colour", "shape", "position", "stage 1", "fallback", "key word", "Jaccard"]
+    sel_head = ["acc c+s+p", "on target c+s+p", "colour", "shape", "position", "stage 1", "fallback", "key word", "Jaccard"]
     for suite in dict.fromkeys(r.suite for r in rows):
         lines += [f"## {suite}", "", "| model | row | tokens | GQA-layout acc | retained | " + " | ".join(QTYPES)
                   + " | POPE F1 | " + " | ".join(sel_head) + " |", "|" + " --- |" * (6 + len(QTYPES) + len(sel_head))]
@@ -377,6 +400,13 @@ def markdown(rows: list[Row]) -> str:
                          f"{'' if f1 is None else f'{f1:.1f}'} | " + " | ".join(selection_cells(r)) + " |")
         lines.append("")
     return "\n".join(lines)
+
+
+def is_projector(model: str) -> bool:
+    """Whether a row's model is a trained compressor's (its own folder, llava-<name>; ivtp.testbed.projectors)."""
+    from ivtp.testbed.projectors import PROJECTORS, model_dir
+
+    return model in {model_dir(name) for name in PROJECTORS}
 
 
 def plot(rows: list[Row], out: str) -> dict[str, str]:
@@ -392,6 +422,10 @@ def plot(rows: list[Row], out: str) -> dict[str, str]:
         keys = list(dict.fromkeys((r.model, r.name) for r in method_rows))
         for key, colour in zip(keys, line_colours(len(keys))):
             pts = sorted((r.tokens, headline(r)[0]) for r in method_rows if (r.model, r.name) == key)
+            if is_projector(key[0]):  # a trained compressor: one point, at its own token count
+                ax.plot([p[0] for p in pts], [p[1] for p in pts], "s", color=colour, ms=7,
+                        label=f"{key[1]} (trained, {pts[0][0]} tokens)")
+                continue
             style = "--" if key[1] == "oracle" else ("-o" if key[1] == "ivtp" else "-.")
             label = f"{key[1]} ({key[0]})" if key[0] == "retrained" else key[1]
             ax.plot([p[0] for p in pts], [p[1] for p in pts], style, color="k" if key[1] == "oracle" else colour,

@@ -51,6 +51,7 @@ def fit_prune_config(method: str, tokens: int, llm_layers: int, aligner: str | N
 # Each geometry has its random-query control.
 QUESTION = {"instruction": "question", "relevance": "standardised", "tau": 1.0}
 EARLY_VISION, EARLY_LLM = {"keep": 28}, {"layers": 1, "group_size": 1}
+LAYER1_LLM = {"layers": 2, "group_size": 2, "aggregation": "single_layer"}
 EXTENSIONS = {
     "paper:clip": ({}, {}),
     "paper:question": ({}, QUESTION),
@@ -62,10 +63,18 @@ EXTENSIONS = {
     "early:none": (EARLY_VISION, {**EARLY_LLM, "guidance": "none"}),
     "early:random": (EARLY_VISION, {**EARLY_LLM, "guidance": "random"}),
     # Stage 1 off: the instruction chooses 7 of all 64 after layer 0 (more compute: 64 + 7 x 5 token-layers).
+    "llm_only:clip": ({"enabled": False}, EARLY_LLM),
     "llm_only:question": ({"enabled": False}, {**EARLY_LLM, **QUESTION}),
+    "llm_only:none": ({"enabled": False}, {**EARLY_LLM, "guidance": "none"}),
     "llm_only:random": ({"enabled": False}, {**EARLY_LLM, "guidance": "random"}),
+    # The same, scored with layer 1's row alone (dropping after layer 1): does a later layer's query find the
+    # object better than layer 0's? (Measured: no, 2026-12-05.)
+    "llm_only@1:clip": ({"enabled": False}, LAYER1_LLM),
+    "llm_only@1:random": ({"enabled": False}, {**LAYER1_LLM, "guidance": "random"}),
 }
-BEST_EXTENSION = "early:question"
+# The extension with the most kept tokens on the question's object at the best accuracy on the tb32 testbed's fresh
+# split (docs/testbed.md, 2026-12-05); its tau sweep is the `tau_extended` suite.
+BEST_EXTENSION = "llm_only:question"
 
 
 def extension_config(name: str, tokens: int, llm_layers: int, aligner: str | None = None) -> PruneConfig:

@@ -24,6 +24,7 @@ import argparse
 import dataclasses
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -244,24 +245,35 @@ def train_command(cfg: TestbedConfig, script: str, args: dict) -> list[str]:
     return argv
 
 
-def stage_pretrain(cfg: TestbedConfig, out: str) -> None:
+def pretrain_args(cfg: TestbedConfig, out: str, output_dir: str = "pretrain") -> dict:
+    """The pretrain stage's train/pretrain.py arguments, into <out>/<output_dir> (also ivtp.testbed.projectors')."""
     data = os.path.join(out, "data")
-    _train(cfg, "pretrain", {
+    return {
         "model_name_or_path": os.path.join(out, "llm-init"), "vision_tower": os.path.join(out, "clip", "vision"),
-        "data_path": os.path.join(data, "pretrain.json"), "image_folder": data, "output_dir": os.path.join(out,
-                                                                                                             "pretrain"),
+        "data_path": os.path.join(data, "pretrain.json"), "image_folder": data,
+        "output_dir": os.path.join(out, output_dir),
         "num_train_epochs": cfg.pretrain_epochs, "learning_rate": cfg.pretrain_lr,
         # LLaVA-1.5 pretrains the projector alone because Vicuna already speaks; the testbed's LLM starts from
         # random weights, so here the captions also teach it the language.
-        "tune": "projector+llm"})
+        "tune": "projector+llm"}
+
+
+def stage_pretrain(cfg: TestbedConfig, out: str) -> None:
+    _train(cfg, "pretrain", pretrain_args(cfg, out))
+
+
+def finetune_args(cfg: TestbedConfig, out: str, model: str = "pretrain", output_dir: str = "llava") -> dict:
+    """The finetune stage's train/finetune.py arguments: <out>/<model> finetuned into <out>/<output_dir> (also
+    ivtp.testbed.projectors')."""
+    data = os.path.join(out, "data")
+    return {
+        "model_name_or_path": os.path.join(out, model), "data_path": os.path.join(data, "finetune.json"),
+        "image_folder": data, "output_dir": os.path.join(out, output_dir), "num_train_epochs": cfg.finetune_epochs,
+        "learning_rate": cfg.finetune_lr, "group_by_modality_length": True}
 
 
 def stage_finetune(cfg: TestbedConfig, out: str) -> None:
-    data = os.path.join(out, "data")
-    _train(cfg, "finetune", {
-        "model_name_or_path": os.path.join(out, "pretrain"), "data_path": os.path.join(data, "finetune.json"),
-        "image_folder": data, "output_dir": os.path.join(out, "llava"), "num_train_epochs": cfg.finetune_epochs,
-        "learning_rate": cfg.finetune_lr, "group_by_modality_length": True})
+    _train(cfg, "finetune", finetune_args(cfg, out))
     attach_aligner(out, "llava")
 
 
@@ -269,7 +281,8 @@ PAPER_FORM = "paper:clip"  # the retrain stage's form: the paper's, as `retrain_
 
 
 def extension_slug(extension: str) -> str:
-    return extension.replace(":", "_").replace("+", "_")
+    """A folder-safe name: "llm_only@1:clip" -> "llm_only_1_clip"."""
+    return re.sub(r"[^A-Za-z0-9]+", "_", extension)
 
 
 def retrain_dir(extension: str = PAPER_FORM) -> str:
@@ -417,9 +430,9 @@ def _run(argv: list[str]) -> None:
     subprocess.run(argv, check=True, env=env, cwd=REPO)
 
 
-def config_from_args(smoke: bool, overrides: list[str]) -> TestbedConfig:
-    """The recipe (or its smoke version) with `--set KEY=VALUE` overrides; dict fields take JSON."""
-    cfg = TestbedConfig.smoke() if smoke else TestbedConfig()
+def config_from_args(smoke: bool, overrides: list[str], base: TestbedConfig | None = None) -> TestbedConfig:
+    """The recipe (or its smoke version, or `base`) with `--set KEY=VALUE` overrides; dict fields take JSON."""
+    cfg = base if base is not None else TestbedConfig.smoke() if smoke else TestbedConfig()
     changes = {}
     for item in overrides:
         key, _, value = item.partition("=")
@@ -444,13 +457,16 @@ def main(argv=None) -> int:
     p.add_argument("--force", choices=STAGES, default=None, help="redo this stage and the ones after it")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a TestbedConfig field")
     p.add_argument("--retrain-as", default=PAPER_FORM, metavar="EXTENSION",
-                   help="the retrain stage's (and --ship's) form: the paper's, or one of our extensions "
-                        "(ivtp.testbed.configs.EXTENSIONS), trained into llava-ivtp-<extension>")
+                   help="the retrain stage's (and --ship's) form: the paper's, one of our extensions "
+                        "(ivtp.testbed.configs.EXTENSIONS), trained into llava-ivtp-<extension>, or 'best' for "
+                        "BEST_EXTENSION (the form make testbed ships)")
     p.add_argument("--ship", default=None, metavar="DIR",
                    help="only copy the trained models, in fp16, into DIR (make testbed: ivtp/assets/testbed)")
     args = p.parse_args(argv)
-    from ivtp.testbed.configs import EXTENSIONS
+    from ivtp.testbed.configs import BEST_EXTENSION, EXTENSIONS
 
+    if args.retrain_as == "best":
+        args.retrain_as = BEST_EXTENSION
     if args.retrain_as not in EXTENSIONS:
         p.error(f"--retrain-as {args.retrain_as}: choose from {', '.join(EXTENSIONS)}")
     if args.ship:

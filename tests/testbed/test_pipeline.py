@@ -153,3 +153,17 @@ def test_retraining_as_an_extension_goes_to_its_own_folder(tmp_path, monkeypatch
     assert e.value.code == 2 and not os.path.exists(tmp_path / "x")
     with pytest.raises(SystemExit, match="is not trained"):
         pipeline.ship(str(tmp_path / "x"), str(tmp_path / "dest"), retrained="early:question")
+
+
+def test_retrain_as_best_names_the_best_extension(tmp_path, monkeypatch):
+    """`--retrain-as best` (make testbed) is BEST_EXTENSION, for the stage and for --ship; folder names are safe."""
+    from ivtp.testbed.configs import BEST_EXTENSION
+
+    seen = {}
+    monkeypatch.setattr(pipeline, "run", lambda out, cfg, stages, force, retrain_as: seen.update(run=retrain_as))
+    monkeypatch.setattr(pipeline, "ship", lambda out, dest, retrained: seen.update(ship=retrained) or {})
+    pipeline.main(["--out", str(tmp_path / "a"), "--stages", "retrain", "--retrain-as", "best"])
+    pipeline.main(["--out", str(tmp_path / "a"), "--ship", str(tmp_path / "d"), "--retrain-as", "best"])
+    assert seen == {"run": BEST_EXTENSION, "ship": BEST_EXTENSION}
+    assert pipeline.retrain_dir("llm_only@1:clip") == "llava-ivtp-llm_only_1_clip"
+    assert pipeline.retrain_dir("paper:question+own_rows") == "llava-ivtp-paper_question_own_rows"

@@ -16,14 +16,20 @@ pytestmark = pytest.mark.skipif(not os.path.isfile(os.path.join(TESTBED_MODEL, "
                                 reason="no shipped testbed model (make testbed)")
 
 
-# Measured when shipped (2026-11-24, with the position loss): colour 0.39 of 51 (chance 1/6), shape 0.61 of 59
-# (chance 1/3); 22% and 21% of the kept patches lie on the object asked about (its area: 6.4% and 6.6% of the image).
+# Measured when shipped (2026-12-05, the tb32 model retrained as llm_only:question): colour 0.37 of 51 (chance 1/6),
+# shape 0.88 of 59 (chance 1/3); 16% and 44% of the kept patches lie on the object asked about (its area: 6.4% and
+# 6.6% of the image). Colour questions are where guidance still fails (docs/testbed.md, "Does the instruction guide?").
 # Position is not tested here: at 7 tokens the model is near chance on it (docs/testbed.md).
 @pytest.mark.parametrize("ask, floor", [(ask_colour, 2 / 6), (ask_shape, 1 / 2)], ids=["colour", "shape"])
 def test_shipped_model_answers_and_keeps_the_object(ask, floor):
     """floor: twice chance for colour, 1.5 times for shape (three shapes leave less room above chance)."""
+    from ivtp.testbed.configs import BEST_EXTENSION, extension_config
+
     config = resolve_prune_config(None, None, "testbed")  # the ivtp_config.json saved with the weights
-    assert config.method == "ivtp" and config.llm.keep == 7 and config.vision.keep == 14
+    # make testbed ships the model retrained in our best extension, with its config (the aligner beside it)
+    expected = extension_config(BEST_EXTENSION, 7, 6).to_dict()
+    assert {**config.to_dict(), "llm": {**config.to_dict()["llm"], "aligner": None}} == {
+        **expected, "llm": {**expected["llm"], "aligner": None}}
     torch.manual_seed(0)
     model, processor = load_for_inference("testbed", config)
     assert model.ivtp_state.aligner is not None  # the checkpoint's own aligner, not the config's path
