@@ -87,6 +87,12 @@ def _step_names(model) -> list[str]:
     return state.step_names() if state is not None else ["input"]
 
 
+def _print_json(payload) -> None:
+    """`--json` output: the payload, indented, and a final newline."""
+    json.dump(payload, sys.stdout, indent=2)
+    sys.stdout.write("\n")
+
+
 def _report(args, model, config, results, extra: dict | None = None) -> None:
     steps = _step_names(model)
     if args.json:
@@ -109,8 +115,7 @@ def _report(args, model, config, results, extra: dict | None = None) -> None:
             "samples": [r.to_json() for r in results],
             **(extra or {}),
         }
-        json.dump(payload, sys.stdout, indent=2)
-        sys.stdout.write("\n")
+        _print_json(payload)
         return
     for i, r in enumerate(results):
         print(f"[{i}] {r.prompt}")
@@ -234,8 +239,7 @@ def cmd_data_check(args) -> int:
                         image_tokens=args.image_tokens, model_max_length=args.model_max_length,
                         progress=not args.json)
     if args.json:
-        json.dump(report.to_json(), sys.stdout, indent=2)
-        sys.stdout.write("\n")
+        _print_json(report.to_json())
     else:
         print(format_report(report))
     return 0 if report.ok else 1
@@ -262,8 +266,7 @@ def cmd_flops(args) -> int:
     result = method_flops(config, prune, args.text_tokens)
     result = {"model": args.model, "method": args.method, "text_tokens": args.text_tokens, **result}
     if args.json:
-        json.dump(result, sys.stdout, indent=2)
-        sys.stdout.write("\n")
+        _print_json(result)
     else:
         print(f"{args.model} {args.method}: ViT {result['vit']:.3f} + LLM {result['llm']:.3f} + extra "
               f"{result['extra']:.3f} = {result['total']:.3f} TFLOPs; visual tokens reaching the last LLM layer "
@@ -288,8 +291,7 @@ def _compressor_flops(args, config) -> int:
     result = {"model": args.model, "method": "none", "projector": args.projector,
               "visual_tokens": args.visual_tokens, "text_tokens": args.text_tokens, **result}
     if args.json:
-        json.dump(result, sys.stdout, indent=2)
-        sys.stdout.write("\n")
+        _print_json(result)
     else:
         print(f"{args.model} {args.projector}@{args.visual_tokens}: ViT {result['vit']:.3f} + LLM "
               f"{result['llm']:.3f} + extra {result['extra']:.3f} = {result['total']:.3f} TFLOPs; visual tokens in the LLM "
@@ -310,8 +312,7 @@ def cmd_bench(args) -> int:
                    attn_implementation=args.attn_implementation, batch_size=args.batch_size, trace=args.trace,
                    compile=_compile(args))
     if args.json:
-        json.dump(result, sys.stdout, indent=2)
-        sys.stdout.write("\n")
+        _print_json(result)
     else:
         overhead = result["scoring_overhead"]
         lo, hi = result["speedup_prefill_paired_quartiles"]
@@ -414,8 +415,7 @@ def cmd_ablate(args) -> int:
                   pope_images=args.pope_images, progress=not args.json, fresh=args.fresh, finetuned=args.finetuned)
     paths = write_reports(rows, out)
     if args.json:
-        json.dump({"rows": [r.__dict__ for r in rows], "files": paths}, sys.stdout, indent=2)
-        sys.stdout.write("\n")
+        _print_json({"rows": [r.__dict__ for r in rows], "files": paths})
     else:
         for r in rows:
             acc, f1 = headline(r)

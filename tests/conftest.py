@@ -82,3 +82,15 @@ def assert_static_cache_matches_dynamic(model, batch, new_tokens: int) -> None:
         assert torch.equal(run.sequences, dynamic.sequences)
         for a, b in zip(run.logits, dynamic.logits):
             torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+def assert_trains(module, x, tokens: int, out_dim: int):
+    """A projector maps x (B, N, Dv) to (B, tokens, out_dim), and a loss on its output reaches x and every parameter.
+    Returns the module."""
+    x = x.clone().requires_grad_(True)
+    out = module(x)  # (B, N, Dv) -> (B, tokens, Dl)
+    assert out.shape == (x.shape[0], tokens, out_dim)
+    out.square().mean().backward()
+    assert x.grad.abs().sum() > 0
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in module.parameters())
+    return module

@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+from conftest import assert_trains
 from torch import nn
 
 from ivtp.projectors import ProjectorError, build_projector
@@ -9,13 +10,7 @@ from ivtp.projectors.honeybee import CAbstractor, reg_stage
 
 
 def test_output_shape_and_gradients_reach_every_parameter():
-    module = CAbstractor(32, 48, num_tokens=16, num_patches=64)
-    x = torch.randn(3, 64, 32, requires_grad=True)
-    out = module(x)  # (B, N, Dv) -> (B, 16, Dl)
-    assert out.shape == (3, 16, 48)
-    out.square().mean().backward()
-    assert x.grad.abs().sum() > 0
-    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in module.parameters())
+    assert_trains(CAbstractor(32, 48, num_tokens=16, num_patches=64), torch.randn(3, 64, 32), tokens=16, out_dim=48)
 
 
 def test_a_token_depends_on_its_own_region_most():

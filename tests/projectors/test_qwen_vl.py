@@ -4,19 +4,15 @@ computes it (torch's nn.MultiheadAttention on the same weights)."""
 import math
 
 import torch
+from conftest import assert_trains
 from torch import nn
 
 from ivtp.projectors.qwen_vl import QwenVLResampler, resize_table, sincos_2d
 
 
 def test_output_shape_and_gradients_reach_every_trained_parameter():
-    module = QwenVLResampler(32, 48, num_tokens=16, num_patches=64)
-    x = torch.randn(3, 64, 32, requires_grad=True)
-    out = module(x)  # (B, N, Dv) -> (B, 16, Dl)
-    assert out.shape == (3, 16, 48)
-    out.square().mean().backward()
-    assert x.grad.abs().sum() > 0
-    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in module.parameters())
+    module = assert_trains(QwenVLResampler(32, 48, num_tokens=16, num_patches=64), torch.randn(3, 64, 32), tokens=16,
+                           out_dim=48)
     assert not {"query_pos", "key_pos"} & set(module.state_dict())  # fixed tables are rebuilt, not saved
 
 
