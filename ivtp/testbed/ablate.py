@@ -118,10 +118,10 @@ def plan_rows(suites, budgets, aligner: str, llm_layers: int, retrained: bool,
                             extension_config(name, MAIN_TOKENS, llm_layers, aligner).to_dict(),
                             compare=control if name != control else None))
     if "tau_extended" in suites:  # the threshold on the extension's standardised relevance
-        vision, llm = EXTENSIONS[BEST_EXTENSION]
-        rows += [Row("tau_extended", f"{BEST_EXTENSION} tau={t}", "finetuned", MAIN_TOKENS,
-                     cfg("ivtp", MAIN_TOKENS, vision=vision, llm={**llm, "tau": t}))
-                 for t in (-0.5, 0.0, 0.5, 1.0, 1.5)]
+        for t in (-0.5, 0.0, 0.5, 1.0, 1.5):
+            config = extension_config(BEST_EXTENSION, MAIN_TOKENS, llm_layers, aligner).to_dict()
+            config["llm"]["tau"] = t
+            rows.append(Row("tau_extended", f"{BEST_EXTENSION} tau={t}", "finetuned", MAIN_TOKENS, config))
     if "stages" in suites:
         rows += [Row("stages", "vision_only", "finetuned", MAIN_TOKENS,
                      cfg("ivtp", MAIN_TOKENS, vision={"keep": MAIN_TOKENS}, llm={"enabled": False})),
@@ -367,7 +367,8 @@ def selection_cells(r: Row) -> list[str]:
     hits = r.metrics.get("key_word_hit") or {}
     jaccard = r.metrics.get("jaccard_to_compare")
     return [fmt(_mean(accuracy)), fmt(_mean(final)), *map(fmt, final), fmt(_mean(stage1)),
-            fmt(None if fallback is None else 100 * fallback), fmt(hits.get("all")), "" if jaccard is None else f"{jaccard:.2f} ({r.compare})"]
+            fmt(None if fallback is None else 100 * fallback), fmt(hits.get("all")),
+            "" if jaccard is None else f"{jaccard:.2f} ({r.compare})"]
 
 
 def _mean(values):
