@@ -11,6 +11,7 @@ then colour/shape/position), for each report given as LABEL=PATH.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 
@@ -59,6 +60,8 @@ def main(argv=None) -> int:
         label, sep, path = item.partition("=")
         if not sep:
             p.error(f"{item}: expected LABEL=PATH")
+        if not os.path.isfile(path):
+            p.error(f"{path}: no such report (an ablate.md)")
         reports.append((label, read_rows(path, args.suite)))
     print("| row | model | acc | acc c+s+p | on target c+s+p | colour | shape | position |")
     print("| --- | --- | --- | --- | --- | --- | --- | --- |")
