@@ -24,6 +24,10 @@ from transformers import (
     LlamaConfig,
     LlavaConfig,
     LlavaForConditionalGeneration,
+    LlavaNextConfig,
+    LlavaNextForConditionalGeneration,
+    LlavaNextImageProcessor,
+    LlavaNextProcessor,
     LlavaProcessor,
 )
 
@@ -117,6 +121,47 @@ def tiny_random(seed: int = 0, **vision_overrides) -> tuple[LlavaForConditionalG
     torch.manual_seed(seed)
     model = LlavaForConditionalGeneration(config).eval()
     return model, build_processor(tok, vision["image_size"], vision["patch_size"])
+
+
+# LLaVA-1.6's AnyRes grids, in crops (rows, cols): the llava-hf checkpoints' image_grid_pinpoints over 336 px.
+NEXT_GRIDS = ((1, 2), (2, 1), (2, 2), (3, 1), (1, 3))
+
+
+def llava_next_config(vision: dict, text: dict, tokenizer=None, **overrides) -> LlavaNextConfig:
+    """A LlavaNextConfig in LLaVA-1.6's shape: llava_config's towers, with LLaVA-1.6's grids at the tower's size."""
+    base = llava_config(vision, text, tokenizer)
+    size = base.vision_config.image_size
+    return LlavaNextConfig(
+        vision_config=base.vision_config, text_config=base.text_config, image_token_id=base.image_token_id,
+        projector_hidden_act="gelu", vision_feature_layer=-2, vision_feature_select_strategy="default",
+        image_grid_pinpoints=[[rows * size, cols * size] for rows, cols in NEXT_GRIDS], tie_word_embeddings=False,
+        **overrides,
+    )
+
+
+def build_next_processor(tokenizer, config: LlavaNextConfig) -> LlavaNextProcessor:
+    """A LLaVA-NeXT processor for `config`: the base view and the tiles of the best grid, one placeholder per token
+    of the stock layout (base, unpadded tiles, newlines)."""
+    size = config.vision_config.image_size
+    image_processor = LlavaNextImageProcessor(
+        image_grid_pinpoints=config.image_grid_pinpoints, size={"shortest_edge": size},
+        crop_size={"height": size, "width": size}, image_mean=OPENAI_CLIP_MEAN, image_std=OPENAI_CLIP_STD,
+        do_convert_rgb=True,
+    )
+    return LlavaNextProcessor(image_processor=image_processor, tokenizer=tokenizer,
+                              patch_size=config.vision_config.patch_size, vision_feature_select_strategy="default",
+                              num_additional_image_tokens=1)
+
+
+def tiny_random_next(seed: int = 0, **vision_overrides) -> tuple[LlavaNextForConditionalGeneration,
+                                                                  LlavaNextProcessor]:
+    """tiny-random's towers as a LLaVA-NeXT (deterministic); `vision_overrides` as for tiny_random."""
+    preset = PRESETS["tiny-random"]
+    tok = tiny_tokenizer()
+    config = llava_next_config({**preset.vision, **vision_overrides}, preset.text, tok)
+    torch.manual_seed(seed)
+    model = LlavaNextForConditionalGeneration(config).eval()
+    return model, build_next_processor(tok, config)
 
 
 def tiny_aligner(seed: int = 0, model: str = "ivtp-tiny-clip"):

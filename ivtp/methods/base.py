@@ -86,12 +86,13 @@ def mlp_half(layer: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
     return hidden + layer.mlp(layer.layer_norm2(hidden))
 
 
-def output(tower, hidden, kept, counts, want_final_cls, used) -> VisionOutput:
-    """Package a runner's result. hidden: (B, 1 + K, D) with [CLS] first; kept: (B, K) original patch indices of
-    the tokens (or None when tokens are merges rather than patches)."""
+def output(tower, hidden, kept, counts, want_final_cls, used, first: int = 0) -> VisionOutput:
+    """Package a runner's result. hidden: (B, 1 + K, D) with [CLS] first; kept: (B, P) original patch indices of
+    the tokens first..first + P - 1 (or None when tokens are merges rather than patches), the others standing for
+    no single patch (VisionTrace.first)."""
     batch = hidden.shape[0]
     if kept is None:  # merged tokens: report no patch as kept verbatim
         kept = torch.empty(batch, 0, dtype=torch.long, device=hidden.device)
-    trace = VisionTrace(counts=counts, kept=kept)
+    trace = VisionTrace(counts=counts, kept=kept, first=first)
     cls = final_cls(tower, hidden, used) if want_final_cls else None
     return VisionOutput(hidden[:, 1:], hidden[:, CLS_INDEX], cls, trace)

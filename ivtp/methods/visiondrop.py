@@ -37,7 +37,7 @@ class VisionDropRunner(PeerRunner):
         tokens = torch.cat([cls, res.tokens], dim=1) if self.section.cls else res.tokens  # (B, d + c, D)
         out = torch.cat([cls, tokens], dim=1)  # (B, 1 + d + c, D): the tower's [CLS] slot, then the LLM's tokens
         return output(tower, out, res.dominant, [self.num_patches, self.tokens_per_image], want_final_cls,
-                      self.layers_used)
+                      self.layers_used, first=int(self.section.cls))
 
 
 class VisionDropStep(LLMStep):

@@ -1,9 +1,12 @@
 """Shrinking the `<image>` placeholder runs of a padded batch when an image yields fewer tokens.
 
-The LLaVA processor writes `full` placeholders per image (576 for LLaVA-1.5). After stage 1 each image yields
-`kept` features, so every image's run keeps its first `kept` placeholders; the features fill them in order, as
-the stock model scatters them. Rows shrink by different amounts (text-only rows not at all), so the batch is
-re-padded on the side it was padded on.
+The LLaVA processor writes `full` placeholders per image (576 for LLaVA-1.5; for LLaVA-NeXT a count per image,
+which its crops and aspect ratio set). After stage 1 each image yields `kept` features, so every image's run keeps
+its first `kept` placeholders; the features fill them in order, as the stock model scatters them. Rows shrink by
+different amounts (text-only rows not at all), so the batch is re-padded on the side it was padded on.
+
+`full` and `kept` are an int (every image alike) or a (num_images,) tensor of per-image counts, images in the order
+the stock model fills them (row by row, left to right).
 """
 
 from __future__ import annotations
@@ -32,23 +35,33 @@ def placeholder_counts(input_ids: torch.Tensor, image_token_id: int) -> torch.Te
     return (input_ids == image_token_id).sum(dim=1)
 
 
-def check_placeholders(counts: torch.Tensor, num_images: int, per_image: int) -> None:
-    """Raise unless the rows hold whole runs of `per_image` placeholders, `num_images` runs in all."""
-    total = int(counts.sum())
-    if total == num_images * per_image and bool((counts % per_image == 0).all()):
-        return
+def check_placeholders(counts: torch.Tensor, num_images: int, per_image: "int | torch.Tensor") -> None:
+    """Raise unless the rows hold whole runs of `per_image` placeholders, `num_images` runs in all. per_image: an int,
+    or a (num_images,) tensor of each image's run."""
+    if isinstance(per_image, int):
+        total = int(counts.sum())
+        if total == num_images * per_image and bool((counts % per_image == 0).all()):
+            return
+        expected = f"{num_images} x {per_image} = {num_images * per_image}"
+    else:
+        ends = per_image.cumsum(0).tolist()  # where each image's run ends, counted over the whole batch
+        whole = {0, *ends}
+        if len(ends) == num_images and int(counts.sum()) == (ends[-1] if ends else 0) and all(
+                end in whole for end in counts.cumsum(0).tolist()):  # every row ends where an image's run does
+            return
+        expected = f"{'+'.join(map(str, per_image.tolist())) or 0} = {ends[-1] if ends else 0}"
     raise PlaceholderError(
-        f"the batch holds {total} <image> placeholder tokens (per row: {counts.tolist()}) but {num_images} "
-        f"image(s) were given; expected {num_images} x {per_image} = {num_images * per_image}, with whole images "
-        "per row. An image without an <image> in its prompt, or an <image> without an image, causes this."
+        f"the batch holds {int(counts.sum())} <image> placeholder tokens (per row: {counts.tolist()}) but "
+        f"{num_images} image(s) were given; expected {expected}, with whole images per row. An image without an "
+        "<image> in its prompt, or an <image> without an image, causes this."
     )
 
 
 def shrink_placeholders(
     input_ids: torch.Tensor,
     image_token_id: int,
-    full: int,
-    kept: int,
+    full: "int | torch.Tensor",
+    kept: "int | torch.Tensor",
     attention_mask: torch.Tensor | None = None,
     labels: torch.Tensor | None = None,
     pad_token_id: int = 0,
@@ -56,13 +69,27 @@ def shrink_placeholders(
 ) -> ShrunkBatch:
     """Keep the first `kept` of every `full` placeholders of each image, drop the rest and the padding, re-pad.
 
-    input_ids, attention_mask, labels: (B, L). Rows must hold whole runs of `full` placeholders.
+    input_ids, attention_mask, labels: (B, L). Rows must hold whole runs of `full` placeholders. full, kept: ints,
+    or (num_images,) tensors of per-image counts.
     """
-    if kept == full:
-        return ShrunkBatch(input_ids, attention_mask, labels, None)
     is_image = input_ids == image_token_id  # (B, L)
-    ordinal = is_image.long().cumsum(dim=1) - 1  # (B, L): the placeholder's index within its row
-    keep = ~is_image | (ordinal % full < kept)  # (B, L)
+    if isinstance(full, int) and isinstance(kept, int):
+        if kept == full:
+            return ShrunkBatch(input_ids, attention_mask, labels, None)
+        ordinal = is_image.long().cumsum(dim=1) - 1  # (B, L): the placeholder's index within its row
+        keep = ~is_image | (ordinal % full < kept)  # (B, L)
+    else:
+        per_image = full if isinstance(full, torch.Tensor) else kept  # (num_images,)
+        full, kept = (torch.full_like(per_image, x) if isinstance(x, int) else x for x in (full, kept))
+        full, kept = full.to(input_ids.device), kept.to(input_ids.device)
+        if bool((kept == full).all()):
+            return ShrunkBatch(input_ids, attention_mask, labels, None)
+        # The stock model fills the placeholders image after image, row by row: index them over the whole batch.
+        ordinal = (is_image.flatten().long().cumsum(0) - 1).view_as(is_image)  # (B, L)
+        ends = full.cumsum(0)  # (num_images,)
+        image = torch.searchsorted(ends, ordinal, right=True).clamp_max(len(ends) - 1)  # (B, L) whose run it is in
+        within = ordinal - (ends - full)[image]  # (B, L): the placeholder's index within its image's run
+        keep = ~is_image | (within < kept[image])  # (B, L)
     if attention_mask is not None:
         # Padding is dropped and laid anew, so the batch is no wider than its longest shrunk row.
         keep &= attention_mask.bool()

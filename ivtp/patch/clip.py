@@ -202,6 +202,15 @@ class VisionTrace:
     counts: list[int]  # patches after the input and after each group
     kept: torch.Tensor  # (n_images, K) original patch indices that reached the projector, ascending
     scores: list[torch.Tensor] = field(default_factory=list)  # per group, (n_images, n_before) eq.-4 scores
+    # Which features the kept patches are: features[:, first:first + kept.shape[1]], in order. Any other feature
+    # (a [CLS] handed on, EViT's fused token, merged tokens) stands for no single patch.
+    first: int = 0
+
+    def places(self, tokens: int) -> torch.Tensor:
+        """(n_images, tokens): each feature's original patch index, -1 for one that stands for no single patch."""
+        out = torch.full((self.kept.shape[0], tokens), -1, dtype=torch.long, device=self.kept.device)
+        out[:, self.first:self.first + self.kept.shape[1]] = self.kept
+        return out
 
 
 @dataclass

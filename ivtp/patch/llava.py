@@ -18,7 +18,7 @@ import os
 from dataclasses import dataclass
 
 import torch
-from transformers import LlavaForConditionalGeneration
+from transformers import LlavaForConditionalGeneration, LlavaNextForConditionalGeneration
 from transformers.masking_utils import create_masks_for_generate
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
@@ -50,6 +50,9 @@ logger = logging.getLogger(__name__)
 
 
 # ---- the one place that knows where things live in a transformers 5.x LLaVA ---------------------------------
+# LLaVA-NeXT shares LLaVA-1.5's module layout (vision_tower, multi_modal_projector, language_model); what differs
+# is how an image's crops become its tokens (ivtp/anyres.py, ivtp/patch/llava_next.py).
+SUPPORTED_MODELS = (LlavaForConditionalGeneration, LlavaNextForConditionalGeneration)
 def vision_layers(model: LlavaForConditionalGeneration):
     return model.model.vision_tower.encoder.layers
 
@@ -71,6 +74,19 @@ def pad_token_id(config) -> int:
 
 
 # ---- state carried by a pruned model ---------------------------------------------------------------------------
+@dataclass(frozen=True)
+class FixedLayout:
+    """LLaVA-1.5: every image is one crop, `full` placeholders in the prompt and `kept` tokens into the LLM."""
+
+    full: int
+    kept: int
+
+    def counts(self, num_images: int, image_sizes=None) -> tuple[int, int]:
+        if image_sizes is not None:
+            raise ValueError("image_sizes (any-resolution inputs) are not supported: LLaVA-1.5 uses one fixed size")
+        return self.full, self.kept
+
+
 @dataclass
 class PruningState:
     config: PruneConfig
@@ -78,6 +94,7 @@ class PruningState:
     image_token_id: int
     pad_token_id: int
     vision: VisionRunner  # what runs before the LLM (IVTP's stage 1, a pass-through, or a peer method)
+    layout: "FixedLayout | AnyResLayout"  # placeholders written and tokens handed on, per image
     llm_plan: LLMPlan | None = None
     aligner: Aligner | None = None
     # The aligner was handed to apply_pruning (a preset's, or a checkpoint folder's), so config.llm.aligner does
@@ -113,7 +130,8 @@ class PruningState:
 
     @property
     def tokens_per_image(self) -> int:
-        """Tokens each image contributes to the LLM input."""
+        """Tokens each image contributes to the LLM input; for LLaVA-NeXT, each crop (an image hands on one such
+        run per crop, and stage 2 counts crops where LLaVA-1.5 counts images)."""
         return self.vision.tokens_per_image
 
     def step_names(self) -> list[str]:
@@ -155,16 +173,19 @@ class PruningState:
         labels: torch.Tensor | None,
         padding_side: str,
         already_shrunk: bool = False,
+        image_sizes=None,
     ) -> ShrunkBatch:
-        """Check the placeholders against the images, then shrink each image's run to `tokens_per_image`.
-        Input that `shrink` already produced (generate's later calls) must hold the shrunk runs, and passes."""
+        """Check the placeholders against the images, then shrink each image's run to the tokens it hands on
+        (`layout`; image_sizes: LLaVA-NeXT's (num_images, 2)). Input that `shrink` already produced (generate's
+        later calls) must hold the shrunk runs, and passes."""
         counts = placeholder_counts(input_ids, self.image_token_id)
+        full, kept = self.layout.counts(num_images, image_sizes)
         if already_shrunk:
-            check_placeholders(counts, num_images, self.tokens_per_image)
+            check_placeholders(counts, num_images, kept)
             return ShrunkBatch(input_ids, attention_mask, labels, None)
-        check_placeholders(counts, num_images, self.num_patches)
+        check_placeholders(counts, num_images, full)
         return shrink_placeholders(
-            input_ids, self.image_token_id, self.num_patches, self.tokens_per_image,
+            input_ids, self.image_token_id, full, kept,
             attention_mask=attention_mask, labels=labels, pad_token_id=self.pad_token_id, padding_side=padding_side,
         )
 
@@ -186,8 +207,10 @@ class PrunedLlavaModel:
         self, pixel_values, vision_feature_layer=None, vision_feature_select_strategy=None, image_sizes=None,
         **kwargs,
     ):
-        _check_feature_args(self.config, vision_feature_layer, vision_feature_select_strategy, image_sizes)
+        _check_feature_args(self.config, vision_feature_layer, vision_feature_select_strategy)
         state = self.ivtp_state
+        if image_sizes is not None:
+            state.layout.counts(pixel_values.shape[0], image_sizes)  # refuses them, in the one place that says why
         out = state.vision.run(self.vision_tower, pixel_values, want_final_cls=state.aligner is not None)
         state.last_vision = out
         image_features = self.multi_modal_projector(out.features)  # (B, K, D)
@@ -201,11 +224,14 @@ class PrunedLlavaForConditionalGeneration:
 
     def forward(self, input_ids=None, pixel_values=None, attention_mask=None, position_ids=None,
                 past_key_values=None, inputs_embeds=None, ivtp_shrunk: bool = False, ivtp_prompt_len=None,
-                **kwargs):
+                image_sizes=None, **kwargs):
         """The stock forward, on input_ids whose <image> runs hold one placeholder per patch (as the processor
         writes them); they are shrunk to the tokens stage 1 keeps. `ivtp_shrunk=True` says they already are;
-        `ivtp_prompt_len` (set by generate) bounds the instruction that guides stage 2."""
+        `ivtp_prompt_len` (set by generate) bounds the instruction that guides stage 2. image_sizes: LLaVA-NeXT's
+        (named here, as in the stock signature, so that generate hands it on)."""
         state = self.ivtp_state
+        if image_sizes is not None:
+            kwargs["image_sizes"] = image_sizes
         if pixel_values is None:
             # Only a prefill can carry placeholders without images. A compiled forward is a decode step (HF never
             # compiles the prefill), where reading the cache length would break the graph.
@@ -217,7 +243,7 @@ class PrunedLlavaForConditionalGeneration:
             raise ValueError("a pruned LLaVA needs input_ids with pixel_values: the <image> runs are shrunk in input_ids")
         shrunk = state.shrink(input_ids, pixel_values.shape[0], attention_mask, kwargs.get("labels"),
                               padding_side=infer_padding_side(attention_mask, default="right"),
-                              already_shrunk=ivtp_shrunk)
+                              already_shrunk=ivtp_shrunk, image_sizes=kwargs.get("image_sizes"))
         if shrunk.keep is not None:
             input_ids, attention_mask = shrunk.input_ids, shrunk.attention_mask
             if kwargs.get("labels") is not None:
@@ -238,7 +264,7 @@ class PrunedLlavaForConditionalGeneration:
         # (mm_encoder_outputs) so the tower runs once.
         visual, instr, instruction = self._guidance_inputs(input_ids, attention_mask, kwargs.get("labels"),
                                                            ivtp_prompt_len)
-        image_outputs = self.model.get_image_features(pixel_values=pixel_values)
+        image_outputs = self.model.get_image_features(pixel_values=pixel_values, **_image_kwargs(kwargs))
         guidance = self._guidance(input_ids, visual, instr, attention_mask, ivtp_prompt_len,
                                   image_outputs.pooler_output, instruction)
         return super().forward(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
@@ -320,7 +346,7 @@ class PrunedLlavaForConditionalGeneration:
             attention_mask = kwargs.get("attention_mask")
             shrunk = state.shrink(input_ids, pixel_values.shape[0], attention_mask, None,
                                   padding_side=infer_padding_side(attention_mask, default="left"),
-                                  already_shrunk=ivtp_shrunk)
+                                  already_shrunk=ivtp_shrunk, image_sizes=kwargs.get("image_sizes"))
             _shift_length_limits(kwargs, input_ids.shape[1] - shrunk.input_ids.shape[1])
             input_ids = shrunk.input_ids
             if shrunk.attention_mask is not None:
@@ -396,6 +422,11 @@ def _shift_length_limits(kwargs: dict, removed: int) -> None:
             kwargs[name] = max(0, kwargs[name] - removed)
 
 
+def _image_kwargs(kwargs: dict) -> dict:
+    """What get_image_features needs besides the pixels: LLaVA-NeXT's image_sizes (its crops per image)."""
+    return {} if kwargs.get("image_sizes") is None else {"image_sizes": kwargs["image_sizes"]}
+
+
 def _positions_from_mask(mask: torch.Tensor) -> torch.Tensor:
     return (mask.long().cumsum(-1) - 1).clamp_min(0)
 
@@ -404,7 +435,7 @@ def _is_prefill(past_key_values) -> bool:
     return past_key_values is None or past_key_values.get_seq_length() == 0
 
 
-def _check_feature_args(config, layer, strategy, image_sizes) -> None:
+def _check_feature_args(config, layer, strategy) -> None:
     if layer is not None and layer != config.vision_feature_layer:
         raise ValueError(
             f"this model was pruned for vision_feature_layer={config.vision_feature_layer}; got {layer} in the call"
@@ -414,8 +445,6 @@ def _check_feature_args(config, layer, strategy, image_sizes) -> None:
             f"this model was pruned for vision_feature_select_strategy={config.vision_feature_select_strategy!r}; "
             f"got {strategy!r} in the call"
         )
-    if image_sizes is not None:
-        raise ValueError("image_sizes (any-resolution inputs) are not supported: LLaVA-1.5 uses one fixed size")
 
 
 def _swap_class(module: torch.nn.Module, mixin: type) -> None:
@@ -439,8 +468,9 @@ def apply_pruning(model: LlavaForConditionalGeneration, config=None, aligner: Al
     runs each inference prefill as one compiled graph (ivtp/compiled.py). Refuses a model that is already pruned;
     every check runs before anything is changed.
     """
-    if not isinstance(model, LlavaForConditionalGeneration):
-        raise TypeError(f"apply_pruning expects a transformers LlavaForConditionalGeneration, got {type(model).__name__}")
+    if not isinstance(model, SUPPORTED_MODELS):
+        raise TypeError("apply_pruning expects a transformers LlavaForConditionalGeneration or "
+                        f"LlavaNextForConditionalGeneration, got {type(model).__name__}")
     if isinstance(model, PrunedLlavaForConditionalGeneration) or hasattr(model, "ivtp_state"):
         raise RuntimeError("apply_pruning was already applied to this model; load a fresh model to change the config")
     if getattr(model.config, "ivtp_projector", None) is not None:  # ivtp.projectors.CONFIG_KEY
@@ -461,6 +491,7 @@ def apply_pruning(model: LlavaForConditionalGeneration, config=None, aligner: Al
     options = CompileOptions.resolve(compile)
     if options is not None:
         check_compilable(cfg, llm_plan)
+    layout, model_mixin = _model_family(model, cfg, runner, llm_plan, options)
     if llm_plan is not None:
         impl = mc.text_config._attn_implementation
         if impl not in SUPPORTED_ATTENTION:
@@ -471,7 +502,7 @@ def apply_pruning(model: LlavaForConditionalGeneration, config=None, aligner: Al
         aligner = _checked_aligner(aligner, cfg, mc, tokenizer)
     for layer in layers:
         patch_attention(layer.self_attn)
-    state = PruningState(cfg, patches, int(mc.image_token_id), pad_token_id(mc), runner, llm_plan,
+    state = PruningState(cfg, patches, int(mc.image_token_id), pad_token_id(mc), runner, layout, llm_plan,
                          aligner if cfg.needs_aligner else None, carried and cfg.needs_aligner, tokenizer)
     if options is not None:
         state.compiled = CompiledPrefill(options)
@@ -482,12 +513,33 @@ def apply_pruning(model: LlavaForConditionalGeneration, config=None, aligner: Al
         _swap_class(lm, PrunedLlamaModel)
         lm.ivtp_llm_plan = llm_plan
         lm.ivtp_state = state
-    _swap_class(model.model, PrunedLlavaModel)
+    _swap_class(model.model, model_mixin)
     _swap_class(model, PrunedLlavaForConditionalGeneration)
     model.ivtp_state = state
     model.model.ivtp_state = state
     logger.info("IVTP pruning applied: %s", cfg.to_dict())
     return model
+
+
+def _model_family(model, cfg: PruneConfig, runner: VisionRunner, llm_plan, compile_options):
+    """(the layout of each image's tokens, the mixin of the inner model) for LLaVA-1.5 or LLaVA-NeXT; raises
+    ConfigError for what NeXT does not run (every check before anything changes)."""
+    if not isinstance(model, LlavaNextForConditionalGeneration):
+        return FixedLayout(num_patches(model.config), runner.tokens_per_image), PrunedLlavaModel
+    from ivtp.anyres import AnyResLayout
+    from ivtp.patch.llava_next import PrunedLlavaNextModel
+
+    prunes_first = runner.tokens_per_image < runner.num_patches
+    if llm_plan is not None and not prunes_first:
+        # Stage 2 counts an image's tokens in crops (PruningState.tokens_per_image), which holds once stage 1 has
+        # pruned every crop to one count; the stock layout's count (padding cut, newlines) is no multiple of it.
+        raise ConfigError(f"{cfg.method}: on LLaVA-NeXT an in-LLM stage needs a method that prunes each crop "
+                          "before the LLM; pruning only inside the LLM, over NeXT's stock layout, is not supported "
+                          "yet (docs/paper.md, LLaVA-NeXT)")
+    if compile_options is not None:
+        raise ConfigError("compile: the compiled prefill is LLaVA-1.5's; LLaVA-NeXT runs eagerly")
+    stock = llm_plan is None and not prunes_first
+    return AnyResLayout(model.config, runner.tokens_per_image, stock), PrunedLlavaNextModel
 
 
 def make_plans(cfg: PruneConfig, llava_config) -> tuple[VisionRunner, LLMPlan | None]:

@@ -55,3 +55,30 @@ def test_infer_padding_side():
     assert infer_padding_side(torch.tensor([[1, 0], [1, 1]])) == "right"
     assert infer_padding_side(torch.tensor([[1, 1]]), default="left") == "left"
     assert infer_padding_side(None) == "right"
+
+
+# ---- per-image counts (LLaVA-NeXT: each image's run has its own length) ---------------------------------------
+def test_per_image_counts_shrink_each_run_to_its_own_length():
+    # row 0: text, image A (3 placeholders), text, image B (2); row 1: image C (4); per-image kept 1, 2, 3
+    ids = torch.tensor([[5, I, I, I, 6, I, I, 7, 0],
+                        [I, I, I, I, 8, 4, 0, 0, 0]])
+    mask = (torch.arange(9)[None] < torch.tensor([[8], [6]])).long()
+    out = shrink_placeholders(ids, I, full=torch.tensor([3, 2, 4]), kept=torch.tensor([1, 2, 3]),
+                              attention_mask=mask, padding_side="right")
+    assert out.input_ids.tolist() == [[5, I, 6, I, I, 7], [I, I, I, 8, 4, 0]]
+    assert out.attention_mask.tolist() == [[1] * 6, [1] * 5 + [0]]
+
+
+def test_per_image_counts_equal_to_full_change_nothing():
+    ids = torch.tensor([[I, I, 5], [I, 6, 7]])
+    out = shrink_placeholders(ids, I, full=torch.tensor([2, 1]), kept=torch.tensor([2, 1]))
+    assert out.keep is None and out.input_ids is ids
+
+
+def test_per_image_check_wants_whole_runs_per_row():
+    check_placeholders(torch.tensor([5, 0, 4]), 3, torch.tensor([3, 2, 4]))
+    check_placeholders(torch.tensor([3, 6]), 3, torch.tensor([3, 2, 4]))  # B and C share row 1
+    with pytest.raises(PlaceholderError, match=r"3\+2\+4 = 9"):
+        check_placeholders(torch.tensor([4, 5]), 3, torch.tensor([3, 2, 4]))  # row 0 ends inside image B's run
+    with pytest.raises(PlaceholderError):
+        check_placeholders(torch.tensor([5, 4]), 2, torch.tensor([3, 2, 4]))  # an image too many

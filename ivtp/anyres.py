@@ -1,0 +1,109 @@
+"""LLaVA-NeXT's AnyRes geometry as a pruned model needs it: crops per image, the stock placeholder count, and the
+order in which the pruned tokens of an image's crops reach the LLM.
+
+An AnyRes image is a base view (the whole image at the tower's size) and a grid of high-resolution tiles, the grid
+transformers' `select_best_resolution` picks for the image's size. Each of them is a crop: one pass of the CLIP
+tower, with its own [CLS] and `side x side` patches (24 x 24 for LLaVA-1.6). Stage 1 prunes each crop on its own.
+
+Stock LLaVA-NeXT hands the LLM, per image, the base view's patches, then the tiles' patches as one feature map in
+raster order over the whole grid, with the rows of padding (the letterbox the processor added) cut off and an
+`image_newline` token after every row. A pruned image (docs/paper.md, "LLaVA-NeXT") keeps that order for its
+surviving patches but leaves out both the padding cut and the newlines: its crops' survivors, base view first.
+Every image then hands on `per_crop x crops` tokens, a count the host knows from the image sizes alone.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from transformers.models.llava_next.modeling_llava_next import (
+    get_anyres_image_grid_shape,
+    image_size_to_num_patches,
+    unpad_image,
+)
+
+
+def _size(image_size) -> list[int]:
+    """(height, width) as ints, from a tensor row or a sequence (transformers wants a list or tuple)."""
+    return [int(x) for x in (image_size.tolist() if isinstance(image_size, torch.Tensor) else image_size)]
+
+
+def crop_count(image_size, config) -> int:
+    """Crops of one image, the base view included: 1 + the tiles of its grid. image_size: (height, width)."""
+    return image_size_to_num_patches(_size(image_size), config.image_grid_pinpoints, config.vision_config.image_size)
+
+
+def crop_counts(image_sizes, config) -> list[int]:
+    """Crops per image. image_sizes: (num_images, 2) (height, width) rows."""
+    return [crop_count(size, config) for size in image_sizes]
+
+
+def tile_grid(image_size, config) -> tuple[int, int]:
+    """(rows, cols) of one image's high-resolution tiles."""
+    return get_anyres_image_grid_shape(_size(image_size), config.image_grid_pinpoints, config.vision_config.image_size)
+
+
+def side(config) -> int:
+    """Patches along one edge of a crop (24 for LLaVA-1.6's CLIP at 336 px)."""
+    return config.vision_config.image_size // config.vision_config.patch_size
+
+
+def stock_tokens(image_size, config) -> int:
+    """The tokens stock LLaVA-NeXT hands the LLM for one image, and so the placeholders its processor writes: the
+    base view's patches, the tiles' feature map after the padding cut, and one newline per remaining row. The cut
+    is transformers' own `unpad_image`, run on an empty map of the grid's shape."""
+    n, (rows, cols) = side(config), tile_grid(image_size, config)
+    height, width = unpad_image(torch.empty(0, rows * n, cols * n), _size(image_size)).shape[1:]
+    return n * n + height * (width + 1)
+
+
+def flatten_crops(pixel_values: torch.Tensor, crops: list[int]) -> torch.Tensor:
+    """(B, max crops, 3, S, S) padded to the batch's most crops, or (sum crops, 3, S, S) -> (sum crops, 3, S, S)."""
+    if pixel_values.dim() == 4:
+        return pixel_values
+    return torch.cat([pixels[:n] for pixels, n in zip(pixel_values, crops)], dim=0)
+
+
+def raster_order(places: torch.Tensor, grid: tuple[int, int], n: int) -> torch.Tensor:
+    """The order that puts one image's tokens where stock LLaVA-NeXT reads them: the base view's first, as they
+    come, then the tiles' patches in raster order over the whole grid (a row of the map crosses every tile of a
+    grid row), then the tiles' tokens that stand for no single patch (fused or merged ones), tile after tile.
+
+    places: (crops, K) each token's patch index (row-major within its crop, n x n) or -1; crop 0 is the base view,
+    crops 1.. the tiles in row-major order over the (rows, cols) grid. Returns (crops * K,) indices into the
+    crops' tokens flattened crop after crop."""
+    crops, k = places.shape
+    rows, cols = grid
+    if crops != 1 + rows * cols:
+        raise ValueError(f"{crops} crops for a {rows} x {cols} grid of tiles and a base view")
+    tile = torch.arange(crops - 1, device=places.device)[:, None]  # (tiles, 1)
+    p = places[1:]  # (tiles, K)
+    r, c = p // n, p % n  # the patch's row and column within its tile
+    cell = ((tile // cols) * n + r) * (cols * n) + (tile % cols) * n + c  # (tiles, K) its raster index in the map
+    unplaced = rows * cols * n * n + tile * k + torch.arange(k, device=places.device)  # after every cell, in order
+    key = torch.where(p >= 0, cell, unplaced)  # (tiles, K)
+    tiles = k + torch.sort(key.flatten(), stable=True).indices  # (tiles * K,)
+    return torch.cat([torch.arange(k, device=places.device), tiles])
+
+
+@dataclass(frozen=True)
+class AnyResLayout:
+    """What each image of a LLaVA-NeXT batch hands the LLM. per_crop: the tokens stage 1 leaves each crop; stock:
+    every patch goes through and nothing prunes in the LLM, so the stock layout (padding cut, newlines) stands."""
+
+    config: object  # the LlavaNextConfig
+    per_crop: int
+    stock: bool
+
+    def counts(self, num_images: int, image_sizes) -> tuple[torch.Tensor, torch.Tensor]:
+        """(placeholders the processor wrote, tokens the model hands on), (num_images,) each."""
+        if image_sizes is None or len(image_sizes) != num_images:
+            got = "none" if image_sizes is None else len(image_sizes)
+            raise ValueError(f"LLaVA-NeXT needs image_sizes, one (height, width) per image: {num_images} image(s), "
+                             f"{got} given (the processor returns them beside pixel_values)")
+        full = torch.tensor([stock_tokens(size, self.config) for size in image_sizes], dtype=torch.long)
+        if self.stock:
+            return full, full
+        crops = torch.tensor(crop_counts(image_sizes, self.config), dtype=torch.long)
+        return full, crops * self.per_crop
