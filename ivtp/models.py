@@ -227,8 +227,10 @@ def architecture(name: str, random_weights: bool = False, cache_dir: str | None 
     if source in PRESETS:
         return preset_config(source)
     try:
-        return LlavaConfig.from_pretrained(source, local_files_only=True, cache_dir=cache_dir)
-    except OSError:
+        from transformers import AutoConfig
+
+        return AutoConfig.from_pretrained(source, local_files_only=True, cache_dir=cache_dir)
+    except (OSError, ValueError):
         return None
 
 
@@ -252,6 +254,22 @@ def _preset(name: str) -> Preset:
     if name not in PRESETS:
         raise ValueError(f"unknown preset {name!r}; presets: {', '.join(PRESETS)}")
     return PRESETS[name]
+
+
+# The llava-hf classes the package prunes, by config.json's model_type (ivtp.patch.llava.SUPPORTED_MODELS).
+MODEL_CLASSES = {"llava": LlavaForConditionalGeneration, "llava_next": LlavaNextForConditionalGeneration}
+
+
+def model_class(source: str, cache_dir: str | None = None):
+    """The transformers class of a llava-hf checkpoint (folder or cached hub id), from its config.json's model_type;
+    LLaVA-1.5's when the config is not at hand yet (a hub id to download)."""
+    from transformers import AutoConfig
+
+    try:
+        model_type = AutoConfig.from_pretrained(source, local_files_only=True, cache_dir=cache_dir).model_type
+    except (OSError, ValueError):
+        return LlavaForConditionalGeneration
+    return MODEL_CLASSES.get(model_type, LlavaForConditionalGeneration)
 
 
 def load_model(
@@ -281,7 +299,7 @@ def load_model(
     # A checkpoint trained with a compressor in place of the projector (config.json records it, ivtp.projectors)
     # gets it back with its weights, and a processor that writes its placeholder count.
     model = load_with_projector(
-        lambda **extra: _from_local_or_cache(LlavaForConditionalGeneration, source, cache_dir, **kwargs, **extra),
+        lambda **extra: _from_local_or_cache(model_class(source, cache_dir), source, cache_dir, **kwargs, **extra),
         source, cache_dir).to(device).eval()
     processor = _from_local_or_cache(AutoProcessor, source, cache_dir)
     if projector_spec(model.config) is not None:
@@ -431,7 +449,7 @@ def check_llava_folder(path: str) -> None:
             cfg = json.load(f)
     except json.JSONDecodeError as e:
         raise ModelNotFoundError(f"{path}/config.json is not valid JSON ({e})") from None
-    if not isinstance(cfg, dict) or cfg.get("model_type") != "llava" or "vision_config" not in cfg:
+    if not isinstance(cfg, dict) or cfg.get("model_type") not in MODEL_CLASSES or "vision_config" not in cfg:
         raise ModelNotFoundError(
             f"{path} is not in the llava-hf layout (model_type {cfg.get('model_type')!r}). An original LLaVA-1.5 "
             "checkpoint (LlavaLlamaForCausalLM, mm_projector) converts with `ivtp convert`."

@@ -571,14 +571,14 @@ def load_pruned(path: str | os.PathLike, config=None, tokenizer=None, aligner: A
                 compile=None, **load_kwargs) -> LlavaForConditionalGeneration:
     """Load a llava-hf checkpoint and apply the config saved beside it (or the one given). Stage 2's tokenizer
     defaults to the one saved in the checkpoint folder. `compile`: as for apply_pruning."""
-    from ivtp.models import check_llava_folder
+    from ivtp.models import check_llava_folder, model_class
 
     if os.path.isdir(path):
         check_llava_folder(str(path))  # e.g. LoRA adapters, which transformers would try to complete from the hub
     from ivtp.projectors import load_with_projector, projector_spec
 
-    model = load_with_projector(lambda **extra: LlavaForConditionalGeneration.from_pretrained(path, **load_kwargs,
-                                                                                             **extra),
+    cls = model_class(str(path), load_kwargs.get("cache_dir"))  # LLaVA-1.5's or LLaVA-NeXT's
+    model = load_with_projector(lambda **extra: cls.from_pretrained(path, **load_kwargs, **extra),
                                 str(path), load_kwargs.get("cache_dir"))
     if projector_spec(model.config) is not None and config is None and not os.path.isfile(
             os.path.join(path, "ivtp_config.json")):

@@ -163,3 +163,20 @@ def test_placeholders_of_the_wrong_image_are_refused():
     batch["image_sizes"] = torch.tensor([[260, 90]])  # another grid: the prompt's run is not that image's
     with pytest.raises(PlaceholderError):
         model(**batch)
+
+
+def test_a_pruned_next_checkpoint_loads_back_as_it_ran(tmp_path):
+    from ivtp import load_pruned
+    from ivtp.models import load_model
+
+    model, processor = pruned({"method": "ivtp", **AT_16["ivtp"]})
+    batch = next_batch(processor, next_images()[:2], QUESTIONS[:2])
+    model.save_pretrained(tmp_path)
+    processor.save_pretrained(tmp_path)
+    loaded = load_pruned(str(tmp_path), aligner=model.ivtp_state.aligner)
+    assert type(loaded).__mro__[1].__name__ == "PrunedLlavaForConditionalGeneration"
+    assert isinstance(loaded.ivtp_state.layout, anyres.AnyResLayout)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(**batch).logits, model(**batch).logits, rtol=0, atol=1e-5)
+    stock, _ = load_model(str(tmp_path))  # unpruned, as LLaVA-NeXT, with its processor
+    assert type(stock).__name__ == "LlavaNextForConditionalGeneration"
