@@ -16,6 +16,7 @@ from __future__ import annotations
 import logging
 import os
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from transformers import LlavaForConditionalGeneration, LlavaNextForConditionalGeneration
@@ -45,6 +46,9 @@ from ivtp.patch.llama import (
     PrunedLlamaModel,
     patch_llama_attention,
 )
+
+if TYPE_CHECKING:
+    from ivtp.anyres import AnyResLayout
 
 logger = logging.getLogger(__name__)
 
