@@ -226,9 +226,14 @@ def architecture(name: str, random_weights: bool = False, cache_dir: str | None 
     source = resolve_source(name, random_weights, cache_dir)
     if source in PRESETS:
         return preset_config(source)
-    try:
-        from transformers import AutoConfig
+    return _local_config(source, cache_dir)
 
+
+def _local_config(source: str, cache_dir: str | None = None):
+    """The config.json of a folder or cached hub id, read without weights or network (None when not at hand)."""
+    from transformers import AutoConfig
+
+    try:
         return AutoConfig.from_pretrained(source, local_files_only=True, cache_dir=cache_dir)
     except (OSError, ValueError):
         return None
@@ -256,20 +261,15 @@ def _preset(name: str) -> Preset:
     return PRESETS[name]
 
 
-# The llava-hf classes the package prunes, by config.json's model_type (ivtp.patch.llava.SUPPORTED_MODELS).
+# The llava-hf classes the package prunes (apply_pruning), by config.json's model_type.
 MODEL_CLASSES = {"llava": LlavaForConditionalGeneration, "llava_next": LlavaNextForConditionalGeneration}
 
 
 def model_class(source: str, cache_dir: str | None = None):
     """The transformers class of a llava-hf checkpoint (folder or cached hub id), from its config.json's model_type;
     LLaVA-1.5's when the config is not at hand yet (a hub id to download)."""
-    from transformers import AutoConfig
-
-    try:
-        model_type = AutoConfig.from_pretrained(source, local_files_only=True, cache_dir=cache_dir).model_type
-    except (OSError, ValueError):
-        return LlavaForConditionalGeneration
-    return MODEL_CLASSES.get(model_type, LlavaForConditionalGeneration)
+    config = _local_config(source, cache_dir)
+    return MODEL_CLASSES.get(getattr(config, "model_type", None), LlavaForConditionalGeneration)
 
 
 def load_model(

@@ -36,6 +36,7 @@ from ivtp.ops.sequence import (
     shrink_placeholders,
 )
 from ivtp.methods import VisionRunner, build_llm_plan, build_vision_runner
+from ivtp.models import MODEL_CLASSES
 from ivtp.patch.clip import VisionOutput, patch_attention, tower_patches
 from ivtp.patch.probe import profiled
 from ivtp.patch.llama import (
@@ -56,7 +57,9 @@ logger = logging.getLogger(__name__)
 # ---- the one place that knows where things live in a transformers 5.x LLaVA ---------------------------------
 # LLaVA-NeXT shares LLaVA-1.5's module layout (vision_tower, multi_modal_projector, language_model); what differs
 # is how an image's crops become its tokens (ivtp/anyres.py, ivtp/patch/llava_next.py).
-SUPPORTED_MODELS = (LlavaForConditionalGeneration, LlavaNextForConditionalGeneration)
+SUPPORTED_MODELS = tuple(MODEL_CLASSES.values())
+
+
 def vision_layers(model: LlavaForConditionalGeneration):
     return model.model.vision_tower.encoder.layers
 
@@ -473,8 +476,8 @@ def apply_pruning(model: LlavaForConditionalGeneration, config=None, aligner: Al
     every check runs before anything is changed.
     """
     if not isinstance(model, SUPPORTED_MODELS):
-        raise TypeError("apply_pruning expects a transformers LlavaForConditionalGeneration or "
-                        f"LlavaNextForConditionalGeneration, got {type(model).__name__}")
+        raise TypeError(f"apply_pruning expects a transformers "
+                        f"{' or '.join(cls.__name__ for cls in SUPPORTED_MODELS)}, got {type(model).__name__}")
     if isinstance(model, PrunedLlavaForConditionalGeneration) or hasattr(model, "ivtp_state"):
         raise RuntimeError("apply_pruning was already applied to this model; load a fresh model to change the config")
     if getattr(model.config, "ivtp_projector", None) is not None:  # ivtp.projectors.CONFIG_KEY
