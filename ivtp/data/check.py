@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from PIL import Image
 from tqdm import tqdm
 
-from ivtp.data.templates import ConversationError, placeholder_problem, render, tokenize
+from ivtp.data.templates import ConversationError, placeholder_problem, place_image, render, tokenize
 
 
 @dataclass
@@ -59,8 +59,8 @@ def check_file(data_path: str, image_folder: str | None, tokenizer=None, templat
         if not isinstance(rec, dict):
             report.add("malformed_record", f"{sid}: not a JSON object")
             continue
-        convs = rec.get("conversations") or []
         image = rec.get("image")
+        convs = place_image(rec.get("conversations") or [], bool(image))
         report.with_image += bool(image)
         report.text_only += not image
         if image:

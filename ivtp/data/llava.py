@@ -17,8 +17,8 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset, Sampler
 
-from ivtp.data.templates import (IGNORE_INDEX, IMAGE_PLACEHOLDER, ConversationError, placeholder_problem, render,
-                                 tokenize)
+from ivtp.data.templates import (IGNORE_INDEX, IMAGE_PLACEHOLDER, ConversationError, place_image, placeholder_problem,
+                                 render, tokenize)
 
 logger = logging.getLogger(__name__)
 
@@ -144,9 +144,7 @@ class LlavaDataset(Dataset):
         sample_id = str(rec.get("id", i))
         convs = rec["conversations"] or []
         has_image = bool(rec.get("image"))
-        if has_image and convs and not any(IMAGE_PLACEHOLDER in t["value"] for t in convs):
-            # A few records leave the placeholder out; LLaVA puts the image before the first question.
-            convs = [dict(convs[0], value=IMAGE_PLACEHOLDER + "\n" + convs[0]["value"])] + list(convs[1:])
+        convs = place_image(convs, has_image)
         problem = placeholder_problem(convs, has_image)  # records not from load_records are checked here
         if problem is not None:
             raise ConversationError(f"sample {sample_id} (record {i}): {problem[1]}")

@@ -84,12 +84,25 @@ def placeholder_problem(conversations: list[dict], has_image: bool) -> tuple[str
     return None
 
 
+def place_image(conversations: list[dict], has_image: bool) -> list[dict]:
+    """The turns with the image placed: a few records with an image leave the placeholder out, and LLaVA then puts
+    the image before the first question. Other records come back as they are."""
+    if has_image and conversations and not any(IMAGE_PLACEHOLDER in str(t.get("value", "")) for t in conversations
+                                               if isinstance(t, dict)):
+        first = conversations[0]
+        if isinstance(first, dict):
+            return [dict(first, value=IMAGE_PLACEHOLDER + "\n" + str(first.get("value", "")))] + list(conversations[1:])
+    return conversations
+
+
 def render(template: str, conversations: list[dict], eos: str, sample_id: str = "?") -> Rendered:
     """The training text of one sample, and which characters are supervised."""
     check_turns(conversations, sample_id)
     if template == "plain":
+        # A text-only record (LLaVA's pretraining set has none, but a mixed file may) trains on its caption with no
+        # image placeholder; writing one would ask for an image the batch does not hold.
         caption = conversations[1]["value"]
-        text = IMAGE_PLACEHOLDER
+        text = IMAGE_PLACEHOLDER if any(IMAGE_PLACEHOLDER in t["value"] for t in conversations) else ""
         start = len(text)
         text += caption + "\n"
         return Rendered(text, [(start, len(text))])

@@ -2,7 +2,7 @@
 
 import pytest
 
-from ivtp.data.templates import IGNORE_INDEX, ConversationError, render, tokenize
+from ivtp.data.templates import IGNORE_INDEX, ConversationError, place_image, render, tokenize
 from ivtp.models import tiny_tokenizer
 
 CONV = [{"from": "human", "value": "<image>\nWhat colour?"}, {"from": "gpt", "value": "Red"},
@@ -49,6 +49,23 @@ def test_plain_supervises_the_caption_and_newline():
     ids, labels = tokenize(rendered, tok, image_tokens=2)
     assert marked(tok, ids, labels) == [("<s>", False), ("<image>", False), ("<image>", False),
                                         ("\u2581a", True), ("\u2581red", True), ("\u2581circle", True), ("\n", True)]
+
+
+def test_plain_writes_no_image_for_a_text_only_record():
+    tok = tiny_tokenizer()
+    rendered = render("plain", [{"from": "human", "value": "Describe."}, {"from": "gpt", "value": "a red circle"}],
+                      tok.eos_token)
+    assert rendered.text == "a red circle\n"
+    ids, labels = tokenize(rendered, tok, image_tokens=2)
+    assert marked(tok, ids, labels) == [("<s>", False), ("\u2581a", True), ("\u2581red", True),
+                                        ("\u2581circle", True), ("\n", True)]
+
+
+def test_an_image_without_placeholder_goes_before_the_first_question():
+    conv = [{"from": "human", "value": "What colour?"}, {"from": "gpt", "value": "Red"}]
+    assert place_image(conv, has_image=True)[0]["value"] == "<image>\nWhat colour?"
+    assert place_image(conv, has_image=False) is conv
+    assert place_image(CONV, has_image=True) is CONV  # already placed
 
 
 @pytest.mark.parametrize("conv, match", [
