@@ -459,10 +459,8 @@ def _swap_class(module: torch.nn.Module, mixin: type) -> None:
 
     base = module.__class__
     recordable = _CAN_RECORD_REGISTRY.get(module)
-    # Keep the stock class name (save_pretrained writes it into config.json "architectures") and module: transformers
-    # takes a class from outside its package for custom code and then skips the class's checkpoint key mapping, so
-    # save_pretrained would write transformers' internal key layout, not the stock checkpoint's.
-    module.__class__ = type(base.__name__, (mixin, base), {"__module__": base.__module__})
+    # Keep the stock class name: save_pretrained writes it into config.json "architectures".
+    module.__class__ = type(base.__name__, (mixin, base), {"__module__": mixin.__module__})
     if recordable:  # output_hidden_states / output_attentions hooks are registered per class
         _CAN_RECORD_REGISTRY[module] = recordable
 
