@@ -1,5 +1,10 @@
 """Shared fixtures: tiny random LLaVA models (the real transformers classes) and generated images."""
 
+import os
+import shutil
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 import torch
@@ -94,3 +99,19 @@ def assert_trains(module, x, tokens: int, out_dim: int):
     assert x.grad.abs().sum() > 0
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in module.parameters())
     return module
+
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+needs_deepspeed = pytest.mark.skipif(shutil.which("deepspeed", path=os.path.dirname(sys.executable)) is None,
+                                     reason="the deepspeed launcher is installed with the package")
+
+
+def run_deepspeed_zero3(script: str, *argv: str) -> None:
+    """One process of `deepspeed train/<script>` under ZeRO-3 on the CPU, on a free port; asserts it succeeds."""
+    from ivtp.testbed.pipeline import free_port
+
+    cmd = [os.path.join(os.path.dirname(sys.executable), "deepspeed"), "--num_gpus", "1", "--master_port",
+           str(free_port()), os.path.join(ROOT, "train", script),
+           "--deepspeed", os.path.join(ROOT, "configs", "deepspeed", "zero3.json"), *argv]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]

@@ -3,12 +3,12 @@ DeepSpeed ZeRO-3 and bad data."""
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 
 import pytest
 import torch
+from conftest import needs_deepspeed, run_deepspeed_zero3
 from safetensors.torch import load_file
 
 from ivtp import load_pruned
@@ -17,7 +17,6 @@ from ivtp.data.llava import Collator, LlavaDataset, MissingImageError, load_reco
 from ivtp.data.templates import ConversationError
 from ivtp.models import ModelNotFoundError
 from ivtp.models import tiny_aligner, tiny_random
-from ivtp.testbed.pipeline import free_port
 from ivtp.training import (ModelArguments, build_trainer, detach_frozen_tower, load_for_training, parse_args,
                            save_final, set_trainable)
 
@@ -135,8 +134,7 @@ def test_bad_samples_fail_clearly_or_are_skipped(tmp_path):
         assert len(long[6]["input_ids"]) == len(text_only["input_ids"]) - 2
 
 
-@pytest.mark.skipif(shutil.which("deepspeed", path=os.path.dirname(sys.executable)) is None,
-                    reason="the deepspeed launcher is installed with the package")
+@needs_deepspeed
 def test_deepspeed_zero3_saves_gathered_weights_that_load(tmp_path):
     """ZeRO-3 partitions every weight; the saved checkpoint must hold them whole. Starting from a saved
     checkpoint with a zero learning rate, the weights must come back exactly as they went in."""
@@ -147,15 +145,10 @@ def test_deepspeed_zero3_saves_gathered_weights_that_load(tmp_path):
     config = tmp_path / "ivtp_tiny.yaml"  # a folder model brings no aligner: name the tiny one
     config.write_text(open(CONFIG).read().replace("model: ViT-L-14-336", "model: ivtp-tiny-clip")
                       .replace("pretrained: openai", "pretrained: null"))
-    launcher = os.path.join(os.path.dirname(sys.executable), "deepspeed")
     argv = args_for(tmp_path / "out", "--max_steps", "2", "--learning_rate", "0", "--weight_decay", "0",
                     "--model_name_or_path", str(init))
     argv[argv.index(CONFIG)] = str(config)
-    cmd = [launcher, "--num_gpus", "1", "--master_port", str(free_port()), os.path.join(ROOT, "train", "finetune.py"),
-           "--deepspeed",
-           os.path.join(ROOT, "configs", "deepspeed", "zero3.json"), *argv]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=ROOT)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    run_deepspeed_zero3("finetune.py", *argv)
     loaded = load_pruned(str(tmp_path / "out"), aligner=tiny_aligner())
     assert loaded.ivtp_state.config.llm.keep == 64
     ref, got = model.state_dict(), loaded.state_dict()

@@ -3,18 +3,15 @@
 
 import json
 import os
-import shutil
-import subprocess
-import sys
 
 import pytest
 import torch
+from conftest import needs_deepspeed, run_deepspeed_zero3
 from safetensors.torch import load_file
 
 from ivtp import load_pruned
 from ivtp.data.llava import Collator
 from ivtp.projectors import PROJECTORS
-from ivtp.testbed.pipeline import free_port
 from ivtp.training import build_trainer, load_for_training, main, parse_args, run, save_final
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -72,33 +69,23 @@ def test_finetuning_continues_the_checkpoints_compressor(tmp_path):
         load_for_training(parse_args([*argv, "--projector", "honeybee", "--projector_tokens", "16"])[0])
 
 
-def deepspeed(script, *argv):
-    """One process of `deepspeed train/<script>` under ZeRO-3, on the CPU."""
-    launcher = os.path.join(os.path.dirname(sys.executable), "deepspeed")
-    cmd = [launcher, "--num_gpus", "1", "--master_port", str(free_port()), os.path.join(ROOT, "train", script),
-           "--deepspeed", os.path.join(ROOT, "configs", "deepspeed", "zero3.json"), *argv]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=ROOT)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-
-
-@pytest.mark.skipif(shutil.which("deepspeed", path=os.path.dirname(sys.executable)) is None,
-                    reason="the deepspeed launcher is installed with the package")
+@needs_deepspeed
 @pytest.mark.parametrize("name", sorted(PROJECTORS))
 def test_deepspeed_zero3_trains_the_compressor_and_saves_it_whole(tmp_path, name):
     """ZeRO-3 partitions every weight, the compressor's too: the checkpoint must hold each whole. Pretraining
     under ZeRO-3 saves the compressor at its full shapes; finetuning from that checkpoint under ZeRO-3 at a zero
     learning rate gives every weight back exactly."""
-    deepspeed("pretrain.py", *args_for(tmp_path / "pre", "--projector", name, "--projector_tokens", "16",
+    run_deepspeed_zero3("pretrain.py", *args_for(tmp_path / "pre", "--projector", name, "--projector_tokens", "16",
                                        "--max_steps", "2"))
     reference, _, _ = load_for_training(parse_args(args_for(tmp_path / "ref", "--projector", name,
                                                             "--projector_tokens", "16"), tune="projector")[0])
     shapes = {k: v.shape for k, v in reference.model.multi_modal_projector.state_dict().items()}
-    saved = load_file(str(tmp_path / "pre" / "model.safetensors"))  # keys in llava-hf's saved layout
+    saved = load_file(str(tmp_path / "pre" / "model.safetensors"))
     # llava-hf's layout, or transformers' internal one (model.multi_modal_projector.) for LLaMA-VID's swapped class
     prefix = "multi_modal_projector."
     inner = {k.removeprefix("model."): v for k, v in saved.items()}
     assert {k[len(prefix):]: v.shape for k, v in inner.items() if k.startswith(prefix)} == shapes
-    deepspeed("finetune.py", *args_for(tmp_path / "ft", "--model_name_or_path", str(tmp_path / "pre"),
+    run_deepspeed_zero3("finetune.py", *args_for(tmp_path / "ft", "--model_name_or_path", str(tmp_path / "pre"),
                                        "--max_steps", "1", "--learning_rate", "0", "--weight_decay", "0"))
     loaded = load_pruned(str(tmp_path / "ft"))
     assert type(loaded.model.multi_modal_projector) is PROJECTORS[name]

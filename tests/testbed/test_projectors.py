@@ -3,11 +3,10 @@ arguments with --projector), and their rows in `ivtp ablate`'s methods suite."""
 
 import json
 import os
-import shutil
-import sys
 
 import pytest
 import torch
+from conftest import needs_deepspeed
 
 from ivtp.testbed import ablate as ablate_mod
 from ivtp.testbed import pipeline
@@ -130,8 +129,7 @@ def test_ablate_reports_the_trained_projectors_beside_the_methods(testbed, tmp_p
     assert [r.name for r in rows][-2:] == ["honeybee", "qwen_vl"]  # after the methods at 7 (no retrained model)
 
 
-@pytest.mark.skipif(shutil.which("deepspeed", path=os.path.dirname(sys.executable)) is None,
-                    reason="the deepspeed launcher is installed with the package")
+@needs_deepspeed
 def test_deepspeed_stage_through_the_cli(testbed, tmp_path):
     """The command itself, through the DeepSpeed launcher as the pipeline's stages run (about 40 s)."""
     out = tmp_path / "tb"
