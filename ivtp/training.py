@@ -18,7 +18,7 @@ import transformers
 from transformers import Trainer, TrainerCallback
 
 from ivtp.config import PruneConfig
-from ivtp.data.llava import Collator, LlavaDataset, ModalityLengthGroupedSampler, load_records
+from ivtp.data.llava import Collator, LlavaDataset, ModalityLengthGroupedSampler, load_records, placeholders_per_image
 from ivtp.data.templates import TEMPLATES
 
 logger = logging.getLogger(__name__)
@@ -51,7 +51,8 @@ class DataArguments:
     data_path: str = field(default="data/fixtures/tiny_llava.json", metadata={"help": "LLaVA JSON"})
     image_folder: str | None = None
     template: str = field(default="vicuna_v1", metadata={"help": f"one of {', '.join(TEMPLATES)}"})
-    image_aspect_ratio: str = field(default="pad", metadata={"help": "pad (LLaVA-1.5) or crop"})
+    image_aspect_ratio: str | None = field(default=None, metadata={
+        "help": "pad or crop (LLaVA-1.5), anyres (LLaVA-NeXT); default: the model's own (pad, anyres)"})
     skip_missing: bool = field(default=False, metadata={"help": "skip samples whose image is missing"})
 
 
@@ -163,6 +164,9 @@ def use_projector(model, processor, args: ModelArguments) -> None:
     spec = projector_spec(model.config)
     if args.projector is None:
         return
+    if args.projector != "mlp" and model.config.model_type != "llava":  # the compressors read one 576-patch crop
+        raise ProjectorError(f"--projector {args.projector} replaces LLaVA-1.5's projector; "
+                             f"{args.model_name_or_path} is {model.config.model_type}")
     if spec is None:
         if args.projector != "mlp":
             attach_projector(model, args.projector, args.projector_tokens, processor=processor)
@@ -175,22 +179,37 @@ def use_projector(model, processor, args: ModelArguments) -> None:
 
 def set_trainable(model, args: ModelArguments):
     """Pretraining: the projector. Instruction tuning: projector and LLM, or LoRA adapters on the LLM's linear
-    layers plus the full projector. The vision tower is always frozen."""
+    layers plus the full projector. The vision tower is always frozen. LLaVA-NeXT's image_newline, the other learnt
+    piece between tower and LLM, trains with the projector while the model reads it (`reads_image_newline`)."""
     model.requires_grad_(False)
-    projector = model.model.multi_modal_projector
+    projection = [model.model.multi_modal_projector]  # what joins tower and LLM
+    if reads_image_newline(model):
+        projection.append(model.model.image_newline)
     if args.lora_enable:
         from peft import LoraConfig, get_peft_model
 
         lora = LoraConfig(r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
                           target_modules=LORA_TARGETS, bias="none", task_type="CAUSAL_LM")
-        model = get_peft_model(model, lora)
-        projector.requires_grad_(True)
+        model = get_peft_model(model, lora)  # freezes all but the adapters: the projection trains after it
+        for part in projection:
+            part.requires_grad_(True)
         return model
-    projector.requires_grad_(True)
+    for part in projection:
+        part.requires_grad_(True)
     if args.tune == "projector+llm":
         model.model.language_model.requires_grad_(True)
         model.lm_head.requires_grad_(True)
     return model
+
+
+def reads_image_newline(model) -> bool:
+    """Whether a LLaVA-NeXT model puts image_newline into the sequence: stock, or pruned with nothing pruned (the
+    stock layout stands). A pruned layout has no newlines (docs/paper.md, "LLaVA-NeXT"), so the parameter would get
+    no gradient, which DDP's unused-parameter check refuses."""
+    if getattr(model.model, "image_newline", None) is None:
+        return False
+    state = getattr(model, "ivtp_state", None)
+    return state is None or getattr(state.layout, "stock", False)
 
 
 def detach_frozen_tower(model) -> None:
@@ -278,11 +297,9 @@ def build_trainer(model, processor, model_args: ModelArguments, data_args: DataA
                   train_args: TrainingArguments, records=None) -> LlavaTrainer:
     """The Trainer over `records` (default: load_records(data_args.data_path))."""
     base = unwrap(model)
-    from ivtp.projectors import image_tokens
-
     dataset = LlavaDataset(
         load_records(data_args.data_path) if records is None else records, processor.tokenizer, processor.image_processor, data_args.template,
-        data_args.image_folder, image_tokens=image_tokens(base.config),
+        data_args.image_folder, image_tokens=placeholders_per_image(base.config),
         model_max_length=train_args.model_max_length, image_aspect_ratio=data_args.image_aspect_ratio,
         skip_missing=data_args.skip_missing)
     if train_args.gradient_checkpointing and not train_args.gradient_checkpointing_kwargs:

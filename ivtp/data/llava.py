@@ -7,10 +7,12 @@ is drawn.
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import random
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -19,6 +21,7 @@ from torch.utils.data import Dataset, Sampler
 
 from ivtp.data.templates import (IGNORE_INDEX, IMAGE_PLACEHOLDER, ConversationError, place_image, placeholder_problem,
                                  render, tokenize)
+from ivtp.errors import InputError
 
 logger = logging.getLogger(__name__)
 
@@ -98,16 +101,57 @@ def _column(records, key: str) -> list:
     return [r.get(key) for r in records]
 
 
+def placeholders_per_image(config) -> "int | Callable[[torch.Tensor], int]":
+    """LlavaDataset's `image_tokens` for a model config. LLaVA-1.5: one count for every image (one per patch, or a
+    compressor's). LLaVA-NeXT: a function of the image's (height, width), since its stock placeholder count (base
+    view, unpadded tiles, newlines: anyres.stock_tokens) follows the tile grid the image's size picks. A pruned
+    NeXT shrinks each run in its forward, as a pruned 1.5 does."""
+    if getattr(config, "model_type", None) == "llava_next":
+        from ivtp.anyres import stock_tokens
+
+        return functools.partial(stock_tokens, config=config)
+    from ivtp.projectors import image_tokens
+
+    return image_tokens(config)
+
+
+ASPECT_RATIOS = ("pad", "crop", "anyres")
+
+
+def is_anyres(image_processor) -> bool:
+    """Whether the image processor tiles images LLaVA-NeXT's way (returns crops per image and image_sizes)."""
+    return getattr(image_processor, "image_grid_pinpoints", None) is not None
+
+
+def resolve_aspect_ratio(image_aspect_ratio: str | None, image_processor) -> str:
+    """The image handling for the processor: None picks its own ('anyres' for LLaVA-NeXT, else LLaVA-1.5's 'pad').
+    A choice the processor cannot honour is a one-line InputError: 'pad' would square every NeXT image (so every
+    image would get the same grid), and a 1.5 processor has no tiles for 'anyres'."""
+    anyres = is_anyres(image_processor)
+    if image_aspect_ratio is None:
+        return "anyres" if anyres else "pad"
+    if image_aspect_ratio not in ASPECT_RATIOS:
+        raise InputError(f"image_aspect_ratio {image_aspect_ratio!r}: choose one of {', '.join(ASPECT_RATIOS)}")
+    if anyres and image_aspect_ratio != "anyres":
+        raise InputError(f"image_aspect_ratio {image_aspect_ratio!r}: LLaVA-NeXT tiles each image at its own aspect; "
+                         "pass anyres or leave it out")
+    if not anyres and image_aspect_ratio == "anyres":
+        raise InputError("image_aspect_ratio 'anyres' needs a LLaVA-NeXT model; LLaVA-1.5 takes pad or crop")
+    return image_aspect_ratio
+
+
 class LlavaDataset(Dataset):
     """Tokenised samples with lazily loaded images.
 
-    image_tokens: placeholders per image (576 for LLaVA-1.5: one per patch; stage 1 shrinks them in the model).
+    image_tokens: placeholders per image: an int (576 for LLaVA-1.5: one per patch), or a function of the image's
+    (height, width) for LLaVA-NeXT (`placeholders_per_image`). Stage 1 shrinks the runs in the model.
+    image_aspect_ratio: 'pad' or 'crop' (LLaVA-1.5), 'anyres' (LLaVA-NeXT); None: the image processor's own.
     skip_missing: a sample whose image is missing is replaced by another (and counted) instead of raising.
     """
 
     def __init__(self, records, tokenizer, image_processor, template: str, image_folder: str | None,
-                 image_tokens: int, model_max_length: int, image_aspect_ratio: str = "pad",
-                 skip_missing: bool = False):
+                 image_tokens: "int | Callable[[torch.Tensor], int]", model_max_length: int,
+                 image_aspect_ratio: str | None = None, skip_missing: bool = False):
         self.records = records
         self.tokenizer = tokenizer
         self.image_processor = image_processor
@@ -115,7 +159,7 @@ class LlavaDataset(Dataset):
         self.image_folder = image_folder
         self.image_tokens = image_tokens
         self.model_max_length = model_max_length
-        self.image_aspect_ratio = image_aspect_ratio
+        self.image_aspect_ratio = resolve_aspect_ratio(image_aspect_ratio, image_processor)
         self.skip_missing = skip_missing
         self.skipped: set[str] = set()
 
@@ -125,10 +169,19 @@ class LlavaDataset(Dataset):
     def lengths(self) -> list[int]:
         """Approximate token lengths, negative for text-only samples (for the modality sampler)."""
         out = []
+        image = self._typical_image_tokens()
         for rec in self.records:
             words = sum(len(t["value"].split()) for t in rec["conversations"] or [])
-            out.append(words + self.image_tokens if rec.get("image") else -words)
+            out.append(words + image if rec.get("image") else -words)
         return out
+
+    def _typical_image_tokens(self) -> int:
+        """A fixed count, or for NeXT a square image's at the crop size: the sampler only sorts roughly, and the
+        true count needs every image opened."""
+        if not callable(self.image_tokens):
+            return self.image_tokens
+        side = self.image_processor.crop_size["height"]
+        return self.image_tokens(torch.tensor([side, side]))
 
     def __getitem__(self, i: int) -> dict:
         try:
@@ -149,12 +202,17 @@ class LlavaDataset(Dataset):
         if problem is not None:
             raise ConversationError(f"sample {sample_id} (record {i}): {problem[1]}")
         rendered = render(self.template, convs, self.tokenizer.eos_token, sample_id)
-        ids, labels = tokenize(rendered, self.tokenizer, self.image_tokens)
+        image = self._image(rec["image"], sample_id) if has_image else {}
+        ids, labels = tokenize(rendered, self.tokenizer, self._placeholders(image))
         ids, labels = self._truncate(ids, labels, sample_id)
-        item = {"input_ids": torch.tensor(ids), "labels": torch.tensor(labels), "id": sample_id}
-        if has_image:
-            item["pixel_values"] = self._image(rec["image"], sample_id)
-        return item
+        return {"input_ids": torch.tensor(ids), "labels": torch.tensor(labels), "id": sample_id, **image}
+
+    def _placeholders(self, image: dict) -> int:
+        """<image> placeholders for this sample's image: fixed, or (NeXT) the count its size sets. A text-only
+        sample has no run to expand; the count is then unused."""
+        if not callable(self.image_tokens):
+            return self.image_tokens
+        return self.image_tokens(image["image_sizes"]) if image else 0
 
     def _truncate(self, ids, labels, sample_id):
         if len(ids) <= self.model_max_length:
@@ -168,7 +226,8 @@ class LlavaDataset(Dataset):
                       f"{self.model_max_length}")
         return ids[: self.model_max_length], labels[: self.model_max_length]
 
-    def _image(self, name: str, sample_id: str) -> torch.Tensor:
+    def _image(self, name: str, sample_id: str) -> dict[str, torch.Tensor]:
+        """pixel_values: (3, S, S), or for NeXT (crops, 3, S, S) with image_sizes (2,): (height, width)."""
         path = os.path.join(self.image_folder or "", name)
         if not os.path.isfile(path):
             raise MissingImageError(f"sample {sample_id}: image not found: {path}")
@@ -179,12 +238,15 @@ class LlavaDataset(Dataset):
                 image = prepare_image(im, fill)
         except OSError as e:
             raise ConversationError(f"sample {sample_id}: cannot read image {path} ({e})") from None
-        return self.image_processor(images=image, return_tensors="pt")["pixel_values"][0]
+        out = self.image_processor(images=image, return_tensors="pt")
+        return {k: out[k][0] for k in ("pixel_values", "image_sizes") if k in out}
 
 
 @dataclass
 class Collator:
-    """Right-pads a batch; stacks the images of the samples that have one, in order (text-only rows have none)."""
+    """Right-pads a batch; stacks the images of the samples that have one, in order (text-only rows have none).
+    LLaVA-NeXT images (crops, 3, S, S) are zero-padded to the batch's most crops, as transformers' processor pads
+    them (the model reads each image's own count from image_sizes), and their image_sizes stacked (B_images, 2)."""
 
     pad_token_id: int
 
@@ -199,10 +261,21 @@ class Collator:
             labels[b, :n] = it["labels"]
             mask[b, :n] = 1
         batch = {"input_ids": ids, "labels": labels, "attention_mask": mask}
-        images = [it["pixel_values"] for it in items if "pixel_values" in it]
+        images = [it for it in items if "pixel_values" in it]
         if images:
-            batch["pixel_values"] = torch.stack(images)
+            batch["pixel_values"] = stack_pixels([it["pixel_values"] for it in images])
+        if any("image_sizes" in it for it in images):
+            batch["image_sizes"] = torch.stack([it["image_sizes"] for it in images])  # (B_images, 2)
         return batch
+
+
+def stack_pixels(pixels: list[torch.Tensor]) -> torch.Tensor:
+    """(B_images, 3, S, S) from LLaVA-1.5's (3, S, S) each; (B_images, max crops, 3, S, S) from NeXT's
+    (crops, 3, S, S) each, the missing crops zeros (transformers' LlavaNextImageProcessor._pad_for_batching)."""
+    if pixels[0].dim() == 3:
+        return torch.stack(pixels)
+    most = max(p.shape[0] for p in pixels)
+    return torch.stack([torch.nn.functional.pad(p, (0, 0, 0, 0, 0, 0, 0, most - p.shape[0])) for p in pixels])
 
 
 class ModalityLengthGroupedSampler(Sampler):
