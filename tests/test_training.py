@@ -33,9 +33,12 @@ def args_for(out, *extra):
             "--save_strategy", "no", *extra]
 
 
-def train(argv):
+def train(argv, watch=None):
+    """Train as train/finetune.py does; `watch(module, args, kwargs)` sees every training forward's inputs."""
     model_args, data_args, train_args = parse_args(argv)
     model, processor, config = load_for_training(model_args)
+    if watch is not None:
+        model.register_forward_pre_hook(watch, with_kwargs=True)
     trainer = build_trainer(model, processor, model_args, data_args, train_args)
     resume = train_args.resume_from_checkpoint
     trainer.train(resume_from_checkpoint=resume)
@@ -253,3 +256,117 @@ def test_train_step_bench_script_runs_and_both_ways_agree():
     lines = [line for line in out if line.startswith("tiny-random ivtp:")]
     assert len(lines) == 2 and "with a graph" in lines[0] and "without a graph" in lines[1]
     assert lines[0].split("loss ")[1] == lines[1].split("loss ")[1]
+
+
+# ---- LLaVA-NeXT --------------------------------------------------------------------------------------------------
+NEXT_SIZES = [(224, 112), (112, 224), (224, 224), (336, 112), (112, 336)]  # (width, height) at 112 px: grids 1x2,
+# 2x1, 2x2, 3x1, 1x3, so 3, 3, 5, 4 and 4 crops
+NEXT_COLOURS = ["red", "green", "blue", "yellow", "purple"]
+
+
+@pytest.fixture(scope="module")
+def next_setup(tmp_path_factory):
+    """A saved tiny random LLaVA-NeXT (112 px crops), five images of LLaVA-1.6's five grids and a text-only record,
+    and an IVTP config at 32 -> 16 tokens per crop with the tiny aligner."""
+    import numpy as np
+    from PIL import Image
+
+    from ivtp.models import tiny_random_next
+
+    root = tmp_path_factory.mktemp("next")
+    model, processor = tiny_random_next(image_size=112)
+    model.save_pretrained(root / "init")
+    processor.save_pretrained(root / "init")
+    rng = np.random.RandomState(0)
+    records = []
+    for i, ((w, h), colour) in enumerate(zip(NEXT_SIZES, NEXT_COLOURS)):
+        (root / "images").mkdir(exist_ok=True)
+        Image.fromarray((rng.rand(h, w, 3) * 255).astype("uint8")).save(root / "images" / f"{i}.png")
+        records.append({"id": f"next{i}", "image": f"{i}.png", "conversations": [
+            {"from": "human", "value": "<image>\nWhat colour is it?"}, {"from": "gpt", "value": colour}]})
+    records.append({"id": "text0", "conversations": [{"from": "human", "value": "Name a colour."},
+                                                      {"from": "gpt", "value": "red"}]})
+    (root / "data.json").write_text(json.dumps(records))
+    (root / "prune.json").write_text(json.dumps({"method": "ivtp", "vision": {"keep": 32}, "llm": {
+        "keep": 16, "layers": 6, "aligner": {"model": "ivtp-tiny-clip", "pretrained": None}}}))
+    return root, model.config, processor
+
+
+def next_args(root, out, *extra):
+    return ["--model_name_or_path", str(root / "init"), "--prune-config", str(root / "prune.json"),
+            "--data_path", str(root / "data.json"), "--image_folder", str(root / "images"), "--output_dir", str(out),
+            "--report_to", "none", "--use_cpu", "True", "--seed", "0", "--logging_steps", "1",
+            "--per_device_train_batch_size", "3", "--learning_rate", "2e-3", "--lr_scheduler_type", "constant",
+            "--save_strategy", "no", *extra]
+
+
+def test_next_collator_writes_what_the_stock_processor_writes(next_setup):
+    """Placeholders per image size, crops zero-padded to the batch's most, image_sizes: the same tensors as
+    transformers' LlavaNextProcessor gives for the same images and text, with a text-only row in the batch."""
+    from PIL import Image
+
+    from ivtp.data.llava import placeholders_per_image
+    from ivtp.data.templates import place_image, render
+
+    root, config, processor = next_setup
+    records = json.load(open(root / "data.json"))
+    dataset = LlavaDataset(records, processor.tokenizer, processor.image_processor, "vicuna_v1",
+                           str(root / "images"), placeholders_per_image(config), 2048)
+    rows = [0, 5, 2, 3]  # 3, 0 (text only), 5 and 4 crops
+    batch = Collator(processor.tokenizer.pad_token_id)([dataset[i] for i in rows])
+    texts = [render("vicuna_v1", place_image(records[i]["conversations"], "image" in records[i]),
+                    processor.tokenizer.eos_token).text for i in rows]
+    images = [Image.open(root / "images" / records[i]["image"]) for i in rows if "image" in records[i]]
+    processor.tokenizer.padding_side = "right"
+    stock = processor(images=images, text=texts, padding=True, return_tensors="pt")
+    assert batch["pixel_values"].shape == (3, 5, 3, 112, 112)
+    assert (batch["input_ids"] == config.image_token_id).sum(1).tolist() == [200, 0, 336, 264]
+    for key in ("input_ids", "attention_mask", "pixel_values", "image_sizes"):
+        assert torch.equal(batch[key], stock[key]), key
+
+
+def test_next_image_aspect_ratio_must_fit_the_processor(next_setup):
+    from ivtp.errors import InputError
+
+    _, _, processor = next_setup
+    make = lambda proc, ratio: LlavaDataset([], proc.tokenizer, proc.image_processor, "vicuna_v1", None, 64, 2048,
+                                            image_aspect_ratio=ratio)
+    assert make(processor, None).image_aspect_ratio == "anyres"
+    with pytest.raises(InputError, match="LLaVA-NeXT tiles each image at its own aspect; pass anyres"):
+        make(processor, "pad")
+    _, processor15 = tiny_random(image_size=112)
+    assert make(processor15, None).image_aspect_ratio == "pad"
+    with pytest.raises(InputError, match="'anyres' needs a LLaVA-NeXT model"):
+        make(processor15, "anyres")
+
+
+def test_next_overfit_with_pruning_halves_the_loss_on_batches_of_mixed_crops(next_setup, tmp_path):
+    from ivtp import anyres
+
+    root, config, _ = next_setup
+    seen = []  # per training forward: each image's crops, and the rows without an image
+
+    def watch(module, args, kwargs):
+        sizes = kwargs.get("image_sizes")
+        crops = [] if sizes is None else anyres.crop_counts(sizes, config)
+        seen.append((crops, len(kwargs["input_ids"]) - len(crops)))
+
+    trainer, model, _ = train(next_args(root, tmp_path, "--max_steps", "20"), watch)
+    got = losses(trainer)
+    assert len(got) == 20 and got[-1] <= got[0] / 2, got
+    assert model.ivtp_state.last_llm_trace is not None  # stage 2 ran in the training forward
+    assert any(len(set(crops)) > 1 and text_rows for crops, text_rows in seen), seen
+    assert not model.model.image_newline.requires_grad  # the pruned layout has no newlines to train
+
+
+def test_next_checkpoint_reloads_for_pure_inference_with_identical_logits(next_setup, tmp_path):
+    from transformers import LlavaNextForConditionalGeneration
+
+    root, _, _ = next_setup
+    trainer, model, processor = train(next_args(root, tmp_path, "--max_steps", "2"))
+    loaded = load_pruned(str(tmp_path)).eval()
+    assert isinstance(loaded, LlavaNextForConditionalGeneration) and loaded.ivtp_state.config.llm.keep == 16
+    model.eval()
+    batch = Collator(processor.tokenizer.pad_token_id)([trainer.train_dataset[i] for i in (0, 5, 2)])  # 3, 0, 5 crops
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(**batch).logits, model(**batch).logits, rtol=0, atol=1e-5)
