@@ -17,11 +17,23 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+from transformers import LlavaNextConfig
 from transformers.models.llava_next.modeling_llava_next import (
     get_anyres_image_grid_shape,
     image_size_to_num_patches,
     unpad_image,
 )
+
+from ivtp.errors import InputError
+
+# The image `ivtp flops` and `ivtp bench` price on LLaVA-NeXT when none is given: a square at LLaVA-1.6's largest
+# square grid, 2 x 2 tiles and the base view (5 crops, 2,928 stock tokens at 336 px crops).
+PRICED_IMAGE_SIZE = (672, 672)
+
+
+def is_anyres(config) -> bool:
+    """Whether a model config is LLaVA-NeXT's (AnyRes crops per image), not LLaVA-1.5's one fixed view."""
+    return isinstance(config, LlavaNextConfig)
 
 
 def _size(image_size) -> list[int]:
@@ -100,7 +112,7 @@ class AnyResLayout:
         """(placeholders the processor wrote, tokens the model hands on), (num_images,) each."""
         if image_sizes is None or len(image_sizes) != num_images:
             got = "none" if image_sizes is None else len(image_sizes)
-            raise ValueError(f"LLaVA-NeXT needs image_sizes, one (height, width) per image: {num_images} image(s), "
+            raise InputError(f"LLaVA-NeXT needs image_sizes, one (height, width) per image: {num_images} image(s), "
                              f"{got} given (the processor returns them beside pixel_values)")
         full = torch.tensor([stock_tokens(size, self.config) for size in image_sizes], dtype=torch.long)
         if self.stock:

@@ -248,30 +248,40 @@ def cmd_data_check(args) -> int:
 def cmd_flops(args) -> int:
     from ivtp import PruneConfig
     from ivtp.eval.bench import method_flops
-    from ivtp.models import PRESETS, architecture, llava_config
+    from ivtp.models import PRESETS, architecture, preset_config
 
-    if args.model not in PRESETS or PRESETS[args.model].hub_id is None and args.model != "cpu-mid":
+    if args.model in PRESETS and args.model != "tiny-random":
+        config = preset_config(args.model, vocab_size=32064)  # priced with the llava-hf checkpoints' vocabulary
+    else:
         config = architecture(args.model)  # a llava-hf folder or cached hub id: dimensions only
         if config is None:
             raise InputError(f"{args.model}: its config.json is not in the HF cache; download it, or use a preset")
-    else:
-        preset = PRESETS[args.model]
-        config = llava_config(preset.vision, {"vocab_size": 32064, **preset.text})
+    from ivtp.anyres import PRICED_IMAGE_SIZE, is_anyres
+
+    next_model = is_anyres(config)
+    if args.image_size is not None and not next_model:
+        raise InputError(f"--image-size prices LLaVA-NeXT's AnyRes crops; {args.model} is a LLaVA-1.5, which "
+                         "resizes every image to its tower's size")
     if args.projector != "mlp":
+        if next_model:
+            raise InputError(f"--projector {args.projector}: the trained compressors are LLaVA-1.5's")
         return _compressor_flops(args, config)
     args.method = args.method or "ivtp"
     prune = None if args.method == "none" else (
         PruneConfig.load(args.prune_config) if args.prune_config else PruneConfig.for_method(args.method,
                                                                                           args.visual_tokens))
-    result = method_flops(config, prune, args.text_tokens)
-    result = {"model": args.model, "method": args.method, "text_tokens": args.text_tokens, **result}
+    image_size = (args.image_size or PRICED_IMAGE_SIZE) if next_model else None
+    result = method_flops(config, prune, args.text_tokens, image_size=image_size)
+    result = {"model": args.model, "method": args.method, "text_tokens": args.text_tokens,
+              **({"image_size": list(image_size)} if image_size else {}), **result}
     if args.json:
         _print_json(result)
     else:
+        crops = (f" ({image_size[0]}x{image_size[1]} px: {result['crops']} crops, visual tokens are per image)"
+                 if image_size else "")
         print(f"{args.model} {args.method}: ViT {result['vit']:.3f} + LLM {result['llm']:.3f} + extra "
               f"{result['extra']:.3f} = {result['total']:.3f} TFLOPs; visual tokens reaching the last LLM layer "
-              f"{result['final_visual_tokens'] if 'final_visual_tokens' in result else 576}, layer-averaged "
-              f"{result['llm_equivalent_visual_tokens']:.1f}")
+              f"{result['final_visual_tokens']}, layer-averaged {result['llm_equivalent_visual_tokens']:.1f}{crops}")
     return 0
 
 
@@ -487,12 +497,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_ablate)
 
     p = sub.add_parser("flops", help="TFLOPs of a model and method, in the IVTP paper's convention (docs/flops.md)")
-    p.add_argument("--model", default="llava-1.5-7b", help="llava-1.5-7b, llava-1.5-13b, cpu-mid, or a llava-hf folder")
+    p.add_argument("--model", default="llava-1.5-7b", help="a preset (llava-1.5-7b, llava-1.6-7b, cpu-mid, ...) or a "
+                                                          "llava-hf folder")
     p.add_argument("--method", default=None, help="a method name, or none for the unpruned model (default ivtp; "
                                                   "none with --projector)")
     p.add_argument("--visual-tokens", type=positive_int, default=64, help="final visual tokens per image (budget)")
     p.add_argument("--text-tokens", type=positive_int, default=512)
     p.add_argument("--prune-config", default=None, help="a prune config instead of --method/--visual-tokens")
+    p.add_argument("--image-size", type=image_size, default=None, metavar="HxW",
+                   help="LLaVA-NeXT only: the image's height x width in px, which sets its AnyRes crops "
+                        "(default 672x672: 5 crops); budgets are per crop (docs/paper.md, LLaVA-NeXT)")
     p.add_argument("--projector", choices=PROJECTOR_NAMES, default="mlp",
                    help="a trained compressor in place of LLaVA's projector, at --visual-tokens (unpruned: "
                         "--method none); its own FLOPs go to 'extra'")
@@ -564,6 +578,14 @@ def _int_at_least(low: int, what: str):
 
 positive_int = _int_at_least(1, "a whole number of at least 1")  # counts: batch size, tokens, questions
 non_negative_int = _int_at_least(0, "a whole number of at least 0")  # indices
+
+
+def image_size(text: str) -> tuple[int, int]:
+    """'HxW' in px (e.g. 672x1008) -> (height, width)."""
+    parts = text.lower().split("x")
+    if len(parts) != 2 or not all(p.isdigit() and int(p) > 0 for p in parts):
+        raise argparse.ArgumentTypeError(f"expected HEIGHTxWIDTH in px, such as 672x1008, got {text!r}")
+    return int(parts[0]), int(parts[1])
 
 
 def main(argv: list[str] | None = None) -> int:

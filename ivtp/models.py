@@ -2,10 +2,12 @@
 architectures for work that needs no weights (FLOPs, latency, tests).
 
 Presets:
-- ``tiny-random``: LLaVA-1.5's token geometry (336 px, patch 14, 576 patches, feature layer -2) with a narrow
+- ``tiny-random`` (``tiny-random-next``: the same towers as a LLaVA-NeXT): LLaVA-1.5's token geometry (336 px, patch 14, 576 patches, feature layer -2) with a narrow
   8-layer CLIP tower and a narrow 32-layer Llama (as deep as Vicuna-7B); seconds on a CPU. Deterministic (seeded).
 - ``llava-1.5-7b`` / ``llava-1.5-13b``: the llava-hf checkpoints; with ``random_weights=True`` the same
   architectures with random weights, built directly on the target device.
+- ``llava-1.6-7b`` / ``llava-1.6-13b``: llava-hf's LLaVA-NeXT (Vicuna) checkpoints, AnyRes over LLaVA-1.6's grids;
+  ``cpu-mid-next``: cpu-mid's towers as a LLaVA-NeXT, for `ivtp bench` on a CPU.
 - ``testbed``: the trained miniature LLaVA shipped in ivtp/assets/testbed (docs/testbed.md), with its aligner.
 """
 
@@ -45,39 +47,36 @@ class Preset:
     hub_id: str | None  # where the real weights live (None: random only)
     vision: dict
     text: dict
+    next: bool = False  # LLaVA-NeXT (AnyRes crops, LlavaNextForConditionalGeneration), else LLaVA-1.5
 
 
 _CLIP_L_336 = dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
                    image_size=336, patch_size=14, projection_dim=768, hidden_act="quick_gelu")
+_TINY_VISION = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=8, num_attention_heads=4, image_size=336,
+                    patch_size=14, projection_dim=32, hidden_act="quick_gelu")
+_TINY_TEXT = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=32, num_attention_heads=4,
+                  num_key_value_heads=4, max_position_embeddings=2048, rms_norm_eps=1e-5)
+_CPU_MID_VISION = dict(hidden_size=256, intermediate_size=1024, num_hidden_layers=24, num_attention_heads=8,
+                       image_size=336, patch_size=14, projection_dim=256, hidden_act="quick_gelu")
+_CPU_MID_TEXT = dict(hidden_size=768, intermediate_size=2048, num_hidden_layers=16, num_attention_heads=12,
+                     num_key_value_heads=12, max_position_embeddings=4096, rms_norm_eps=1e-5)
+_VICUNA_7B = dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
+                  num_key_value_heads=32, max_position_embeddings=4096, rms_norm_eps=1e-5, vocab_size=32064)
+_VICUNA_13B = dict(hidden_size=5120, intermediate_size=13824, num_hidden_layers=40, num_attention_heads=40,
+                   num_key_value_heads=40, max_position_embeddings=4096, rms_norm_eps=1e-5, vocab_size=32064)
 PRESETS = {
-    "tiny-random": Preset(
-        hub_id=None,
-        vision=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=8, num_attention_heads=4,
-                    image_size=336, patch_size=14, projection_dim=32, hidden_act="quick_gelu"),
-        text=dict(hidden_size=64, intermediate_size=128, num_hidden_layers=32, num_attention_heads=4,
-                  num_key_value_heads=4, max_position_embeddings=2048, rms_norm_eps=1e-5),
-    ),
+    "tiny-random": Preset(hub_id=None, vision=_TINY_VISION, text=_TINY_TEXT),
     # For `ivtp bench` on a CPU: LLaVA-1.5's token geometry (576 patches, 24 CLIP layers, feature layer -2)
     # with a narrower tower and a narrower, shallower LLM, so one pruned-vs-unpruned run takes minutes.
-    "cpu-mid": Preset(
-        hub_id=None,
-        vision=dict(hidden_size=256, intermediate_size=1024, num_hidden_layers=24, num_attention_heads=8,
-                    image_size=336, patch_size=14, projection_dim=256, hidden_act="quick_gelu"),
-        text=dict(hidden_size=768, intermediate_size=2048, num_hidden_layers=16, num_attention_heads=12,
-                  num_key_value_heads=12, max_position_embeddings=4096, rms_norm_eps=1e-5),
-    ),
-    "llava-1.5-7b": Preset(
-        hub_id="llava-hf/llava-1.5-7b-hf",
-        vision=_CLIP_L_336,
-        text=dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
-                  num_key_value_heads=32, max_position_embeddings=4096, rms_norm_eps=1e-5, vocab_size=32064),
-    ),
-    "llava-1.5-13b": Preset(
-        hub_id="llava-hf/llava-1.5-13b-hf",
-        vision=_CLIP_L_336,
-        text=dict(hidden_size=5120, intermediate_size=13824, num_hidden_layers=40, num_attention_heads=40,
-                  num_key_value_heads=40, max_position_embeddings=4096, rms_norm_eps=1e-5, vocab_size=32064),
-    ),
+    "cpu-mid": Preset(hub_id=None, vision=_CPU_MID_VISION, text=_CPU_MID_TEXT),
+    "llava-1.5-7b": Preset(hub_id="llava-hf/llava-1.5-7b-hf", vision=_CLIP_L_336, text=_VICUNA_7B),
+    "llava-1.5-13b": Preset(hub_id="llava-hf/llava-1.5-13b-hf", vision=_CLIP_L_336, text=_VICUNA_13B),
+    # LLaVA-NeXT: the same towers, AnyRes over LLaVA-1.6's grids (up to 5 crops of 576 patches per image).
+    "tiny-random-next": Preset(hub_id=None, vision=_TINY_VISION, text=_TINY_TEXT, next=True),
+    "cpu-mid-next": Preset(hub_id=None, vision=_CPU_MID_VISION, text=_CPU_MID_TEXT, next=True),
+    "llava-1.6-7b": Preset(hub_id="llava-hf/llava-v1.6-vicuna-7b-hf", vision=_CLIP_L_336, text=_VICUNA_7B, next=True),
+    "llava-1.6-13b": Preset(hub_id="llava-hf/llava-v1.6-vicuna-13b-hf", vision=_CLIP_L_336, text=_VICUNA_13B,
+                            next=True),
 }
 
 
@@ -178,7 +177,8 @@ def tiny_aligner(seed: int = 0, model: str = "ivtp-tiny-clip"):
         return Aligner.from_config(AlignerConfig(model=model, pretrained=None)).eval()
 
 
-PRESET_ALIGNERS = {"tiny-random": "ivtp-tiny-clip", "cpu-mid": "ivtp-cpu-mid-clip"}
+PRESET_ALIGNERS = {"tiny-random": "ivtp-tiny-clip", "cpu-mid": "ivtp-cpu-mid-clip", "tiny-random-next": "ivtp-tiny-clip",
+                   "cpu-mid-next": "ivtp-cpu-mid-clip"}
 
 
 def preset_aligner(name: str):
@@ -200,22 +200,31 @@ def random_model(name: str, dtype: torch.dtype = torch.bfloat16, device: str | t
         model, processor = tiny_random(seed)
         model.set_attn_implementation(attn_implementation)
         return model.to(device=device, dtype=dtype), processor
-    preset = _preset(name)
     tok = tiny_tokenizer()
     config = preset_config(name, tok)
     config._attn_implementation = attn_implementation
     torch.manual_seed(seed)
     with torch.device(device):
-        model = LlavaForConditionalGeneration._from_config(config, dtype=dtype).eval()
-    return model, build_processor(tok, preset.vision["image_size"], preset.vision["patch_size"])
+        model = MODEL_CLASSES[config.model_type]._from_config(config, dtype=dtype).eval()
+    return model, preset_processor(tok, config)
 
 
-def preset_config(name: str, tokenizer=None) -> LlavaConfig:
-    """A preset's LlavaConfig as `random_model` builds it (the tiny tokenizer's special ids index the real
-    vocabulary, so the config points at them)."""
+def preset_processor(tokenizer, config):
+    """The processor of a preset's config: LLaVA-1.5's (one fixed placeholder run) or LLaVA-NeXT's (AnyRes)."""
+    if isinstance(config, LlavaNextConfig):
+        return build_next_processor(tokenizer, config)
+    return build_processor(tokenizer, config.vision_config.image_size, config.vision_config.patch_size)
+
+
+def preset_config(name: str, tokenizer=None, vocab_size: int | None = None) -> LlavaConfig | LlavaNextConfig:
+    """A preset's config as `random_model` builds it (the tiny tokenizer's special ids index the real
+    vocabulary, so the config points at them). vocab_size: instead of the preset's (or the tokenizer's) own, e.g.
+    the real checkpoints' 32064 to price a small preset's LM head as theirs (`ivtp flops`)."""
     preset = _preset(name)
     tok = tokenizer or tiny_tokenizer()
-    config = llava_config(preset.vision, preset.text, None if "vocab_size" in preset.text else tok)
+    text = preset.text if vocab_size is None else {**preset.text, "vocab_size": vocab_size}
+    build = llava_next_config if preset.next else llava_config
+    config = build(preset.vision, text, None if "vocab_size" in text else tok)
     config.image_token_id = tok.convert_tokens_to_ids("<image>")
     return config
 
@@ -283,9 +292,9 @@ def load_model(
     """Load (model, processor) from a preset name, a local llava-hf folder, or a hub id in the user's cache
     (`cache_dir`, default the HF cache)."""
     source = resolve_source(name_or_path, random_weights, cache_dir)  # a bad name fails here, in one line
-    if name_or_path == "tiny-random":
-        model, processor = tiny_random()
-        return model.to(device=device, dtype=dtype or torch.float32), processor
+    if source in PRESETS and PRESETS[source].hub_id is None:  # random weights only (tiny-random, cpu-mid, ...)
+        return random_model(source, dtype=dtype or torch.float32, device=device,
+                            attn_implementation=attn_implementation or "sdpa")
     if name_or_path == "testbed":
         dtype = dtype or torch.float32  # shipped in fp16, run in fp32 on a CPU
     if random_weights:

@@ -10,7 +10,8 @@ TINY_TOKENIZER = os.path.join(ASSETS, "tiny-tokenizer")
 TESTBED_MODEL = os.path.join(ASSETS, "testbed", "llava-ivtp")
 
 DTYPE_NAMES = ("bfloat16", "float16", "float32")  # torch dtypes by name (ivtp.models.DTYPES)
-PRESET_NAMES = ("tiny-random", "cpu-mid", "llava-1.5-7b", "llava-1.5-13b")  # ivtp.models.PRESETS, in order
+PRESET_NAMES = ("tiny-random", "cpu-mid", "llava-1.5-7b", "llava-1.5-13b", "tiny-random-next", "cpu-mid-next",
+                "llava-1.6-7b", "llava-1.6-13b")  # ivtp.models.PRESETS, in order
 MODEL_ALIASES = ("testbed",)  # names load_model resolves besides the presets
 
 SUITES = ("methods", "group", "tau", "aggregation", "guidance", "stages", "extensions", "tau_extended")  # ivtp ablate

@@ -15,7 +15,8 @@ from transformers import (
 )
 
 from ivtp.convert import convert_original_llava
-from ivtp.models import PRESETS, ModelNotFoundError, llava_config, load_model, tiny_random
+from ivtp.models import (PRESETS, ModelNotFoundError, llava_config, load_model, preset_config, preset_processor,
+                         tiny_random, tiny_tokenizer)
 
 
 def n_params(config) -> int:
@@ -30,6 +31,31 @@ def test_random_weight_presets_have_the_llava15_architecture(name, billions):
     assert config.text_config.vocab_size == 32064 and config.vision_config.num_hidden_layers == 24
     assert config.vision_config.image_size // config.vision_config.patch_size == 24
     assert n_params(config) / 1e9 == pytest.approx(billions, abs=0.02)
+
+
+@pytest.mark.parametrize("name, billions", [("llava-1.6-7b", 7.06), ("llava-1.6-13b", 13.35)])
+def test_random_weight_next_presets_have_the_llava16_architecture(name, billions):
+    from transformers import LlavaNextConfig, LlavaNextForConditionalGeneration
+
+    config = preset_config(name)
+    assert isinstance(config, LlavaNextConfig) and config.text_config.vocab_size == 32064
+    assert config.image_grid_pinpoints == [[336, 672], [672, 336], [672, 672], [1008, 336], [336, 1008]]
+    with torch.device("meta"):
+        params = sum(p.numel() for p in LlavaNextForConditionalGeneration(config).parameters())
+    assert params / 1e9 == pytest.approx(billions, abs=0.02)
+
+
+def test_next_preset_processor_writes_the_stock_anyres_count():
+    from ivtp.anyres import stock_tokens
+
+    config = preset_config("cpu-mid-next")
+    processor = preset_processor(tiny_tokenizer(), config)
+    for height, width in [(672, 672), (400, 1000), (300, 200)]:
+        image = torch.zeros(3, height, width, dtype=torch.uint8)
+        enc = processor(images=[image], text=["<image>\nHi"], return_tensors="pt")
+        placeholders = int((enc["input_ids"] == config.image_token_id).sum())
+        assert placeholders == stock_tokens((height, width), config), (height, width)
+        assert enc["image_sizes"].tolist() == [[height, width]]
 
 
 def test_tiny_random_is_deterministic_and_has_llava15_token_geometry():

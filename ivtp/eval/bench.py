@@ -33,6 +33,7 @@ from ivtp.names import ALLOCATORS  # noqa: F401 (re-exported)
 QUESTION = ("Look at the shapes in this picture. Which colour is the circle nearest to the top left corner, and "
             "is there a square of the same colour anywhere else in the image?")
 SCORING_RANGES = ("ivtp.score", "ivtp.guidance")
+UNPRUNED = {"vision": {"enabled": False}, "llm": {"enabled": False}}  # a PruneConfig that passes every token on
 
 
 # glibc mallopt parameters (malloc.h)
@@ -244,21 +245,32 @@ def text_encoder_of(aligner):
                        embed_dim=proj.out_features if hasattr(proj, "out_features") else proj.shape[1])
 
 
-def method_flops(llava_config, prune_config: PruneConfig | None, text_tokens: int, text_encoder=None) -> dict:
+def method_flops(llava_config, prune_config: PruneConfig | None, text_tokens: int, text_encoder=None,
+                 image_size: tuple[int, int] | None = None) -> dict:
     """The paper's FLOPs convention (docs/flops.md) for a model config pruned by `prune_config` (None: unpruned).
 
     Priced from the plans alone, without weights. `extra` holds what IVTP adds outside the two towers: the CLIP
     text tower on the instruction (guidance 'clip'; CLIP ViT-L/14's unless `text_encoder` says otherwise) and the
-    in-LLM rollouts over {visual tokens, pseudo-CLS}.
+    in-LLM rollouts over {visual tokens, pseudo-CLS}. image_size: (height, width) of the image, which sets
+    LLaVA-NeXT's crops and stock token count (default anyres.PRICED_IMAGE_SIZE); LLaVA-1.5 takes none.
     """
+    from ivtp.anyres import PRICED_IMAGE_SIZE, crop_count
     from ivtp.eval.flops import TERA, TextEncoder, extra_flops_clip_text, extra_flops_rollout
-    from ivtp.patch.llava import make_plans
+    from ivtp.patch.llava import FixedLayout, image_layout, make_plans
 
     arch = Arch.from_llava_config(llava_config)
+    config = prune_config if prune_config is not None else PruneConfig.from_dict(UNPRUNED)
+    runner, plan = make_plans(config, llava_config)
+    # Per image: the tower's passes, and the visual tokens each layer of the LLM holds (stage 2 counts crops).
+    layout = image_layout(config, llava_config, runner, plan)
+    sizes = None if isinstance(layout, FixedLayout) else [image_size or PRICED_IMAGE_SIZE]
+    crops = 1 if sizes is None else crop_count(sizes[0], llava_config)
+    full, handed_on = (int(n) for n in layout.counts(1, sizes))
+    per_unit = plan.tokens_per_layer(arch.llm_layers) if plan is not None else [runner.tokens_per_image] * arch.llm_layers
+    llm = [n * handed_on // per_unit[0] for n in per_unit]  # handed_on = per_unit[0] x crops, or the stock count
     if prune_config is None:
-        return llava_flops(arch, text_tokens)
-    runner, plan = make_plans(prune_config, llava_config)
-    llm = plan.tokens_per_layer(arch.llm_layers) if plan is not None else [runner.tokens_per_image] * arch.llm_layers
+        return {**llava_flops(arch, text_tokens, llm_visual_per_layer=[full] * arch.llm_layers, crops=crops),
+                "final_visual_tokens": full}
     extra = 0
     if prune_config.uses_llm_stage:
         stage = prune_config.llm
@@ -267,19 +279,19 @@ def method_flops(llava_config, prune_config: PruneConfig | None, text_tokens: in
         if stage.needs_aligner:
             extra += extra_flops_clip_text(text_encoder or TextEncoder.clip_vit_l14(), min(text_tokens, 75))
     out = llava_flops(arch, text_tokens, vit_tokens_per_layer=runner.vit_tokens_per_layer(),
-                      llm_visual_per_layer=llm, extra=extra / TERA)
+                      llm_visual_per_layer=llm, extra=extra / TERA, crops=crops)
     out["llm_visual_per_layer"] = llm
     out["final_visual_tokens"] = llm[-1]
     return out
 
 
-def predicted_flops(model, text_tokens: int) -> dict:
+def predicted_flops(model, text_tokens: int, image_size: tuple[int, int] | None = None) -> dict:
     """method_flops for a loaded model: unpruned, or as its ivtp_state prunes it."""
     state = getattr(model, "ivtp_state", None)
     if state is None:
-        return method_flops(model.config, None, text_tokens)
+        return method_flops(model.config, None, text_tokens, image_size=image_size)
     encoder = text_encoder_of(state.aligner) if state.aligner is not None else None
-    return method_flops(model.config, state.config, text_tokens, encoder)
+    return method_flops(model.config, state.config, text_tokens, encoder, image_size=image_size)
 
 
 def subjects(preset: str, config: PruneConfig, device: str = "cpu", dtype: torch.dtype = torch.float32,
@@ -302,7 +314,11 @@ def subjects(preset: str, config: PruneConfig, device: str = "cpu", dtype: torch
     if aligner is None and config.needs_aligner:
         aligner = tiny_aligner(model=config.llm.aligner.model)
     apply_pruning(pruned, config, aligner=aligner, tokenizer=processor.tokenizer, compile=compile)
-    images = [draw_scene(seed=seed)[0] for seed in range(batch_size)]
+    from ivtp.anyres import PRICED_IMAGE_SIZE, is_anyres
+
+    # LLaVA-NeXT: a square image at the size flops prices (5 crops); LLaVA-1.5: one at the tower's own size.
+    size = PRICED_IMAGE_SIZE[0] if is_anyres(stock.config) else stock.config.vision_config.image_size
+    images = [draw_scene(seed=seed, size=size)[0] for seed in range(batch_size)]
     inputs = processor(images=images, text=[vicuna_v1_prompt(QUESTION)] * batch_size, return_tensors="pt").to(device)
     inputs["pixel_values"] = inputs["pixel_values"].to(dtype)
     return stock, pruned, inputs
@@ -334,8 +350,8 @@ def bench(preset: str, method: str, visual_tokens: int, device: str = "cpu", dty
     config = PruneConfig.for_method(method, visual_tokens)
     options = CompileOptions.resolve(compile)
     stock, pruned, inputs = subjects(preset, config, device, dtype, attn_implementation, batch_size, options)
-    n_visual = pruned.ivtp_state.num_patches
-    text_tokens = inputs["input_ids"].shape[1] - n_visual
+    text_tokens = int((inputs["input_ids"][0] != stock.config.image_token_id).sum())
+    image_size = inputs["image_sizes"][0].tolist() if "image_sizes" in inputs else None  # LLaVA-NeXT's
 
     steps = tqdm(total=2, desc=f"bench {preset} {method}@{visual_tokens}", disable=not progress)
     models, prefill_fns = {"unpruned": stock, "pruned": pruned}, {}
@@ -357,12 +373,12 @@ def bench(preset: str, method: str, visual_tokens: int, device: str = "cpu", dty
     steps.update()
     steps.close()
 
-    f_base, f_ours = predicted_flops(stock, text_tokens), predicted_flops(pruned, text_tokens)
+    f_base, f_ours = predicted_flops(stock, text_tokens, image_size), predicted_flops(pruned, text_tokens, image_size)
     paired = [a / b for a, b in zip(base["prefill_runs_s"], ours["prefill_runs_s"])]
     return {
         "preset": preset, "method": method, "visual_tokens": visual_tokens, "device": device,
         "dtype": str(dtype).replace("torch.", ""), "attn_implementation": attn_implementation,
-        "batch_size": batch_size, "text_tokens": text_tokens, "new_tokens": new_tokens,
+        "batch_size": batch_size, "text_tokens": text_tokens, "new_tokens": new_tokens, "image_size": image_size,
         "threads": torch.get_num_threads(), "allocator": "steady" if steady else "default",
         "prune_config": config.to_dict(),
         "unpruned": base, "pruned": ours,

@@ -251,10 +251,14 @@ def llava_flops(
     vit_tokens_per_layer: Sequence[int] | None = None,
     llm_visual_per_layer: Sequence[int] | None = None,
     extra: float = 0.0,
+    crops: int = 1,
 ) -> dict:
     """The paper's breakdown (Table 9) for one image and `text_tokens` text tokens, in TFLOPs.
 
-    vit_tokens_per_layer: tokens ([CLS] included) in each priced CLIP layer. Default: unpruned, 577 in each of 23.
+    vit_tokens_per_layer: tokens ([CLS] included) in each priced CLIP layer of one crop. Default: unpruned, 577 in
+        each of 23.
+    crops: passes of the tower per image, each at vit_tokens_per_layer (LLaVA-NeXT's AnyRes: the base view and
+        each tile; 1 for LLaVA-1.5).
     llm_visual_per_layer: visual tokens in each decoder layer. The text tokens are added to every layer.
         Default: unpruned, 576 in each layer.
     extra: TFLOPs of anything outside the two towers (scoring, a text encoder, a resampler). It is reported
@@ -275,7 +279,7 @@ def llava_flops(
     visual = _check_counts(llm_visual_per_layer, arch.llm_layers, "llm_visual_per_layer", "one per decoder layer")
     llm_tokens = [v + text_tokens for v in visual]
 
-    vit = vit_flops(arch, vit_tokens) / TERA
+    vit = _check_positive(crops, "crops") * vit_flops(arch, vit_tokens) / TERA
     llm = llm_flops(arch, llm_tokens) / TERA
     return {
         "vit": vit,
@@ -283,6 +287,7 @@ def llava_flops(
         "extra": float(extra),
         "total": vit + llm + float(extra),
         "vit_tokens": vit_tokens,
+        "crops": crops,
         "llm_tokens": llm_tokens,
         "llm_equivalent_visual_tokens": sum(visual) / len(visual),
     }

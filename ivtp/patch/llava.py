@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
-from transformers import LlavaForConditionalGeneration, LlavaNextForConditionalGeneration
+from transformers import LlavaForConditionalGeneration
 from transformers.masking_utils import create_masks_for_generate
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
@@ -531,10 +531,23 @@ def apply_pruning(model: LlavaForConditionalGeneration, config=None, aligner: Al
 def _model_family(model, cfg: PruneConfig, runner: VisionRunner, llm_plan, compile_options):
     """(the layout of each image's tokens, the mixin of the inner model) for LLaVA-1.5 or LLaVA-NeXT; raises
     ConfigError for what NeXT does not run (every check before anything changes)."""
-    if not isinstance(model, LlavaNextForConditionalGeneration):
-        return FixedLayout(num_patches(model.config), runner.tokens_per_image), PrunedLlavaModel
-    from ivtp.anyres import AnyResLayout
+    layout = image_layout(cfg, model.config, runner, llm_plan)
+    if isinstance(layout, FixedLayout):
+        return layout, PrunedLlavaModel
     from ivtp.patch.llava_next import PrunedLlavaNextModel
+
+    if compile_options is not None:
+        raise ConfigError("compile: the compiled prefill is LLaVA-1.5's; LLaVA-NeXT runs eagerly")
+    return layout, PrunedLlavaNextModel
+
+
+def image_layout(cfg: PruneConfig, llava_config, runner: VisionRunner, llm_plan) -> "FixedLayout | AnyResLayout":
+    """What each image writes in the prompt and hands the LLM, from the config alone (`ivtp flops` prices it);
+    raises ConfigError for a method LLaVA-NeXT does not run."""
+    from ivtp.anyres import AnyResLayout, is_anyres
+
+    if not is_anyres(llava_config):
+        return FixedLayout(num_patches(llava_config), runner.tokens_per_image)
 
     prunes_first = runner.tokens_per_image < runner.num_patches
     if llm_plan is not None and not prunes_first:
@@ -543,17 +556,16 @@ def _model_family(model, cfg: PruneConfig, runner: VisionRunner, llm_plan, compi
         raise ConfigError(f"{cfg.method}: on LLaVA-NeXT an in-LLM stage needs a method that prunes each crop "
                           "before the LLM; pruning only inside the LLM, over NeXT's stock layout, is not supported "
                           "yet (docs/paper.md, LLaVA-NeXT)")
-    if compile_options is not None:
-        raise ConfigError("compile: the compiled prefill is LLaVA-1.5's; LLaVA-NeXT runs eagerly")
-    stock = llm_plan is None and not prunes_first
-    return AnyResLayout(model.config, runner.tokens_per_image, stock), PrunedLlavaNextModel
+    return AnyResLayout(llava_config, runner.tokens_per_image, stock=llm_plan is None and not prunes_first)
 
 
 def make_plans(cfg: PruneConfig, llava_config) -> tuple[VisionRunner, LLMPlan | None]:
     """What runs before the LLM and what prunes inside it, resolved against a model's config alone (no weights:
-    `ivtp flops` prices a config this way). Raises ConfigError for budgets the model cannot meet."""
+    `ivtp flops` prices a config this way). Raises ConfigError for budgets the model cannot meet, and for a method
+    its family (LLaVA-NeXT) does not run."""
     runner = build_vision_runner(cfg, llava_config.vision_config, llava_config.vision_feature_layer)
     llm_plan = build_llm_plan(cfg, llava_config.text_config.num_hidden_layers, runner.tokens_per_image)
+    image_layout(cfg, llava_config, runner, llm_plan)  # refuses what the family does not run
     return runner, llm_plan
 
 

@@ -45,6 +45,36 @@ def test_flops_13b_and_bad_budget(capsys):
     assert "topk.keep" in capsys.readouterr().err
 
 
+def test_flops_on_llava_next_prices_the_image_size_given(capsys):
+    out = flops(capsys, "--model", "llava-1.6-7b", "--method", "topk", "--image-size", "400x1000")
+    assert out["image_size"] == [400, 1000] and out["crops"] == 4 and out["final_visual_tokens"] == 4 * 64
+    square = flops(capsys, "--model", "llava-1.6-7b", "--method", "none")  # the default image: 672 x 672
+    assert square["image_size"] == [672, 672] and square["crops"] == 5 and square["final_visual_tokens"] == 2928
+    assert len(square["vit_tokens"]) == 23 and square["vit"] == pytest.approx(5 * flops(
+        capsys, "--model", "llava-1.5-7b", "--method", "none")["vit"])
+
+
+@pytest.mark.parametrize("argv, fragment", [
+    (["--model", "llava-1.5-7b", "--image-size", "672x672"], "--image-size prices LLaVA-NeXT's AnyRes crops"),
+    (["--model", "llava-1.6-7b", "--method", "fastv"], "pruning only inside the LLM"),
+    (["--model", "llava-1.6-7b", "--projector", "honeybee", "--method", "none"], "compressors are LLaVA-1.5's"),
+])
+def test_flops_refuses_what_llava_next_does_not_price(capsys, argv, fragment):
+    assert main(["flops", *argv]) == 2
+    err = capsys.readouterr().err
+    assert fragment in err and len(err.strip().splitlines()) == 1
+
+
+def test_bench_on_a_llava_next_preset_prices_its_crops(capsys):
+    assert main(["bench", "--preset", "tiny-random-next", "--method", "topk", "--visual-tokens", "32",
+                 "--repeats", "1", "--new-tokens", "2", "--allocator", "default", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["image_size"] == [672, 672]
+    assert out["flops_speedup"] > 1 and out["pruned"]["kv_cache_bytes"] < out["unpruned"]["kv_cache_bytes"]
+    # The unpruned prompt holds the stock 2,928 image tokens, the pruned one 32 per crop of the 5.
+    assert out["unpruned"]["prompt_tokens"] == out["text_tokens"] + 2928
+
+
 def test_bench_reports_pruned_against_unpruned(capsys):
     # The default allocator keeps this test process's malloc as it is (the steady one is tested in a child).
     assert main(["bench", "--preset", "tiny-random", "--method", "ivtp", "--visual-tokens", "64", "--repeats", "1",

@@ -251,3 +251,45 @@ def test_rollout_cost_by_hand():
 def test_bad_input_raises(call, message):
     with pytest.raises(ValueError, match=message):
         call()
+
+
+# ------------------------------------------------------------------------------------------ LLaVA-NeXT
+
+
+def _vit_layer_7b(n):  # CLIP-L at n tokens, by hand: 12,582,912 MACs per token and 2 n^2 1024 for QK^T and AV
+    return 2 * (n * 12_582_912 + 2 * n * n * 1024)
+
+
+def _llm_layer_7b(n):  # Vicuna-7B at n tokens: 202,375,168 MACs per token and 2 n^2 4096
+    return 2 * (n * 202_375_168 + 2 * n * n * 4096)
+
+
+@pytest.mark.parametrize("method, expected_visual", [(None, 2040), ("topk", 4 * 64)])
+def test_llava_next_prices_each_crop_and_the_anyres_token_count_counted_by_hand(method, expected_visual):
+    # A 400 x 1000 image on LLaVA-1.6: of the grids (h, w) 336x672, 672x336, 672x672, 1008x336, 336x1008, the
+    # 336 x 1008 one keeps the most of it (scale 0.84: 840 x 336 px), so 1 x 3 tiles and the base view: 4 crops.
+    # Stock tokens: the base view's 576, then the 24 x 72 tile map cut to the image's aspect (24 / 400 = 0.06,
+    # 1000 x 0.06 = 60 columns: 6 of padding cut on each side) with a newline per row: 24 x 61. 576 + 1464 = 2040.
+    # Top-k at 64 per crop hands on 64 x 4 = 256 (no cut, no newlines).
+    from ivtp.config import PruneConfig
+    from ivtp.eval.bench import method_flops
+    from ivtp.models import preset_config
+
+    text = 100
+    config = preset_config("llava-1.6-7b")
+    got = method_flops(config, method and PruneConfig.for_method(method, 64), text, image_size=(400, 1000))
+    assert got["crops"] == 4 and got["final_visual_tokens"] == expected_visual
+    vit = 4 * 23 * _vit_layer_7b(577)  # every crop runs the 23 priced CLIP layers unpruned (top-k prunes after)
+    n = expected_visual + text
+    llm = 32 * _llm_layer_7b(n) + 2 * n * 4096 * 32064
+    assert got["vit"] == pytest.approx(vit / 1e12, rel=1e-12)
+    assert got["llm"] == pytest.approx(llm / 1e12, rel=1e-12)
+    assert got["total"] == pytest.approx((vit + llm) / 1e12, rel=1e-12)
+
+
+def test_llava_next_default_image_is_a_square_of_five_crops():
+    from ivtp.eval.bench import method_flops
+    from ivtp.models import preset_config
+
+    got = method_flops(preset_config("llava-1.6-7b"), None, 0)
+    assert got["crops"] == 5 and got["final_visual_tokens"] == 576 + 48 * 49  # 2 x 2 tiles: 48 rows of 48 + 1
