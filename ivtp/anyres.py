@@ -17,7 +17,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from transformers import LlavaNextConfig
 from transformers.models.llava_next.modeling_llava_next import (
     get_anyres_image_grid_shape,
     image_size_to_num_patches,
@@ -31,9 +30,10 @@ from ivtp.errors import InputError
 PRICED_IMAGE_SIZE = (672, 672)
 
 
-def is_anyres(config) -> bool:
-    """Whether a model config is LLaVA-NeXT's (AnyRes crops per image), not LLaVA-1.5's one fixed view."""
-    return isinstance(config, LlavaNextConfig)
+def is_anyres(config_or_processor) -> bool:
+    """Whether a model config or image processor is LLaVA-NeXT's (AnyRes crops per image, image_sizes), not
+    LLaVA-1.5's one fixed view: both carry the grids."""
+    return getattr(config_or_processor, "image_grid_pinpoints", None) is not None
 
 
 def _size(image_size) -> list[int]:
@@ -99,10 +99,37 @@ def raster_order(places: torch.Tensor, grid: tuple[int, int], n: int) -> torch.T
     return torch.cat([torch.arange(k, device=places.device), tiles])
 
 
+# Where an image's tokens came from, for reports and overlays: a crop-major patch index, crop * side^2 + patch
+# (crop 0 the base view, crops 1.. the tiles in row-major order over the grid), or -1 for a token that stands for no
+# single patch (an image_newline, a fused or merged token).
+
+
+def stock_places(image_size, config) -> torch.Tensor:
+    """(stock_tokens,) the crop-major patch index of each token of the stock layout, -1 for the newlines: the base
+    view's patches, then the tiles' feature map after transformers' own padding cut, a newline after each row."""
+    n, (rows, cols) = side(config), tile_grid(image_size, config)
+    r = torch.arange(rows * n)[:, None]  # the map's rows and columns
+    c = torch.arange(cols * n)[None]
+    cells = (1 + (r // n) * cols + c // n) * n * n + (r % n) * n + c % n  # (rows n, cols n)
+    kept = unpad_image(cells[None], _size(image_size))[0]  # (h, w)
+    with_newlines = torch.cat([kept, kept.new_full((kept.shape[0], 1), -1)], dim=1)
+    return torch.cat([torch.arange(n * n), with_newlines.flatten()])
+
+
+def handed_on_places(places: torch.Tensor, image_size, config) -> torch.Tensor:
+    """(crops * K,) the crop-major patch index of each token a pruned image hands the LLM, in raster_order.
+    places: (crops, K) each crop's kept patch indices (-1: no single patch)."""
+    n = side(config)
+    crop = torch.arange(places.shape[0], device=places.device)[:, None]
+    flat = torch.where(places >= 0, crop * n * n + places, -1).flatten()
+    return flat[raster_order(places, tile_grid(image_size, config), n)]
+
+
 @dataclass(frozen=True)
 class AnyResLayout:
     """What each image of a LLaVA-NeXT batch hands the LLM. per_crop: the tokens stage 1 leaves each crop; stock:
-    every patch goes through and nothing prunes in the LLM, so the stock layout (padding cut, newlines) stands."""
+    nothing prunes a crop before the LLM, so the stock layout (padding cut, newlines) stands, and an in-LLM stage
+    prunes over it."""
 
     config: object  # the LlavaNextConfig
     per_crop: int

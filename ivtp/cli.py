@@ -130,7 +130,7 @@ def _report(args, model, config, results, extra: dict | None = None) -> None:
 
 def _write_overlays(results, model, out_dir: str, prefix: str) -> list[str]:
     from ivtp.patch.llava import num_patches
-    from ivtp.viz import denormalize, overlay_panel
+    from ivtp.viz import anyres_views, denormalize, overlay_panel, square_grid
 
     os.makedirs(out_dir, exist_ok=True)
     paths = []
@@ -144,8 +144,11 @@ def _write_overlays(results, model, out_dir: str, prefix: str) -> list[str]:
         selected = {t["position"] for t in r.guidance.get("selected_tokens", [])}
         words = [{**t, "selected": t["position"] in selected} for t in r.guidance.get("instruction_tokens", [])]
         path = os.path.join(out_dir, f"{prefix}{i}.png")
-        overlay_panel(denormalize(r.pixel_values), r.kept_patches, num_patches(model.config), caption,
-                      words).save(path)
+        if r.image_size is None:
+            views = [(denormalize(r.pixel_values), r.kept_patches, square_grid(num_patches(model.config)))]
+        else:  # LLaVA-NeXT: the base view, and the whole image its tiles cover
+            views = anyres_views(r.pixel_values, r.kept_patches, r.image_size, model.config)
+        overlay_panel(views, caption, words).save(path)
         paths.append(path)
     return paths
 
@@ -355,6 +358,18 @@ def _eval_run(args, config, bench) -> dict:
             "image_aspect_ratio": args.image_aspect_ratio, "random_weights": args.random_weights}
 
 
+def _eval_aspect_ratio(args) -> str:
+    """--image-aspect-ratio, or the model's own (LLaVA-NeXT: anyres; LLaVA-1.5: pad), read from its config.json
+    before any weights load; a choice the model cannot honour is a one-line error."""
+    from ivtp.data.llava import resolve_aspect_ratio
+    from ivtp.models import architecture
+
+    config = architecture(args.model, args.random_weights)  # None: a hub id not cached yet, taken as LLaVA-1.5
+    chosen = {"none": "crop"}.get(args.image_aspect_ratio, args.image_aspect_ratio)  # eval's name for crop
+    resolved = resolve_aspect_ratio(chosen, config)
+    return args.image_aspect_ratio or resolved
+
+
 def _shard(args) -> tuple[int, int]:
     """--num-chunks/--chunk-idx, or one chunk per process under torchrun (WORLD_SIZE/RANK)."""
     if args.num_chunks is not None:
@@ -387,6 +402,7 @@ def cmd_eval(args) -> int:
         summary = {"out": out, "result": result}
     else:
         config = _prune_config(args)
+        args.image_aspect_ratio = _eval_aspect_ratio(args)
         run = _eval_run(args, config, bench)
         check_run(out, run)  # a mismatched resume fails before the model loads
         model, processor, config = _load(args, config)
@@ -469,8 +485,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=positive_int, default=8)
     p.add_argument("--num-chunks", type=positive_int, default=None, help="shards (default: torchrun's WORLD_SIZE, or 1)")
     p.add_argument("--chunk-idx", type=non_negative_int, default=0)
-    p.add_argument("--image-aspect-ratio", choices=["pad", "none"], default="pad",
-                   help="pad images to a square of the mean colour first, as LLaVA-1.5 evaluates (default)")
+    p.add_argument("--image-aspect-ratio", choices=["pad", "none", "anyres"], default=None,
+                   help="pad: a square of the mean colour first, as LLaVA-1.5 evaluates (its default); none: the "
+                        "processor's own centre crop; anyres: LLaVA-NeXT's tiles (its default and only choice)")
     p.add_argument("--model-id", default=None, help="name used in submission files")
     p.add_argument("--on-bad-image", choices=ON_BAD_IMAGE, default="stop",
                    help="an image that cannot be decoded: stop (naming its question; answers so far are kept) or "

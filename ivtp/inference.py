@@ -10,6 +10,7 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
+from ivtp.anyres import crop_count, is_anyres, stock_places, stock_tokens
 from ivtp.data.llava import prepare_image
 from ivtp.data.templates import vicuna_v1_prompt
 from ivtp.errors import InputError
@@ -34,6 +35,9 @@ class Result:
     kept_patches: list[int] = field(default_factory=list)  # original patch indices left after every step
     stage1_patches: list[int] = field(default_factory=list)  # those that reached the LLM (before its pruning)
     pixel_values: torch.Tensor | None = field(default=None, repr=False)  # what the tower saw, for overlays
+    # LLaVA-NeXT: the image's (height, width), which sets its crops; pixel_values is then (crops, 3, S, S) and the
+    # patch indices are crop-major (ivtp.anyres.stock_places)
+    image_size: tuple[int, int] | None = None
     guidance: dict = field(default_factory=dict)  # stage 2: pseudo_cls_source, selected and rated tokens
 
     def to_json(self) -> dict:
@@ -76,8 +80,9 @@ def generate(model, processor, samples: list[Sample], max_new_tokens: int = 32, 
              use_cache: bool = True, progress: bool = False) -> list[Result]:
     """Greedy answers for `samples`, in batches. Images are all opened before any compute, so a bad path fails
     at once and names the file."""
-    check_prompts(model, processor, [(s.prompt, s.image is not None) for s in samples], max_new_tokens)
     images = [None if s.image is None else load_image(s.image) for s in samples]
+    check_prompts(model, processor, [(s.prompt, s.image is not None) for s in samples], max_new_tokens,
+                  image_sizes=[None if im is None else im.size[::-1] for im in images])
     state = getattr(model, "ivtp_state", None)
     results: list[Result] = []
     starts = range(0, len(samples), batch_size)
@@ -92,21 +97,35 @@ class PromptTooLongError(InputError):
     """A prompt longer than the model's positions."""
 
 
+def image_positions(model, image_size=None) -> int:
+    """The LLM positions one image takes: its placeholders (one per patch, or a compressor's count), or for a
+    pruned model the tokens it hands the LLM. On LLaVA-NeXT the image's (height, width) sets them; without one,
+    the most any image can take (at one of the grids' own sizes, where nothing is cut)."""
+    config, state = model.config, getattr(model, "ivtp_state", None)
+    if not is_anyres(config):
+        return int(state.layout.counts(1)[1]) if state is not None else image_tokens(config)
+    sizes = [image_size] if image_size is not None else config.image_grid_pinpoints
+    if state is not None:
+        return max(int(state.layout.counts(1, [size])[1]) for size in sizes)
+    return max(stock_tokens(size, config) for size in sizes)
+
+
 def check_prompts(model, processor, prompts: list[tuple[str, bool]], max_new_tokens: int = 0,
-                  ids: list[str] | None = None) -> None:
+                  ids: list[str] | None = None, image_sizes: list | None = None) -> None:
     """Refuse, before any compute, a (question, has_image) the model cannot read: a question holding <image>, or
-    one longer than the LLM's positions once its image is expanded to one token per patch. Llama's rotary
-    positions run past max_position_embeddings without an error, into positions it never trained on, so
-    without this check such a prompt is answered without a word. A prompt that fits but leaves less than
-    `max_new_tokens` is logged. `ids` name the prompts in errors (default: their index)."""
+    one longer than the LLM's positions with its image (image_positions; image_sizes: each prompt's image
+    (height, width) where known, which LLaVA-NeXT's count depends on). Llama's rotary positions run past
+    max_position_embeddings without an error, into positions it never trained on, so without this check such a
+    prompt is answered without a word. A prompt that fits but leaves less than `max_new_tokens` is logged. `ids`
+    name the prompts in errors (default: their index)."""
     if not prompts:  # a resumed run with nothing left to answer
         return
     limit = model.config.text_config.max_position_embeddings
-    patches = image_tokens(model.config)  # one per patch, or a compressor's count (ivtp.projectors)
     longest = (-1, 0)
     for i, (question, has_image) in enumerate(prompts):
         text = vicuna_v1_prompt(question, has_image)  # a question holding <image> fails here
-        n = len(processor.tokenizer(text).input_ids) + (patches - 1) * has_image
+        positions = image_positions(model, image_sizes[i] if image_sizes else None) if has_image else 1
+        n = len(processor.tokenizer(text).input_ids) + positions - 1
         longest = max(longest, (n, i))
     n, i = longest
     name = ids[i] if ids is not None else f"prompt {i + 1}"
@@ -127,11 +146,14 @@ def _generate_batch(model, processor, batch, batch_images, max_new_tokens, use_c
     if "pixel_values" in inputs:
         inputs["pixel_values"] = inputs["pixel_values"].to(model.dtype)
     input_ids, attention_mask = inputs["input_ids"], inputs["attention_mask"]
+    sizes = inputs.get("image_sizes")  # LLaVA-NeXT's (images, 2)
     if state is not None and present:
         # Shrink the <image> runs here rather than inside generate, so the prompt length is known.
-        shrunk = state.shrink(input_ids, len(present), attention_mask, None, padding_side="left")
+        shrunk = state.shrink(input_ids, len(present), attention_mask, None, padding_side="left", image_sizes=sizes)
         input_ids, attention_mask = shrunk.input_ids, shrunk.attention_mask
     extra = {"pixel_values": inputs["pixel_values"]} if present else {}
+    if sizes is not None:
+        extra["image_sizes"] = sizes
     if state is not None:
         extra["ivtp_shrunk"] = True
     out = model.generate(input_ids=input_ids, attention_mask=attention_mask, max_new_tokens=max_new_tokens,
@@ -149,9 +171,23 @@ def _generate_batch(model, processor, batch, batch_images, max_new_tokens, use_c
             counts, kept = report.pop("visual_tokens"), report.pop("kept_patches")[0]
             stage1 = report.pop("stage1_patches")[0]
         else:  # an unpruned model: every patch reaches the LLM (through a compressor's tokens, if it has one)
-            n = num_patches(model.config)
-            counts, kept, stage1, report = [image_tokens(model.config)], list(range(n)), list(range(n)), {}
+            counts, kept, stage1, report = _unpruned_row(model.config, None if sizes is None else sizes[image_idx])
+        pixels = inputs["pixel_values"][image_idx]
+        size = None
+        if sizes is not None:  # the image's own crops, not the batch's padding to its most
+            size = tuple(sizes[image_idx].tolist())
+            pixels = pixels[:crop_count(size, model.config)]
         results.append(Result(sample.prompt, image_name, answer.strip(), counts, kept, stage1,
-                              inputs["pixel_values"][image_idx].float().cpu(), guidance=report))
+                              pixels.float().cpu(), image_size=size, guidance=report))
         image_idx += 1
     return results
+
+
+def _unpruned_row(config, image_size) -> tuple[list, list, list, dict]:
+    """(counts, kept, stage-1 patches, guidance) of an image in an unpruned model: every patch reaches the LLM."""
+    if image_size is None:
+        n = num_patches(config)
+        return [image_tokens(config)], list(range(n)), list(range(n)), {}
+    places = stock_places(image_size, config)
+    patches = sorted(places[places >= 0].tolist())
+    return [len(places)], patches, patches, {}

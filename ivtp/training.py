@@ -203,8 +203,8 @@ def set_trainable(model, args: ModelArguments):
 
 
 def reads_image_newline(model) -> bool:
-    """Whether a LLaVA-NeXT model puts image_newline into the sequence: stock, or pruned with nothing pruned (the
-    stock layout stands). A pruned layout has no newlines (docs/paper.md, "LLaVA-NeXT"), so the parameter would get
+    """Whether a LLaVA-NeXT model puts image_newline into the sequence: stock, or pruned with nothing pruned before
+    the LLM (the stock layout stands; an in-LLM stage reads the newlines until it drops them). A pruned layout has no newlines (docs/paper.md, "LLaVA-NeXT"), so the parameter would get
     no gradient, which DDP's unused-parameter check refuses."""
     if getattr(model.model, "image_newline", None) is None:
         return False

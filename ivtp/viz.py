@@ -18,27 +18,33 @@ def denormalize(pixel_values: torch.Tensor, mean=OPENAI_CLIP_MEAN, std=OPENAI_CL
     return Image.fromarray((rgb.permute(1, 2, 0).numpy() * 255).round().astype("uint8"))
 
 
-def kept_mask(kept: list[int], num_patches: int) -> torch.Tensor:
-    """(grid, grid) bool mask of the kept patches, row-major as CLIP orders them."""
-    grid = math.isqrt(num_patches)
-    if grid * grid != num_patches:
-        raise ValueError(f"{num_patches} patches do not form a square grid")
-    mask = torch.zeros(num_patches, dtype=torch.bool)
+def kept_mask(kept: list[int], shape: tuple[int, int]) -> torch.Tensor:
+    """(rows, cols) bool mask of the kept patches of a rows x cols patch grid, row-major as CLIP orders them."""
+    mask = torch.zeros(shape[0] * shape[1], dtype=torch.bool)
     mask[torch.as_tensor(kept, dtype=torch.long)] = True
-    return mask.view(grid, grid)
+    return mask.view(shape)
 
 
-def overlay(image: Image.Image, kept: list[int], num_patches: int, dim: float = 0.75) -> Image.Image:
-    """Dim every pruned patch by `dim` (0: untouched, 1: black) and outline the kept ones."""
-    mask = kept_mask(kept, num_patches)
-    grid = mask.shape[0]
+def square_grid(num_patches: int) -> tuple[int, int]:
+    """(side, side) of a square crop's patches."""
+    side = math.isqrt(num_patches)
+    if side * side != num_patches:
+        raise ValueError(f"{num_patches} patches do not form a square grid")
+    return side, side
+
+
+def overlay(image: Image.Image, kept: list[int], shape: tuple[int, int], dim: float = 0.75) -> Image.Image:
+    """Dim every pruned patch of the image's (rows, cols) patch grid by `dim` (0: untouched, 1: black) and outline
+    the kept ones."""
+    mask = kept_mask(kept, shape)
+    rows, cols = shape
     out = image.convert("RGB").copy()
     w, h = out.size
     shade = Image.new("RGBA", out.size, (0, 0, 0, 0))
     draw = ImageDraw.Draw(shade)
-    for r in range(grid):
-        for c in range(grid):
-            box = (c * w // grid, r * h // grid, (c + 1) * w // grid - 1, (r + 1) * h // grid - 1)
+    for r in range(rows):
+        for c in range(cols):
+            box = (c * w // cols, r * h // rows, (c + 1) * w // cols - 1, (r + 1) * h // rows - 1)
             if mask[r, c]:
                 draw.rectangle(box, outline=(255, 255, 255, 110))
             else:
@@ -46,25 +52,49 @@ def overlay(image: Image.Image, kept: list[int], num_patches: int, dim: float = 
     return Image.alpha_composite(out.convert("RGBA"), shade).convert("RGB")
 
 
-def overlay_panel(image: Image.Image, kept: list[int], num_patches: int, caption: str,
-                  instruction: list[dict] | None = None) -> Image.Image:
-    """Original and overlay side by side, with caption lines underneath. Small images are upscaled 2x.
+def anyres_views(pixel_values: torch.Tensor, kept: list[int], image_size, config) -> list[tuple]:
+    """A LLaVA-NeXT image as two views for overlay_panel: the base view, and the full-resolution image its tiles
+    cover (the grid assembled, letterbox included). pixel_values: (crops, 3, S, S); kept: crop-major patch indices
+    (ivtp.anyres.stock_places). Returns [(image, kept, (rows, cols) patches), ...]."""
+    from ivtp.anyres import side, tile_grid
+
+    n, (rows, cols) = side(config), tile_grid(image_size, config)
+    kept = torch.as_tensor(kept, dtype=torch.long)
+    base = kept[kept < n * n]
+    crop, patch = (kept[kept >= n * n] // (n * n)) - 1, kept[kept >= n * n] % (n * n)  # tile, patch within it
+    on_map = ((crop // cols) * n + patch // n) * (cols * n) + (crop % cols) * n + patch % n  # raster over the map
+    tiles = pixel_values[1:].unflatten(0, (rows, cols))  # (rows, cols, 3, S, S)
+    whole = tiles.permute(2, 0, 3, 1, 4).flatten(3, 4).flatten(1, 2)  # (3, rows S, cols S)
+    return [(denormalize(pixel_values[0]), base.tolist(), (n, n)),
+            (denormalize(whole), on_map.tolist(), (rows * n, cols * n))]
+
+
+def overlay_panel(views: list[tuple], caption: str, instruction: list[dict] | None = None) -> Image.Image:
+    """Each view (image, kept patches, (rows, cols) patch grid) as original and overlay side by side, one view
+    under the other (LLaVA-NeXT: the base view, then the tiles), with caption lines underneath. Small images are
+    upscaled 2x.
 
     `instruction`: the rated instruction tokens of stage 2 ({"token", "relevance"} and "selected"); they are
     drawn as a line of words, the ones that formed the pseudo-CLS highlighted with their relevance (paper Fig. 5).
     """
-    over = overlay(image, kept, num_patches)
-    scale = 1 if min(image.size) >= 224 else 2
-    w, h = image.size[0] * scale, image.size[1] * scale
-    left = image.convert("RGB").resize((w, h), Image.NEAREST)
-    right = over.resize((w, h), Image.NEAREST)
+    pairs = []
+    for image, kept, shape in views:
+        scale = 1 if min(image.size) >= 224 else 2
+        w, h = image.size[0] * scale, image.size[1] * scale
+        pairs.append((image.convert("RGB").resize((w, h), Image.NEAREST),
+                      overlay(image, kept, shape).resize((w, h), Image.NEAREST)))
+    width = max(2 * left.size[0] + 10 for left, _ in pairs)
+    height = sum(left.size[1] + 6 for left, _ in pairs)
     lines = caption.split("\n")
-    token_rows = _layout_tokens(instruction or [], 2 * w + 10)
-    panel = Image.new("RGB", (2 * w + 10, h + 16 * (len(lines) + len(token_rows)) + 14), "white")
-    panel.paste(left, (0, 0))
-    panel.paste(right, (w + 10, 0))
+    token_rows = _layout_tokens(instruction or [], width)
+    panel = Image.new("RGB", (width, height + 16 * (len(lines) + len(token_rows)) + 8), "white")
+    y = 0
+    for left, right in pairs:
+        panel.paste(left, (0, y))
+        panel.paste(right, (left.size[0] + 10, y))
+        y += left.size[1] + 6
     draw = ImageDraw.Draw(panel)
-    y = h + 4
+    y -= 2
     for line in lines:
         draw.text((4, y), line, fill=(0, 0, 0))
         y += 16

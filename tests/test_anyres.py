@@ -68,3 +68,28 @@ def test_layout_counts(next_model):
     assert torch.equal(anyres.AnyResLayout(model.config, 64, stock=True).counts(2, sizes)[1], full)
     with pytest.raises(ValueError, match="needs image_sizes"):
         anyres.AnyResLayout(model.config, 16, stock=False).counts(2, None)
+
+
+@pytest.mark.parametrize("size", SIZES)
+def test_stock_places_are_where_transformers_packs_each_patch(next_model, size):
+    """Features that carry their own crop-major index, packed by transformers' pack_image_features (padding cut,
+    image_newline after each row): the packed sequence reads stock_places, -1 at the newlines."""
+    model, _ = next_model
+    config = model.config
+    image_size = [size[1], size[0]]
+    crops, n = anyres.crop_count(image_size, config), anyres.side(config)
+    features = torch.arange(crops * n * n, dtype=torch.float).view(crops, n * n, 1)
+    packed, _ = model.model.pack_image_features([features], torch.tensor([image_size]), "default",
+                                                image_newline=torch.tensor([-1.0]))
+    assert torch.equal(packed[0][:, 0].long(), anyres.stock_places(image_size, config))
+
+
+def test_handed_on_places_follow_the_raster_order():
+    # The hand-worked grid of test_raster_order_on_a_hand_worked_grid, with 2 x 2 patches per crop (4 per crop):
+    # base keeps 1, 2 (crop-major 1, 2); tile 0 keeps 0, 3 (4, 7); tile 1 keeps 1, 2 (9, 10); in the map's order
+    # tile 0's 0, tile 1's 1, tile 0's 3, tile 1's 2.
+    config = tiny_random_next(image_size=28)[0].config  # 2 x 2 patches per crop, the 1 x 2 grid at 28 x 56 px
+    kept = torch.tensor([[1, 2], [0, 3], [1, 2]])
+    assert anyres.handed_on_places(kept, (28, 56), config).tolist() == [1, 2, 4, 9, 7, 10]
+    assert anyres.handed_on_places(torch.tensor([[1, -1], [0, 3], [-1, 2]]), (28, 56), config).tolist() == \
+        [1, -1, 4, 7, 10, -1]

@@ -94,6 +94,19 @@ def test_visualize_writes_one_png_per_image(capsys, tmp_path, image_files):
     assert len(out["overlays"]) == 1 and os.path.isfile(out["overlays"][0])
 
 
+def test_visualize_on_llava_next_draws_the_base_view_and_the_whole_image(capsys, tmp_path):
+    path = tmp_path / "wide.png"
+    draw_scene(seed=3)[0].resize((672, 448)).save(path)  # the 2 x 2 grid: 5 crops
+    out = run_json(capsys, ["visualize", "--model", "tiny-random-next", "--image", str(path), "--prompt", "Where?",
+                            "--out", str(tmp_path / "viz"), "--max-new-tokens", "2", "--json"])
+    sample = out["samples"][0]
+    assert sample["visual_tokens"][0] == 5 * 576 and sample["visual_tokens"][-1] == 5 * 64
+    assert len(sample["kept_patches"]) == 5 * 64 and max(sample["kept_patches"]) < 5 * 576  # crop-major
+    (overlay,) = out["overlays"]
+    with Image.open(overlay) as im:  # the whole image's 672 px tiles beside their overlay, under the base view
+        assert im.size[0] == 2 * 672 + 10 and im.size[1] > 336 + 672
+
+
 def test_bad_input_is_reported_before_loading(capsys, tmp_path, image_files):
     assert main(["generate", "--image", str(tmp_path / "missing.png"), "--prompt", "Where?"]) == 2
     assert "image not found" in capsys.readouterr().err

@@ -182,6 +182,17 @@ def test_a_prompt_longer_than_the_models_positions_is_refused(capsys, no_compute
     assert int(line.split(" is ")[1].split()[0]) > 2048
 
 
+def test_on_llava_next_the_prompt_check_counts_what_the_llm_reads(capsys, no_compute, scene):
+    """A 336 px square on tiny-random-next: 2 crops, the stock layout's 1,176 tokens unpruned (the base view's 576,
+    24 rows of 24 + a newline); IVTP hands on 64 per crop. About 1,030 text tokens fit beside 128, not 1,176."""
+    question = "Describe " + "every shape " * 200
+    argv = ["generate", "--model", "tiny-random-next", "--image", scene, "--prompt", question]
+    line = fails_in_one_line(capsys, argv + ["--prune-config", "none"], "prompt 1 is", "with its image")
+    assert int(line.split(" is ")[1].split()[0]) > 2048
+    with pytest.raises(AssertionError, match="generation ran"):  # pruned, it fits: generation is reached
+        main(argv + ["--method", "ivtp"])
+
+
 def test_a_long_thin_image_is_bounded_and_answers_as_the_stock_processor_would(monkeypatch):
     """A 10000x1 image took 9 GB in the processor (CLIP's shortest-edge resize makes it 3,360,000x336). The cut
     keeps the central crop the processor keeps: the pixels it outputs are unchanged."""

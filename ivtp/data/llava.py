@@ -19,6 +19,7 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset, Sampler
 
+from ivtp.anyres import is_anyres
 from ivtp.data.templates import (IGNORE_INDEX, IMAGE_PLACEHOLDER, ConversationError, place_image, placeholder_problem,
                                  render, tokenize)
 from ivtp.errors import InputError
@@ -118,13 +119,9 @@ def placeholders_per_image(config) -> "int | Callable[[torch.Tensor], int]":
 ASPECT_RATIOS = ("pad", "crop", "anyres")
 
 
-def is_anyres(image_processor) -> bool:
-    """Whether the image processor tiles images LLaVA-NeXT's way (returns crops per image and image_sizes)."""
-    return getattr(image_processor, "image_grid_pinpoints", None) is not None
-
-
 def resolve_aspect_ratio(image_aspect_ratio: str | None, image_processor) -> str:
-    """The image handling for the processor: None picks its own ('anyres' for LLaVA-NeXT, else LLaVA-1.5's 'pad').
+    """The image handling for the processor (or the model config): None picks its own ('anyres' for LLaVA-NeXT,
+    else LLaVA-1.5's 'pad').
     A choice the processor cannot honour is a one-line InputError: 'pad' would square every NeXT image (so every
     image would get the same grid), and a 1.5 processor has no tiles for 'anyres'."""
     anyres = is_anyres(image_processor)

@@ -267,7 +267,8 @@ def method_flops(llava_config, prune_config: PruneConfig | None, text_tokens: in
     crops = 1 if sizes is None else crop_count(sizes[0], llava_config)
     full, handed_on = (int(n) for n in layout.counts(1, sizes))
     per_unit = plan.tokens_per_layer(arch.llm_layers) if plan is not None else [runner.tokens_per_image] * arch.llm_layers
-    llm = [n * handed_on // per_unit[0] for n in per_unit]  # handed_on = per_unit[0] x crops, or the stock count
+    # handed_on is per_unit[0] x crops, or NeXT's stock count, of which an in-LLM stage keeps its budget's share
+    llm = [round(n * handed_on / per_unit[0]) for n in per_unit]
     if prune_config is None:
         return {**llava_flops(arch, text_tokens, llm_visual_per_layer=[full] * arch.llm_layers, crops=crops),
                 "final_visual_tokens": full}

@@ -130,13 +130,6 @@ class IVTPLlava(lmms):
     def step_names(self) -> list[str]:
         return self.state.step_names() if self.state is not None else ["input"]
 
-    @property
-    def llm_visual_tokens(self) -> int:
-        """Visual tokens per image in the LLM's input (after the vision-side pruning)."""
-        from ivtp.patch.llava import num_patches
-
-        return self.state.tokens_per_image if self.state is not None else num_patches(self.model.config)
-
     # ---- requests ------------------------------------------------------------------------------------------
     def generate_until(self, requests: list[Instance]) -> list[GenerationResult]:
         from ivtp.inference import Sample, generate
@@ -224,8 +217,12 @@ class IVTPLlava(lmms):
 
     def _input_tokens(self, sample) -> int:
         """The LLM's input length: the prompt, with the image's run as long as the pruned model feeds it."""
+        from ivtp.inference import image_positions
+
         has_image = sample.image is not None
-        visual = self.llm_visual_tokens - 1 if has_image else 0  # the tokenized prompt holds one <image> token
+        size = sample.image.size[::-1] if hasattr(sample.image, "size") else None  # a PIL image: (height, width)
+        # The tokenized prompt holds one <image> token; the LLM reads the image's run as the pruned model feeds it.
+        visual = image_positions(self.model, size) - 1 if has_image else 0
         return len(self._prompt_ids(sample.prompt, has_image)) + visual
 
     def _continuation_logprob(self, question: str, continuation: str, image) -> tuple[float, bool]:
@@ -247,10 +244,13 @@ class IVTPLlava(lmms):
         extra = {}
         if has_image:
             extra["pixel_values"] = inputs["pixel_values"].to(self.model.dtype)
+        if "image_sizes" in inputs:  # LLaVA-NeXT's
+            extra["image_sizes"] = inputs["image_sizes"]
         state = self.state
         if state is not None:
             if has_image:  # shrink here, so the prompt's end is known in the shrunk sequence
-                shrunk = state.shrink(input_ids, 1, attention_mask, None, padding_side="right")
+                shrunk = state.shrink(input_ids, 1, attention_mask, None, padding_side="right",
+                                      image_sizes=inputs.get("image_sizes"))
                 input_ids, attention_mask = shrunk.input_ids, shrunk.attention_mask
                 extra["ivtp_shrunk"] = True
             # The in-LLM stage reads its guidance from the prompt only, not from the continuation it scores.

@@ -27,7 +27,7 @@ class FastVStep(LLMStep):
         probe = run.last_probe
         scores = probe["attn_visual"][:, :, 0].mean(1)  # (B', H, 1, Nv) -> (B', Nv): head mean, not renormalised
         run.trace.scores.append(scores)
-        k = run.plan.counts[g] * run.g.images[run.rows]  # (B',)
+        k = run.budget(run.plan.counts[g])  # (B',)
         return run.drop_visual(hidden, probe, keep_topk_per_row(scores, k, probe["vis_ok"]), idx, run.plan.counts[g])
 
 

@@ -80,7 +80,7 @@ class GTPStep(LLMStep):
         scores = gtp_scores(row, probe["vnorm"], query_index=-1)  # (B', Nv)
         run.scratch.clear()
         run.trace.scores.append(scores)
-        k = run.plan.counts[g] * run.g.images[run.rows]  # (B',) per-image budget times images in the row
+        k = run.budget(run.plan.counts[g])  # (B',) the per-image budget times the images in the row
         return run.drop_visual(hidden, probe, keep_topk_per_row(scores, k, probe["vis_ok"]), idx, run.plan.counts[g])
 
 

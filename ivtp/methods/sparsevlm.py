@@ -32,8 +32,10 @@ class SparseVLMStep(LLMStep):
         embeds = embed(input_ids)  # (B, L, D)
         raters = torch.zeros_like(visual)
         feats = iter(image_features)
-        for r in range(len(images)):
-            row_images = [next(feats) for _ in range(int(images[r]))]
+        for r, need in enumerate(visual.sum(-1).tolist()):
+            row_images = []  # the row's images, taken in order until their tokens fill its placeholders
+            while sum(len(f) for f in row_images) < need:
+                row_images.append(next(feats))
             text_pos = torch.nonzero(instr[r]).flatten()
             if not row_images:
                 continue
@@ -58,10 +60,11 @@ class SparseVLMStep(LLMStep):
         keep_slots = torch.zeros_like(run.slot_visual)
         recycled_slots = {}  # per row: the cluster centres' slots, which the recycled tokens take
         hidden = hidden.clone()
+        budgets = run.budget(self.keeps[g]).tolist()  # per scored row
         for i, r in enumerate(run.row_list):
             n_vis = int(probe["vis_ok"][i].sum())
             vis = probe["vis_idx"][i, :n_vis]  # (Nv,) slots, ascending
-            res = sparsevlm_prune(hidden[r, vis][None], scores[i : i + 1, :n_vis], self.keeps[g] * run.images[r],
+            res = sparsevlm_prune(hidden[r, vis][None], scores[i : i + 1, :n_vis], budgets[i],
                                   self.recycle)
             keep_slots[r, vis[res.kept[0]]] = True
             if res.recycled is not None:

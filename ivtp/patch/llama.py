@@ -80,11 +80,15 @@ class LLMGuidance:
     pseudo-CLS is made of."""
 
     visual: torch.Tensor  # (B, L) bool: visual token positions
-    images: torch.Tensor  # (B,) int64: images per row
+    images: torch.Tensor  # (B,) int64: images per row (LLaVA-NeXT: crops, the unit its budgets count)
     text_select: torch.Tensor  # (B, L) bool: instruction tokens that form the pseudo-CLS (may be none)
     fallback: torch.Tensor  # (B, D): the pseudo-CLS of rows with no selected token (projected visual [CLS])
     last_prompt: torch.Tensor | None = None  # (B,) position of each row's last prompt token (FastV's query)
     shape: PrefillShape | None = None  # given by a compiled prefill
+    # LLaVA-NeXT's stock layout (padding cut, newlines), whose rows hold no whole number of crops' tokens: (B,)
+    # float, each row's visual tokens in crops' worth (tokens / tokens_in). A budget per crop then keeps that share
+    # of the row's tokens (_PrefillRun.budget). None: every image holds exactly `images` x tokens_in.
+    units: torch.Tensor | None = None
 
 
 @dataclass
@@ -481,7 +485,7 @@ class _PrefillRun:
         self.dense: list[bool] = []  # per segment: every slot usable as a key (DecodeState)
         self.shifts: list = []  # per segment: None, or (B,) a renumbered segment's position shift (DecodeState)
         per_image = [visual_counts[r] // self.images[r] for r in rows]
-        if any(n != self.plan.tokens_in for n in per_image):
+        if guidance.units is None and any(n != self.plan.tokens_in for n in per_image):
             raise ValueError(f"stage 2 expected {self.plan.tokens_in} visual tokens per image, got {per_image}")
         self.trace = LLMTrace(counts=[])  # filled by finish()
         self.scratch: dict = {}  # the step's own state within a group (IVTP's attention maps of the lower layers)
@@ -489,6 +493,14 @@ class _PrefillRun:
         self._vis_slots: tuple[torch.Tensor, torch.Tensor] | None = None
         self._pcls_slots: tuple | None = None  # _pseudo_cls' slot-dependent part
         self._masks: dict[str, torch.Tensor] = {}  # the probes' key_ok, and probe_mask per mode
+
+    def budget(self, per_unit: int) -> torch.Tensor:
+        """(B',) the visual tokens each scored row keeps at a budget of `per_unit` per image (LLaVA-NeXT: per crop;
+        over its stock layout, that share of the row's tokens, rounded)."""
+        if self.g.units is None:
+            return per_unit * self.g.images[self.rows]
+        share = (per_unit * self.g.units[self.rows]).round().long()  # (B',)
+        return torch.minimum(share, self.n_visual[0][self.rows]).clamp_min(1)
 
     def _group_of(self, idx: int):
         for g, (lo, hi) in enumerate(self.plan.groups):

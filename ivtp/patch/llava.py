@@ -111,6 +111,10 @@ class PruningState:
     compiled: object = None  # ivtp.compiled.CompiledPrefill: the prefill runs as one compiled graph
     last_vision: VisionOutput | None = None
     last_llm_trace: LLMTrace | None = None
+    # LLaVA-NeXT: per image of the last forward, where each token it handed the LLM came from (anyres.stock_places,
+    # handed_on_places: crop-major patch indices, -1 for none); None for LLaVA-1.5, whose tokens are one crop's.
+    last_image_places: list[torch.Tensor] | None = None
+    last_image_crops: list[int] | None = None  # LLaVA-NeXT: per image of the last forward, its crops
     guidance_report: gd.GuidanceReport | None = None  # the last prefill's pseudo-CLS selection
 
     def save_pretrained(self, folder: str | os.PathLike) -> None:
@@ -141,6 +145,25 @@ class PruningState:
         run per crop, and stage 2 counts crops where LLaVA-1.5 counts images)."""
         return self.vision.tokens_per_image
 
+    def units_per_row(self, visual: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """What stage 2 counts its budgets in, per row of a prefill whose visual positions are `visual` (B, L):
+        (images per row, or LLaVA-NeXT's crops, (B,) int64; None, or over NeXT's stock layout, whose images hold
+        no whole number of crops' tokens, each row's visual tokens in crops' worth, (B,) float)."""
+        tokens = visual.sum(1)  # (B,)
+        if not (self.layout_is_stock and self.llm_plan is not None):
+            return tokens // self.tokens_per_image, None
+        crops = torch.zeros_like(tokens)
+        per_image = iter(zip((len(p) for p in self.last_image_places), self.last_image_crops))
+        for r, need in enumerate(tokens.tolist()):  # a row's images are the next ones, until its tokens are filled
+            while need > 0:
+                n, c = next(per_image)
+                need, crops[r] = need - n, crops[r] + c
+        return crops, tokens.float() / self.tokens_per_image
+
+    @property
+    def layout_is_stock(self) -> bool:
+        return bool(getattr(self.layout, "stock", False))
+
     def step_names(self) -> list[str]:
         llm = self.llm_plan.step_names() if self.llm_plan is not None else []
         return ["input"] + self.vision.step_names() + llm
@@ -155,22 +178,49 @@ class PruningState:
     def row_report(self, row: int, first_image: int, n_images: int) -> dict:
         """What the last prefill did to one row holding images first_image..first_image+n_images-1:
         visual tokens per image after every step of both stages, the original patches of each image that
-        survived both, and the pseudo-CLS guidance."""
+        survived both, and the pseudo-CLS guidance. On LLaVA-NeXT the patches are crop-major indices
+        (crop * patches per crop + patch, crop 0 the base view) and the counts are per image, all its crops."""
+        if self.last_image_places is not None:
+            return self._anyres_row_report(row, first_image, n_images)
         vision = self.last_vision.trace
         counts = list(vision.counts)
         kept = [vision.kept[first_image + j].tolist() for j in range(n_images)]  # [] for merged tokens
         report = {"stage1_patches": kept}  # what reached the LLM, before its own pruning (`kept` is rebound below)
-        llm = self.last_llm_trace
-        if self.llm_plan is not None and llm is not None:
-            counts += [c // n_images for c in llm.counts[row][1:]]
-            ordinal = torch.searchsorted(llm.visual_positions[row], llm.kept_positions[row])  # among the row's
+        ordinal = self._llm_row(row, n_images, counts, report)  # among the row's visual tokens
+        if ordinal is not None:
             per_image = self.tokens_per_image
             # Patches map through only when every token the LLM got was one patch (not for merged tokens).
             kept = [[kept[j][i] for i in (ordinal[ordinal // per_image == j] % per_image).tolist()]
                     if len(kept[j]) == per_image else kept[j] for j in range(n_images)]
-            if row < len(self.last_guidance):
-                report.update(self.last_guidance[row].to_json())
         return {"visual_tokens": counts, "kept_patches": kept, **report}
+
+    def _anyres_row_report(self, row: int, first_image: int, n_images: int) -> dict:
+        places = self.last_image_places[first_image:first_image + n_images]  # per image, in the order handed on
+        if self.layout.stock:  # every patch, in the stock layout (newlines included)
+            counts = [len(places[0])]
+        else:  # per image: stage 1's count per crop times the image's crops (a row's images averaged)
+            crops = sum(len(p) for p in places) // self.tokens_per_image
+            counts = [n * crops // n_images for n in self.last_vision.trace.counts]
+        report = {"stage1_patches": [sorted(p[p >= 0].tolist()) for p in places]}
+        ordinal = self._llm_row(row, n_images, counts, report)
+        if ordinal is None:
+            return {"visual_tokens": counts, "kept_patches": report["stage1_patches"], **report}
+        starts = torch.tensor([0] + [len(p) for p in places]).cumsum(0)  # each image's first ordinal in the row
+        image = torch.searchsorted(starts, ordinal, right=True) - 1
+        kept = [sorted(p[p >= 0].tolist()) for p in (places[j][ordinal[image == j] - starts[j]]
+                                                     for j in range(n_images))]
+        return {"visual_tokens": counts, "kept_patches": kept, **report}
+
+    def _llm_row(self, row: int, n_images: int, counts: list, report: dict) -> torch.Tensor | None:
+        """The LLM stage's part of a row report: its counts per image appended to `counts`, the row's guidance
+        added to `report`; returns the ordinals (among the row's visual tokens) the LLM kept, or None."""
+        llm = self.last_llm_trace
+        if self.llm_plan is None or llm is None:
+            return None
+        counts += [c // n_images for c in llm.counts[row][1:]]
+        if row < len(self.last_guidance):
+            report.update(self.last_guidance[row].to_json())
+        return torch.searchsorted(llm.visual_positions[row], llm.kept_positions[row]).cpu()
 
     def shrink(
         self,
@@ -311,11 +361,12 @@ class PrunedLlavaForConditionalGeneration:
         state = self.ivtp_state
         stage = state.config.llm
         vision = state.last_vision
-        images = visual.sum(1) // state.tokens_per_image  # (B,)
+        images, units = state.units_per_row(visual)  # (B,) images (crops), and NeXT's stock share or None
         own = state.llm_plan.step.guidance(self.get_input_embeddings(), input_ids, visual, instr, images,
                                            attention_mask, prompt_len, image_features)
         if own is not None:  # the step's own (FastV's query, SparseVLM's raters): no pseudo-CLS to report
             state.guidance_report = None
+            own.units = units
             return own
         if instruction is not None:
             clip_features, clip_weights = instruction.clip_features, instruction.weights
@@ -341,7 +392,7 @@ class PrunedLlavaForConditionalGeneration:
         tau = -1.0 if stage.guidance == "all_text" else stage.tau
         select = relevance >= tau  # (B, L): nan (not rated) never passes
         state.guidance_report = gd.GuidanceReport(relevance, select, instr, instruction)
-        return LLMGuidance(visual=visual, images=images, text_select=select, fallback=fallback)
+        return LLMGuidance(visual=visual, images=images, text_select=select, fallback=fallback, units=units)
 
     def generate(self, inputs=None, ivtp_shrunk: bool = False, **kwargs):
         """Stock generate, after shrinking the prompt's <image> runs once (unless `ivtp_shrunk`); every forward
@@ -542,30 +593,22 @@ def _model_family(model, cfg: PruneConfig, runner: VisionRunner, llm_plan, compi
 
 
 def image_layout(cfg: PruneConfig, llava_config, runner: VisionRunner, llm_plan) -> "FixedLayout | AnyResLayout":
-    """What each image writes in the prompt and hands the LLM, from the config alone (`ivtp flops` prices it);
-    raises ConfigError for a method LLaVA-NeXT does not run."""
+    """What each image writes in the prompt and hands the LLM, from the config alone (`ivtp flops` prices it)."""
     from ivtp.anyres import AnyResLayout, is_anyres
 
     if not is_anyres(llava_config):
         return FixedLayout(num_patches(llava_config), runner.tokens_per_image)
-
-    prunes_first = runner.tokens_per_image < runner.num_patches
-    if llm_plan is not None and not prunes_first:
-        # Stage 2 counts an image's tokens in crops (PruningState.tokens_per_image), which holds once stage 1 has
-        # pruned every crop to one count; the stock layout's count (padding cut, newlines) is no multiple of it.
-        raise ConfigError(f"{cfg.method}: on LLaVA-NeXT an in-LLM stage needs a method that prunes each crop "
-                          "before the LLM; pruning only inside the LLM, over NeXT's stock layout, is not supported "
-                          "yet (docs/paper.md, LLaVA-NeXT)")
-    return AnyResLayout(llava_config, runner.tokens_per_image, stock=llm_plan is None and not prunes_first)
+    # Nothing pruned per crop before the LLM: the stock layout (padding cut, newlines) stands, and an in-LLM stage
+    # keeps its per-crop budget's share of each image's tokens (LLMGuidance.units; docs/paper.md, LLaVA-NeXT).
+    stock = runner.tokens_per_image == runner.num_patches
+    return AnyResLayout(llava_config, runner.tokens_per_image, stock=stock)
 
 
 def make_plans(cfg: PruneConfig, llava_config) -> tuple[VisionRunner, LLMPlan | None]:
     """What runs before the LLM and what prunes inside it, resolved against a model's config alone (no weights:
-    `ivtp flops` prices a config this way). Raises ConfigError for budgets the model cannot meet, and for a method
-    its family (LLaVA-NeXT) does not run."""
+    `ivtp flops` prices a config this way). Raises ConfigError for budgets the model cannot meet."""
     runner = build_vision_runner(cfg, llava_config.vision_config, llava_config.vision_feature_layer)
     llm_plan = build_llm_plan(cfg, llava_config.text_config.num_hidden_layers, runner.tokens_per_image)
-    image_layout(cfg, llava_config, runner, llm_plan)  # refuses what the family does not run
     return runner, llm_plan
 
 

@@ -34,12 +34,16 @@ class PrunedLlavaNextModel:
         out = state.vision.run(self.vision_tower, anyres.flatten_crops(pixel_values, crops),
                                want_final_cls=state.aligner is not None)
         state.last_vision = out
+        state.last_image_crops = crops
         features = self.multi_modal_projector(out.features).split(crops)  # per image: (crops, K, D)
         if state.layout.stock:
             packed, _ = self.pack_image_features(list(features), image_sizes, "default", self.image_newline)
+            state.last_image_places = [anyres.stock_places(size, self.config) for size in image_sizes]
         else:
             places = out.trace.places(out.features.shape[1]).split(crops)  # per image (crops, K), -1: no patch
             packed = [f.flatten(0, 1)[anyres.raster_order(p, anyres.tile_grid(size, self.config),
                                                           anyres.side(self.config))]
                       for f, p, size in zip(features, places, image_sizes)]
+            state.last_image_places = [anyres.handed_on_places(p, size, self.config).cpu()
+                                       for p, size in zip(places, image_sizes)]
         return BaseModelOutputWithPooling(last_hidden_state=out.features, pooler_output=packed)

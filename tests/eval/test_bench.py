@@ -54,9 +54,14 @@ def test_flops_on_llava_next_prices_the_image_size_given(capsys):
         capsys, "--model", "llava-1.5-7b", "--method", "none")["vit"])
 
 
+def test_flops_of_an_in_llm_method_on_llava_next_keep_the_budgets_share_of_the_stock_tokens(capsys):
+    out = flops(capsys, "--model", "llava-1.6-7b", "--method", "fastv", "--visual-tokens", "64")
+    # FastV K = 2: the stock 2,928 tokens through layers 0-1, then 64 per 576 of them: round(64 x 2928 / 576) = 325
+    assert out["llm_visual_per_layer"][:3] == [2928, 2928, 325] and out["final_visual_tokens"] == 325
+
+
 @pytest.mark.parametrize("argv, fragment", [
     (["--model", "llava-1.5-7b", "--image-size", "672x672"], "--image-size prices LLaVA-NeXT's AnyRes crops"),
-    (["--model", "llava-1.6-7b", "--method", "fastv"], "pruning only inside the LLM"),
     (["--model", "llava-1.6-7b", "--projector", "honeybee", "--method", "none"], "compressors are LLaVA-1.5's"),
 ])
 def test_flops_refuses_what_llava_next_does_not_price(capsys, argv, fragment):

@@ -186,3 +186,32 @@ def test_lmms_eval_cli_runs_the_local_task_offline(tmp_path, docs):
             for r in rows] == cut
     assert [r["token_counts"][0]["input_tokens"] for r in rows] == [
         _llm_input_length(processor, s.prompt, s.image, 128) for s in samples]
+
+
+def test_on_llava_next_the_plugin_answers_as_generate_and_scores_as_the_forward(docs):
+    """tiny-random-next, pruned by the same config: AnyRes crops, image_sizes handed on, the input-token count of
+    the image's crops after stage 1."""
+    lm = IVTPLlava(pretrained="tiny-random-next", prune_config=CONFIG, device="cpu", dtype="float32")
+    lm.task_dict = {TASK: {"test": docs}}
+    image = draw_scene(seed=docs[0]["seed"], size=336)[0].resize((672, 448))  # the 2 x 2 grid: 5 crops
+    visual = lambda doc: [image]  # noqa: E731
+    (out,) = lm.generate_until([_request("generate_until", (docs[0]["question"], {"max_new_tokens": 4}, visual, 0,
+                                                             TASK, "test"), 0)])
+    model, processor = load_model("tiny-random-next")
+    apply_pruning(model, PruneConfig.load(CONFIG), aligner=preset_aligner("tiny-random-next"),
+                  tokenizer=processor.tokenizer)
+    (expected,) = generate(model, processor, [Sample(docs[0]["question"], image)], max_new_tokens=4)
+    assert out.text == expected.answer and lm.last_visual_tokens[0][-1] == 5 * 64
+    ids = processor(images=[image], text=[vicuna_v1_prompt(docs[0]["question"])], return_tensors="pt")["input_ids"]
+    placeholders = int((ids == model.config.image_token_id).sum())
+    assert out.token_counts.input_tokens == ids.shape[1] - placeholders + 5 * 128  # stage 1 hands on 128 per crop
+    ((logprob, _),) = lm.loglikelihood([_request("loglikelihood", (docs[0]["question"], " circle", visual, 0, TASK,
+                                                                    "test"), 0)])
+    prompt = vicuna_v1_prompt(docs[0]["question"])
+    n_cont = len(processor.tokenizer(prompt + " circle").input_ids) - len(processor.tokenizer(prompt).input_ids)
+    inputs = processor(images=[image], text=[prompt + " circle"], return_tensors="pt")
+    labels = torch.full_like(inputs["input_ids"], -100)
+    labels[0, -n_cont:] = inputs["input_ids"][0, -n_cont:]
+    with torch.no_grad():
+        loss = model(**inputs, labels=labels).loss
+    assert logprob == pytest.approx(-loss.item() * n_cont, rel=1e-4)

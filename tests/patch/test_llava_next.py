@@ -8,7 +8,7 @@ import torch
 from PIL import Image
 
 from conftest import assert_cache_matches_recompute, prompt
-from ivtp import ConfigError, apply_pruning
+from ivtp import apply_pruning
 from ivtp import anyres
 from ivtp.models import tiny_aligner, tiny_random_next
 from ivtp.ops.sequence import PlaceholderError
@@ -50,7 +50,11 @@ AT_16 = {  # 16 tokens per crop, before the LLM or after it
     "topk+": {"topk": {"keep": 32}, "llm": {"keep": 16, "layers": 6}},
     "tome+": {"tome": {"keep": 32}, "llm": {"keep": 16, "layers": 6}},
 }
-REFUSED = {"fastv": {}, "sparsevlm": {"sparsevlm": {"budget": 64}}}  # they prune only inside the LLM
+IN_LLM_ONLY = {  # they prune only inside the LLM: over NeXT's stock layout, at 16 per crop of 64
+    "fastv": {"fastv": {"keep": 16}},
+    "sparsevlm": {"sparsevlm": {"budget": 64}},  # its fixed schedule: 66, 30, 17 of 64 (v1.5 budget 64 of 576)
+    "ivtp": {"vision": {"enabled": False}, "llm": {"keep": 16, "layers": 6}},
+}
 
 
 @pytest.mark.parametrize("method", sorted(KEEP_ALL))
@@ -141,12 +145,56 @@ def test_a_batch_of_mixed_crop_counts_equals_its_rows_alone(method, padding_side
             torch.testing.assert_close(last, single[-1], rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.parametrize("method", sorted(REFUSED))
-def test_methods_that_prune_only_inside_the_llm_are_refused(method):
-    model, processor = tiny_random_next(image_size=112)
-    with pytest.raises(ConfigError, match="prunes each crop before the LLM"):
-        apply_pruning(model, {"method": method, **REFUSED[method]}, tokenizer=processor.tokenizer)
-    assert not hasattr(model, "ivtp_state")  # refused before anything changed
+@pytest.mark.parametrize("method", sorted(IN_LLM_ONLY))
+def test_in_llm_only_methods_keep_their_budgets_share_of_the_stock_layout(method):
+    """FastV, SparseVLM and IVTP without stage 1 prune over NeXT's stock layout (padding cut, newlines): a budget
+    of 16 per crop of 64 keeps a quarter of each image's stock tokens, rounded."""
+    model, processor = pruned({"method": method, **IN_LLM_ONLY[method]})
+    batch = next_batch(processor, next_images()[:2], QUESTIONS[:2])
+    with torch.no_grad():
+        model(**batch)
+    state = model.ivtp_state
+    assert state.layout.stock and state.tokens_per_image == N
+    stock = [anyres.stock_tokens(size, model.config) for size in batch["image_sizes"]]
+    for row, n in enumerate(stock):
+        counts = state.last_llm_trace.counts[row]
+        assert counts[0] == n
+        if method != "sparsevlm":
+            assert counts[-1] == round(state.llm_plan.counts[-1] * n / N)
+        else:  # each stage keeps its schedule's share (66 of 64 keeps all), plus the tokens it recycles
+            shares = [min(n, round(k * n / N)) for k in state.llm_plan.step.keeps]
+            assert shares[0] == counts[1] == n and counts[-1] < counts[2] < n
+            assert all(share <= count for share, count in zip(shares, counts[1:]))
+
+
+@pytest.mark.parametrize("method", sorted(IN_LLM_ONLY))
+def test_in_llm_only_methods_batch_as_their_rows_alone_and_decode_as_recomputed(method):
+    model, processor = pruned({"method": method, **IN_LLM_ONLY[method]})
+    images = next_images()[:2] + [None]
+    batch = next_batch(processor, images, QUESTIONS, "left")
+    with torch.no_grad():
+        logits = model(**batch).logits
+        for row, (image, question) in enumerate(zip(images, QUESTIONS)):
+            single = model(**next_batch(processor, [image], [question], "left")).logits[0]
+            torch.testing.assert_close(logits[row, -1], single[-1], rtol=1e-4, atol=1e-4)
+    assert_cache_matches_recompute(model, next_batch(processor, images[:2], QUESTIONS[:2]), new_tokens=3)
+
+
+def test_two_images_in_one_row_count_their_own_crops():
+    """A row holding a 3-crop and a 4-crop image: FastV's budget is the share of both images' stock tokens, and the
+    row counts 7 crops (what IVTP's fallback, the visual [CLS], averages over)."""
+    model, processor = pruned({"method": "fastv", **IN_LLM_ONLY["fastv"]})
+    images = next_images()[:2]
+    processor.tokenizer.padding_side = "left"
+    text = prompt("And these?").replace("<image>", "<image>\n<image>", 1)  # two images, then the question
+    batch = processor(images=images, text=[text], return_tensors="pt")
+    with torch.no_grad():
+        model(**batch)
+    stock = sum(anyres.stock_tokens(size, model.config) for size in batch["image_sizes"])
+    visual = batch["input_ids"] == model.config.image_token_id
+    crops, units = model.ivtp_state.units_per_row(visual)
+    assert crops.tolist() == [7] and units.tolist() == [stock / N]
+    assert model.ivtp_state.last_llm_trace.counts[0] == [stock, round(16 * stock / N)]
 
 
 def test_missing_image_sizes_is_a_one_line_error():
@@ -180,3 +228,65 @@ def test_a_pruned_next_checkpoint_loads_back_as_it_ran(tmp_path):
         torch.testing.assert_close(loaded(**batch).logits, model(**batch).logits, rtol=0, atol=1e-5)
     stock, _ = load_model(str(tmp_path))  # unpruned, as LLaVA-NeXT, with its processor
     assert type(stock).__name__ == "LlavaNextForConditionalGeneration"
+
+
+# ---- reports and overlays: where each image's tokens came from ------------------------------------------------------
+def _generate(model, processor, images, questions):
+    from ivtp.inference import Sample, generate
+
+    return generate(model, processor, [Sample(q, img) for q, img in zip(questions, images)], max_new_tokens=2,
+                    batch_size=len(images))
+
+
+def test_a_stage1_report_names_each_crops_kept_patches_crop_major():
+    model, processor = pruned({"method": "topk", "topk": {"keep": 16}})
+    image = next_images()[1]  # 3 x 1 tiles: 4 crops
+    (result,) = _generate(model, processor, [image], QUESTIONS[:1])
+    trace = model.ivtp_state.last_vision.trace  # (crops, 16) each crop's kept patches
+    expected = sorted(c * N + p for c, crop in enumerate(trace.kept.tolist()) for p in crop)
+    assert result.image_size == (image.height, image.width) and result.pixel_values.shape[0] == 4
+    assert result.stage1_patches == result.kept_patches == expected and len(expected) == 4 * 16
+    assert result.visual_tokens == [4 * N, 4 * 16]
+
+
+def test_an_ivtp_report_is_the_same_batched_or_alone():
+    model, processor = pruned({"method": "ivtp", **AT_16["ivtp"]})
+    images = next_images()[:2] + [None]
+    batched = _generate(model, processor, images, QUESTIONS)
+    for image, question, got in zip(images, QUESTIONS, batched):
+        (alone,) = _generate(model, processor, [image], [question])
+        assert (got.kept_patches, got.stage1_patches, got.visual_tokens) == \
+            (alone.kept_patches, alone.stage1_patches, alone.visual_tokens)
+    for got in batched[:2]:
+        crops = anyres.crop_count(got.image_size, model.config)
+        assert len(got.stage1_patches) == 32 * crops and len(got.kept_patches) == 16 * crops
+        assert set(got.kept_patches) <= set(got.stage1_patches)
+        assert got.visual_tokens[-1] == 16 * crops
+
+
+def test_an_unpruned_report_keeps_the_patches_the_stock_layout_reads():
+    from ivtp.models import tiny_random_next
+
+    model, processor = tiny_random_next(image_size=112)
+    image = next_images()[0]
+    (result,) = _generate(model, processor, [image], QUESTIONS[:1])
+    places = anyres.stock_places(result.image_size, model.config)
+    assert result.visual_tokens == [anyres.stock_tokens(result.image_size, model.config)]
+    assert result.kept_patches == sorted(places[places >= 0].tolist())
+
+
+def test_anyres_views_assemble_the_tiles_and_place_their_patches():
+    from ivtp.viz import anyres_views
+
+    model, _ = tiny_random_next(image_size=112)  # 8 x 8 patches per crop
+    pixels = torch.randn(5, 3, 112, 112)  # a 2 x 2 grid: the base view and four tiles
+    kept = [3, N + 0, 2 * N + 9, 3 * N + 63, 4 * N + 8]  # base 3; tile 0 patch 0; tile 1 (row 0, col 1) patch 9 ...
+    (base_img, base, base_grid), (whole, tiles, grid) = anyres_views(pixels, kept, (224, 224), model.config)
+    assert base == [3] and base_grid == (8, 8) and grid == (16, 16) and whole.size == (224, 224)
+    # tile 1's patch 9 is row 1, col 1 of the tile: map row 1, col 8 + 1; tile 2's 63 (row 7, col 7): map row 15,
+    # col 7; tile 3's 8 (row 1, col 0): map row 9, col 8.
+    assert tiles == [0, 1 * 16 + 9, 15 * 16 + 7, 9 * 16 + 8]
+    from ivtp.viz import denormalize
+
+    assert np.array_equal(np.asarray(whole)[:112, 112:], np.asarray(denormalize(pixels[2])))  # tile 1: top right
+    assert np.array_equal(np.asarray(whole)[112:, :112], np.asarray(denormalize(pixels[3])))  # tile 2: bottom left
