@@ -564,7 +564,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_data_check)
 
-    p = sub.add_parser("convert", help="convert an original LLaVA-1.5 checkpoint to the llava-hf layout")
+    p = sub.add_parser("convert", help="convert an original LLaVA-1.5 or 1.6 (Vicuna) checkpoint to the llava-hf layout")
     p.add_argument("src", help="folder of the original checkpoint (config.json with mm_* keys)")
     p.add_argument("out", help="output folder")
     p.add_argument("--clip", default=None, help="CLIP vision tower (default: the config's mm_vision_tower)")

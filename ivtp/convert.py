@@ -1,9 +1,14 @@
-"""Convert an original LLaVA-1.5 checkpoint (liuhaotian/llava-v1.5-7b layout) to the llava-hf layout.
+"""Convert an original LLaVA-1.5 or LLaVA-1.6 checkpoint (liuhaotian/llava-v1.5-7b, llava-v1.6-vicuna-7b layout)
+to the llava-hf layout.
 
 The original layout is a LlavaLlamaForCausalLM: ``model.*`` (the Llama), ``lm_head.weight`` and the projector as
 ``model.mm_projector.{0,2}``, with the CLIP tower named in ``mm_vision_tower`` and loaded separately. The llava-hf
 layout adds ``<image>`` and ``<pad>`` to the tokenizer and pads the vocabulary to a multiple of 64; the new
 embedding rows are the mean of the old ones (so the new ids start neutral rather than random).
+
+A LLaVA-1.6 checkpoint (``image_aspect_ratio`` anyres, ``mm_patch_merge_type`` spatial_unpad) becomes a
+LlavaNextForConditionalGeneration: its grids come from ``image_grid_pinpoints`` and ``model.image_newline`` keeps
+its name. Only Llama-architecture LLMs (Vicuna) convert; 1.6's Mistral and Yi checkpoints are refused.
 
 The tensors are renamed, never copied through a model instance, so a 13B conversion needs one copy of the
 weights in memory. The result is checked key by key against the llava-hf model built for the new config.
@@ -16,12 +21,13 @@ import json
 import os
 
 import torch
-from transformers import AutoTokenizer, CLIPVisionConfig, CLIPVisionModel, LlavaForConditionalGeneration
+from transformers import AutoTokenizer, CLIPVisionConfig, CLIPVisionModel
 
-from ivtp.models import build_processor, llava_config
+from ivtp.models import MODEL_CLASSES, build_next_processor, build_processor, llava_config, llava_next_config
 
 PROJECTOR = {"model.mm_projector.0.": "model.multi_modal_projector.linear_1.",
-             "model.mm_projector.2.": "model.multi_modal_projector.linear_2."}
+             "model.mm_projector.2.": "model.multi_modal_projector.linear_2.",
+             "model.image_newline": "model.image_newline"}  # LLaVA-1.6's learnt row separator
 VISION_PREFIXES = ("model.vision_tower.vision_tower.vision_model.", "model.vision_tower.vision_tower.")
 
 
@@ -55,6 +61,7 @@ def convert_original_llava(src: str, out: str, clip: str | None = None, dtype: t
         raise ValueError(f"{src}/config.json has no mm_* keys: not an original LLaVA checkpoint")
     if orig.get("mm_projector_type", "linear") != "mlp2x_gelu":
         raise ValueError(f"projector {orig.get('mm_projector_type')!r} is not LLaVA-1.5's mlp2x_gelu")
+    anyres = _is_anyres(orig)
     state = load_state_dict(src)
     if "model.mm_projector.0.weight" not in state:
         raise ValueError(f"{src} holds no projector weights (model.mm_projector.0/2): the aligner is missing")
@@ -81,7 +88,10 @@ def convert_original_llava(src: str, out: str, clip: str | None = None, dtype: t
     vision = {k: getattr(vision_config, k) for k in ("hidden_size", "intermediate_size", "num_hidden_layers",
                                                      "num_attention_heads", "image_size", "patch_size",
                                                      "projection_dim", "hidden_act", "layer_norm_eps")}
-    config = llava_config(vision, text, tokenizer)
+    if anyres:  # LLaVA-1.6: its own grids, and its image_newline among the weights
+        config = llava_next_config(vision, text, tokenizer, image_grid_pinpoints=orig["image_grid_pinpoints"])
+    else:
+        config = llava_config(vision, text, tokenizer)
     config.vision_feature_layer = orig.get("mm_vision_select_layer", -2)
     config.vision_feature_select_strategy = "default" if orig.get("mm_vision_select_feature", "patch") == "patch" \
         else "full"
@@ -103,10 +113,27 @@ def convert_original_llava(src: str, out: str, clip: str | None = None, dtype: t
     from huggingface_hub import save_torch_state_dict
 
     save_torch_state_dict({k: v.contiguous() for k, v in new_state.items()}, out)
-    config.architectures = ["LlavaForConditionalGeneration"]
+    config.architectures = [MODEL_CLASSES[config.model_type].__name__]
     config.save_pretrained(out)
-    build_processor(tokenizer, vision["image_size"], vision["patch_size"]).save_pretrained(out)
+    processor = (build_next_processor(tokenizer, config) if anyres
+                 else build_processor(tokenizer, vision["image_size"], vision["patch_size"]))
+    processor.save_pretrained(out)
     return out
+
+
+def _is_anyres(orig: dict) -> bool:
+    """Whether an original config is LLaVA-1.6's AnyRes; raises ValueError for what llava-hf cannot run."""
+    if "anyres" not in str(orig.get("image_aspect_ratio", "")):
+        return False
+    merge = orig.get("mm_patch_merge_type", "flat")
+    if merge != "spatial_unpad":
+        raise ValueError(f"mm_patch_merge_type {merge!r}: llava-hf's LLaVA-NeXT implements spatial_unpad only")
+    if "llama" not in str(orig.get("architectures", ["LlavaLlamaForCausalLM"])).lower():
+        raise ValueError(f"{orig.get('architectures')}: only Llama-architecture LLMs (Vicuna) convert; the 1.6 "
+                         "Mistral and Yi checkpoints have llava-hf conversions on the hub")
+    if "image_grid_pinpoints" not in orig:
+        raise ValueError("an anyres checkpoint without image_grid_pinpoints in its config.json")
+    return True
 
 
 def _strip_prefix(key: str, prefixes: tuple[str, ...]) -> str:
@@ -136,7 +163,7 @@ def _pad_rows(weight: torch.Tensor, rows: int) -> torch.Tensor:
 def _check_keys(config, state: dict[str, torch.Tensor]) -> None:
     """The renamed weights must be exactly the llava-hf model's, with the same shapes."""
     with torch.device("meta"):
-        reference = LlavaForConditionalGeneration(config).state_dict()
+        reference = MODEL_CLASSES[config.model_type](config).state_dict()
     missing = sorted(set(reference) - set(state))
     extra = sorted(set(state) - set(reference))
     if missing or extra:

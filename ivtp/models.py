@@ -126,15 +126,17 @@ def tiny_random(seed: int = 0, **vision_overrides) -> tuple[LlavaForConditionalG
 NEXT_GRIDS = ((1, 2), (2, 1), (2, 2), (3, 1), (1, 3))
 
 
-def llava_next_config(vision: dict, text: dict, tokenizer=None, **overrides) -> LlavaNextConfig:
-    """A LlavaNextConfig in LLaVA-1.6's shape: llava_config's towers, with LLaVA-1.6's grids at the tower's size."""
+def llava_next_config(vision: dict, text: dict, tokenizer=None, image_grid_pinpoints=None,
+                      **overrides) -> LlavaNextConfig:
+    """A LlavaNextConfig in LLaVA-1.6's shape: llava_config's towers, with LLaVA-1.6's grids at the tower's size
+    (or the (height, width) grids given)."""
     base = llava_config(vision, text, tokenizer)
     size = base.vision_config.image_size
+    grids = image_grid_pinpoints or [[rows * size, cols * size] for rows, cols in NEXT_GRIDS]
     return LlavaNextConfig(
         vision_config=base.vision_config, text_config=base.text_config, image_token_id=base.image_token_id,
         projector_hidden_act="gelu", vision_feature_layer=-2, vision_feature_select_strategy="default",
-        image_grid_pinpoints=[[rows * size, cols * size] for rows, cols in NEXT_GRIDS], tie_word_embeddings=False,
-        **overrides,
+        image_grid_pinpoints=grids, tie_word_embeddings=False, **overrides,
     )
 
 

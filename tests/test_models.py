@@ -4,6 +4,7 @@ import json
 
 import pytest
 import torch
+from PIL import Image
 from tokenizers import Tokenizer, models, pre_tokenizers, processors
 from transformers import (
     CLIPVisionConfig,
@@ -133,6 +134,66 @@ def test_converter_from_the_original_layout(tmp_path):
     # New vocabulary rows start at the mean embedding.
     emb = model.get_input_embeddings().weight
     torch.testing.assert_close(emb[100:], emb[:100].mean(0, keepdim=True).expand(28, -1))
+
+
+def test_converter_from_the_original_llava_16_layout(tmp_path):
+    """liuhaotian's LLaVA-1.6 layout (anyres, spatial_unpad, model.image_newline) becomes a llava-hf LLaVA-NeXT:
+    the image's packed features are the projected crops, the tiles' map in raster order with the original
+    image_newline after each row, computed here by hand for a 112 x 112 image (the 2 x 2 grid, nothing cut)."""
+    from transformers import LlavaNextForConditionalGeneration
+
+    torch.manual_seed(0)
+    clip_dir, src, out = tmp_path / "clip", tmp_path / "orig", tmp_path / "hf"
+    clip = CLIPVisionModel(CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=4,
+                                            num_attention_heads=4, image_size=56, patch_size=14)).eval()
+    clip.save_pretrained(clip_dir)
+    llama = LlamaForCausalLM(LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                         num_attention_heads=4, vocab_size=100)).eval()
+    proj = {"model.mm_projector.0.weight": torch.randn(64, 32), "model.mm_projector.0.bias": torch.randn(64),
+            "model.mm_projector.2.weight": torch.randn(64, 64), "model.mm_projector.2.bias": torch.randn(64),
+            "model.image_newline": torch.randn(64)}
+    src.mkdir()
+    torch.save({**llama.state_dict(), **proj}, src / "pytorch_model.bin")
+    grids = [[56, 112], [112, 56], [112, 112], [168, 56], [56, 168]]
+    (src / "config.json").write_text(json.dumps({
+        "architectures": ["LlavaLlamaForCausalLM"], "model_type": "llava", "hidden_size": 64,
+        "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4, "vocab_size": 100,
+        "max_position_embeddings": 2048, "rms_norm_eps": 1e-6, "mm_hidden_size": 32,
+        "mm_projector_type": "mlp2x_gelu", "mm_vision_select_layer": -2, "mm_vision_select_feature": "patch",
+        "mm_vision_tower": str(clip_dir), "image_aspect_ratio": "anyres", "mm_patch_merge_type": "spatial_unpad",
+        "image_grid_pinpoints": grids}))
+    _original_tokenizer(src)
+
+    convert_original_llava(str(src), str(out))
+    model, processor = load_model(str(out), dtype=torch.float32)
+    assert isinstance(model, LlavaNextForConditionalGeneration) and model.config.image_grid_pinpoints == grids
+    ids = torch.tensor([[1, 5, 17, 42, 99]])
+    pixels = torch.randn(1, 5, 3, 56, 56)  # base view and the 2 x 2 tiles
+    with torch.no_grad():
+        torch.testing.assert_close(model(input_ids=ids).logits[..., :100], llama(input_ids=ids).logits)
+        feats = clip(pixels[0], output_hidden_states=True).hidden_states[-2][:, 1:]  # (5, 16, 32)
+        crops = torch.nn.functional.gelu(feats @ proj["model.mm_projector.0.weight"].T + proj["model.mm_projector.0.bias"])
+        crops = crops @ proj["model.mm_projector.2.weight"].T + proj["model.mm_projector.2.bias"]  # (5, 16, 64)
+        got = model.model.get_image_features(pixel_values=pixels, image_sizes=torch.tensor([[112, 112]]))
+    expected = [crops[0, p] for p in range(16)]
+    for r in range(8):  # the map's rows: tile (r // 4, c // 4), its patch (r % 4, c % 4)
+        expected += [crops[1 + (r // 4) * 2 + c // 4, (r % 4) * 4 + c % 4] for c in range(8)]
+        expected.append(proj["model.image_newline"])
+    torch.testing.assert_close(got.pooler_output[0], torch.stack(expected), rtol=1e-5, atol=1e-5)
+    enc = processor(images=[Image.new("RGB", (112, 112))], text=["<image>"], return_tensors="pt")
+    assert int((enc["input_ids"] == model.config.image_token_id).sum()) == 16 + 8 * 9
+
+
+def test_converter_refuses_what_llava_hf_next_cannot_run(tmp_path):
+    from ivtp.convert import _is_anyres
+
+    base = {"image_aspect_ratio": "anyres", "image_grid_pinpoints": [[336, 672]]}
+    assert _is_anyres({**base, "mm_patch_merge_type": "spatial_unpad"})
+    assert not _is_anyres({"image_aspect_ratio": "pad"})
+    with pytest.raises(ValueError, match="spatial_unpad only"):
+        _is_anyres({**base, "mm_patch_merge_type": "spatial"})
+    with pytest.raises(ValueError, match="only Llama-architecture"):
+        _is_anyres({**base, "mm_patch_merge_type": "spatial_unpad", "architectures": ["LlavaMistralForCausalLM"]})
 
 
 def test_converter_rejects_a_checkpoint_without_projector(tmp_path):
