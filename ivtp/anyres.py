@@ -116,33 +116,77 @@ def stock_places(image_size, config) -> torch.Tensor:
     return torch.cat([torch.arange(n * n), with_newlines.flatten()])
 
 
+def crop_major(places: torch.Tensor, config) -> torch.Tensor:
+    """(crops, K) each crop's kept patch indices (-1: no single patch) -> (crops K,) their crop-major indices."""
+    n = side(config)
+    crop = torch.arange(places.shape[0], device=places.device)[:, None]
+    return torch.where(places >= 0, crop * n * n + places, -1).flatten()
+
+
+def places_of(places: torch.Tensor, order: torch.Tensor, config) -> torch.Tensor:
+    """The crop-major patch index of each token an image hands the LLM in `order` (indices into its crop tokens
+    flattened crop after crop; -1: a newline), -1 for a newline or a token that stands for no single patch."""
+    flat = crop_major(places, config)
+    return torch.where(order >= 0, flat[order.clamp_min(0)], -1)
+
+
 def handed_on_places(places: torch.Tensor, image_size, config) -> torch.Tensor:
     """(crops * K,) the crop-major patch index of each token a pruned image hands the LLM, in raster_order.
     places: (crops, K) each crop's kept patch indices (-1: no single patch)."""
+    return places_of(places, raster_order(places, tile_grid(image_size, config), side(config)), config)
+
+
+def stock_order(places: torch.Tensor, image_size, config) -> torch.Tensor:
+    """VisPruner's NeXT layout (the config's `anyres.layout: stock`): the stock layout with only the kept patches.
+    Returns (T,) indices into the image's crop tokens flattened crop after crop, -1 where an image_newline goes:
+    the base view's kept patches in patch order, then the tile map cut to the image in raster order, its kept
+    patches and a newline after every row, then the tokens that stand for no single patch (-1 in `places`), crop
+    after crop. Kept patches in the letterbox vanish. places: (crops, K) each crop's kept patch indices or -1."""
     n = side(config)
-    crop = torch.arange(places.shape[0], device=places.device)[:, None]
-    flat = torch.where(places >= 0, crop * n * n + places, -1).flatten()
-    return flat[raster_order(places, tile_grid(image_size, config), n)]
+    flat = crop_major(places, config)  # (crops K,)
+    token_at = torch.full((places.shape[0] * n * n,), -2, dtype=torch.long, device=places.device)  # -2: not kept
+    placed = torch.nonzero(flat >= 0).flatten()
+    token_at[flat[placed]] = placed
+    stock = stock_places(image_size, config).to(places.device)  # (S,) crop-major index, -1: newline
+    at = torch.where(stock >= 0, token_at[stock.clamp_min(0)], -1)  # (S,) the token there, -1 newline, -2 none
+    unplaced = torch.nonzero(flat < 0).flatten()
+    return torch.cat([at[at != -2], unplaced])
 
 
 @dataclass(frozen=True)
 class AnyResLayout:
-    """What each image of a LLaVA-NeXT batch hands the LLM. per_crop: the tokens stage 1 leaves each crop; stock:
-    nothing prunes a crop before the LLM, so the stock layout (padding cut, newlines) stands, and an in-LLM stage
-    prunes over it."""
+    """What each image of a LLaVA-NeXT batch hands the LLM. per_crop: the tokens stage 1 leaves each crop. stock:
+    the stock layout's order, padding cut and newlines (nothing pruned before the LLM, so an in-LLM stage prunes over
+    it; or the config's `anyres.layout: stock`). variable: stock with only the kept patches, whose count is known
+    once the tower has picked them (stock_order); else each image hands on `per_crop x crops` tokens in the
+    survivors' order (raster_order)."""
 
     config: object  # the LlavaNextConfig
     per_crop: int
     stock: bool
+    variable: bool = False
 
-    def counts(self, num_images: int, image_sizes) -> tuple[torch.Tensor, torch.Tensor]:
-        """(placeholders the processor wrote, tokens the model hands on), (num_images,) each."""
+    def counts(self, num_images: int, image_sizes, handed_on=None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(placeholders the processor wrote, tokens the model hands on), (num_images,) each. handed_on: the counts
+        of a variable layout, read off the image features (an upper bound, the stock count, without them)."""
         if image_sizes is None or len(image_sizes) != num_images:
             got = "none" if image_sizes is None else len(image_sizes)
             raise InputError(f"LLaVA-NeXT needs image_sizes, one (height, width) per image: {num_images} image(s), "
                              f"{got} given (the processor returns them beside pixel_values)")
         full = torch.tensor([stock_tokens(size, self.config) for size in image_sizes], dtype=torch.long)
+        if self.variable:
+            return full, full if handed_on is None else torch.as_tensor(handed_on, dtype=torch.long)
         if self.stock:
             return full, full
         crops = torch.tensor(crop_counts(image_sizes, self.config), dtype=torch.long)
         return full, crops * self.per_crop
+
+    def expected(self, image_size) -> int:
+        """The tokens one image hands on, and for a variable layout their expectation with the kept patches
+        spread evenly over the tiles (what `ivtp flops` prices): the base view's per_crop, the tiles' per_crop in
+        the share of their map left after the padding cut, and one newline per row left."""
+        if not self.variable:
+            return int(self.counts(1, [image_size])[1][0])
+        n, (rows, cols) = side(self.config), tile_grid(image_size, self.config)
+        height, width = unpad_image(torch.empty(0, rows * n, cols * n), _size(image_size)).shape[1:]
+        return self.per_crop + round(self.per_crop * height * width / (n * n)) + height

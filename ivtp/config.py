@@ -41,6 +41,7 @@ AGGREGATIONS = ("rollout", "mean", "max", "multiply", "single_layer", "layer_wis
 #   random         a control, not a method: a seeded random pseudo-CLS at the fallback's norm. A scorer whose
 #                  kept set does not change with it reads no instruction (docs/paper.md, "Extensions")
 GUIDANCES = ("none", "all_text", "llm_threshold", "clip", "random")
+ANYRES_LAYOUTS = ("auto", "survivors", "stock")
 # How eq. 6's cosines are read before the tau threshold (our extension; the paper thresholds the raw cosine):
 #   cosine        the raw cosine (the paper)
 #   centred       minus the mean over the row's rated instruction tokens: the aligner's offset per image (its
@@ -227,6 +228,13 @@ class LLMStage(_GroupedStage):
         self.aligner.validate(f"{prefix}.aligner")
 
     @property
+    def anyres_layout(self) -> str:
+        """LLaVA-NeXT's layout of a pruned image: `anyres.layout`, with auto resolved to the method's authors'."""
+        if self.anyres.layout != "auto":
+            return self.anyres.layout
+        return "stock" if self.base_method == "vispruner" else "survivors"
+
+    @property
     def needs_aligner(self) -> bool:
         return self.enabled and self.guidance == "clip"
 
@@ -326,6 +334,25 @@ class VisPrunerSection:
 
 
 @dataclass
+class AnyResSection:
+    """LLaVA-NeXT only (docs/paper.md, "LLaVA-NeXT"): how the kept tokens of an image's crops reach the LLM, once a
+    method has pruned each crop before it.
+
+    - survivors: each crop's kept tokens, the base view's first, then the tiles' in the raster order of the whole
+      tile map; no padding cut, no newlines. Every image hands on `per crop x crops` tokens, a count known before
+      any compute (FasterVLM's and VisionZip's NeXT code).
+    - stock: the stock layout with only the kept patches in it: the base view's in patch order, then the tile map
+      cut to the image (kept patches in the letterbox vanish), with every row's image_newline. The count varies
+      with the picks, so the tower runs before the prompt is shrunk (VisPruner's NeXT code).
+    - auto: the authors' own (stock for vispruner, survivors for every other method)."""
+
+    layout: str = "auto"
+
+    def validate(self, prefix: str) -> None:
+        _check_choice(self.layout, ANYRES_LAYOUTS, f"{prefix}.layout")
+
+
+@dataclass
 class VisionDropSection:
     """VisionDrop (Xu et al.): at CLIP layer -2, `dominant` tokens by [CLS] attention plus `contextual` tokens
     merged from the rest by key similarity; then, at the input of each LLM layer in `llm`, the same with
@@ -405,6 +432,7 @@ class PruneConfig:
     fastv: FastVSection = field(default_factory=FastVSection)
     visiondrop: VisionDropSection = field(default_factory=VisionDropSection)
     sparsevlm: SparseVLMSection = field(default_factory=SparseVLMSection)
+    anyres: AnyResSection = field(default_factory=AnyResSection)  # LLaVA-NeXT's layout; any method may set it
 
     def __post_init__(self) -> None:
         self.validate()
@@ -418,6 +446,13 @@ class PruneConfig:
     def uses_llm_stage(self) -> bool:
         """IVTP's in-LLM stage runs for ivtp (when enabled) and the "+" variants."""
         return (self.method == "ivtp" and self.llm.enabled) or self.method in PLUS_VARIANTS
+
+    @property
+    def anyres_layout(self) -> str:
+        """LLaVA-NeXT's layout of a pruned image: `anyres.layout`, with auto resolved to the method's authors'."""
+        if self.anyres.layout != "auto":
+            return self.anyres.layout
+        return "stock" if self.base_method == "vispruner" else "survivors"
 
     @property
     def needs_aligner(self) -> bool:
@@ -474,7 +509,7 @@ class PruneConfig:
     @classmethod
     def from_dict(cls, d: dict | None) -> "PruneConfig":
         cfg = _build(cls, {} if d is None else d, "")
-        stray = sorted(set(d or {}) - {"method"} - cfg.sections())
+        stray = sorted(set(d or {}) - {"method", "anyres"} - cfg.sections())
         if stray:
             raise ConfigError(f"{', '.join(stray)}: not read by method {cfg.method!r}, which reads "
                               f"{', '.join(sorted(cfg.sections()))}")
@@ -483,7 +518,10 @@ class PruneConfig:
     def to_dict(self) -> dict:
         """The method and the sections it reads (what ivtp_config.json holds)."""
         full = dataclasses.asdict(self)
-        return {"method": self.method, **{k: full[k] for k in sorted(self.sections())}}
+        out = {"method": self.method, **{k: full[k] for k in sorted(self.sections())}}
+        if self.anyres != AnyResSection():  # only when set: LLaVA-1.5 configs stay as they were
+            out["anyres"] = full["anyres"]
+        return out
 
     @classmethod
     def from_yaml(cls, path: str | os.PathLike) -> "PruneConfig":

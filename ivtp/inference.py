@@ -149,7 +149,8 @@ def _generate_batch(model, processor, batch, batch_images, max_new_tokens, use_c
     sizes = inputs.get("image_sizes")  # LLaVA-NeXT's (images, 2)
     if state is not None and present:
         # Shrink the <image> runs here rather than inside generate, so the prompt length is known.
-        shrunk = state.shrink(input_ids, len(present), attention_mask, None, padding_side="left", image_sizes=sizes)
+        shrunk = model.ivtp_shrink(input_ids, inputs["pixel_values"], attention_mask, None, padding_side="left",
+                                   image_sizes=sizes)
         input_ids, attention_mask = shrunk.input_ids, shrunk.attention_mask
     extra = {"pixel_values": inputs["pixel_values"]} if present else {}
     if sizes is not None:

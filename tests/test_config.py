@@ -130,3 +130,16 @@ def test_every_shipped_config_loads_and_applies_to_llava15_geometry(path):
         assert [g[0] for g in state.llm_plan.groups] == [2, 6, 15]
     else:
         assert state.llm_plan is None
+
+
+def test_the_anyres_layout_is_any_methods_and_saved_only_when_set():
+    """LLaVA-NeXT's layout of a pruned image: auto resolves to VisPruner's own (stock) for vispruner and to the
+    survivors for every other method; a config that leaves it alone saves as before."""
+    assert PruneConfig.for_method("vispruner").anyres_layout == "stock"
+    assert PruneConfig.for_method("topk").anyres_layout == "survivors"
+    assert "anyres" not in PruneConfig.for_method("topk").to_dict()
+    chosen = PruneConfig.from_dict({"method": "topk", "topk": {"keep": 16}, "anyres": {"layout": "stock"}})
+    assert chosen.anyres_layout == "stock" and chosen.to_dict()["anyres"] == {"layout": "stock"}
+    assert PruneConfig.from_dict(chosen.to_dict()) == chosen
+    with pytest.raises(ConfigError, match="anyres.layout: expected one of auto, survivors, stock"):
+        PruneConfig.from_dict({"method": "topk", "anyres": {"layout": "newlines"}})

@@ -265,7 +265,8 @@ def method_flops(llava_config, prune_config: PruneConfig | None, text_tokens: in
     layout = image_layout(config, llava_config, runner, plan)
     sizes = None if isinstance(layout, FixedLayout) else [image_size or PRICED_IMAGE_SIZE]
     crops = 1 if sizes is None else crop_count(sizes[0], llava_config)
-    full, handed_on = (int(n) for n in layout.counts(1, sizes))
+    full = int(layout.counts(1, sizes)[0])
+    handed_on = layout.expected(sizes[0] if sizes else None)  # NeXT's stock layout of the kept: its mean
     per_unit = plan.tokens_per_layer(arch.llm_layers) if plan is not None else [runner.tokens_per_image] * arch.llm_layers
     # handed_on is per_unit[0] x crops, or NeXT's stock count, of which an in-LLM stage keeps its budget's share
     llm = [round(n * handed_on / per_unit[0]) for n in per_unit]

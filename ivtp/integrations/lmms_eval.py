@@ -249,8 +249,8 @@ class IVTPLlava(lmms):
         state = self.state
         if state is not None:
             if has_image:  # shrink here, so the prompt's end is known in the shrunk sequence
-                shrunk = state.shrink(input_ids, 1, attention_mask, None, padding_side="right",
-                                      image_sizes=inputs.get("image_sizes"))
+                shrunk = self.model.ivtp_shrink(input_ids, extra["pixel_values"], attention_mask, None,
+                                                padding_side="right", image_sizes=inputs.get("image_sizes"))
                 input_ids, attention_mask = shrunk.input_ids, shrunk.attention_mask
                 extra["ivtp_shrunk"] = True
             # The in-LLM stage reads its guidance from the prompt only, not from the continuation it scores.

@@ -88,10 +88,14 @@ class FixedLayout:
     full: int
     kept: int
 
-    def counts(self, num_images: int, image_sizes=None) -> tuple[int, int]:
+    def counts(self, num_images: int, image_sizes=None, handed_on=None) -> tuple[int, int]:
+        """(placeholders per image, tokens it hands on); handed_on is for layouts whose counts follow the picks."""
         if image_sizes is not None:
             raise ValueError("image_sizes (any-resolution inputs) are not supported: LLaVA-1.5 uses one fixed size")
         return self.full, self.kept
+
+    def expected(self, image_size=None) -> int:
+        return self.kept
 
 
 @dataclass
@@ -115,6 +119,9 @@ class PruningState:
     # handed_on_places: crop-major patch indices, -1 for none); None for LLaVA-1.5, whose tokens are one crop's.
     last_image_places: list[torch.Tensor] | None = None
     last_image_crops: list[int] | None = None  # LLaVA-NeXT: per image of the last forward, its crops
+    # A layout whose counts follow the picks (LLaVA-NeXT's `anyres.layout: stock`): (pixel_values, image features)
+    # of a prompt shrunk before its prefill, which the prefill then takes instead of running the tower again.
+    pending: tuple | None = None
     guidance_report: gd.GuidanceReport | None = None  # the last prefill's pseudo-CLS selection
 
     def save_pretrained(self, folder: str | os.PathLike) -> None:
@@ -164,6 +171,19 @@ class PruningState:
     def layout_is_stock(self) -> bool:
         return bool(getattr(self.layout, "stock", False))
 
+    @property
+    def layout_is_variable(self) -> bool:
+        return bool(getattr(self.layout, "variable", False))
+
+    def pending_for(self, pixel_values) -> object | None:
+        """The image features computed ahead for exactly these pixels (ivtp_shrink), or None."""
+        if self.pending is None or pixel_values is None:
+            return None
+        pixels, outputs = self.pending
+        same = pixels is pixel_values or (pixels.shape == pixel_values.shape
+                                          and pixels.data_ptr() == pixel_values.data_ptr())
+        return outputs if same else None
+
     def step_names(self) -> list[str]:
         llm = self.llm_plan.step_names() if self.llm_plan is not None else []
         return ["input"] + self.vision.step_names() + llm
@@ -196,11 +216,13 @@ class PruningState:
 
     def _anyres_row_report(self, row: int, first_image: int, n_images: int) -> dict:
         places = self.last_image_places[first_image:first_image + n_images]  # per image, in the order handed on
-        if self.layout.stock:  # every patch, in the stock layout (newlines included)
+        if self.layout.stock and not self.layout.variable:  # every patch, in the stock layout (newlines included)
             counts = [len(places[0])]
         else:  # per image: stage 1's count per crop times the image's crops (a row's images averaged)
-            crops = sum(len(p) for p in places) // self.tokens_per_image
+            crops = sum(self.last_image_crops[first_image:first_image + n_images])
             counts = [n * crops // n_images for n in self.last_vision.trace.counts]
+            if self.layout.variable:  # what the kept patches came to after the padding cut, with the newlines
+                counts[-1] = sum(len(p) for p in places) // n_images
         report = {"stage1_patches": [sorted(p[p >= 0].tolist()) for p in places]}
         ordinal = self._llm_row(row, n_images, counts, report)
         if ordinal is None:
@@ -231,12 +253,14 @@ class PruningState:
         padding_side: str,
         already_shrunk: bool = False,
         image_sizes=None,
+        handed_on=None,
     ) -> ShrunkBatch:
         """Check the placeholders against the images, then shrink each image's run to the tokens it hands on
-        (`layout`; image_sizes: LLaVA-NeXT's (num_images, 2)). Input that `shrink` already produced (generate's
-        later calls) must hold the shrunk runs, and passes."""
+        (`layout`; image_sizes: LLaVA-NeXT's (num_images, 2); handed_on: per image, the counts of a layout whose
+        counts follow the picks). Input that `shrink` already produced (generate's later calls) must hold the
+        shrunk runs, and passes."""
         counts = placeholder_counts(input_ids, self.image_token_id)
-        full, kept = self.layout.counts(num_images, image_sizes)
+        full, kept = self.layout.counts(num_images, image_sizes, handed_on)
         if already_shrunk:
             check_placeholders(counts, num_images, kept)
             return ShrunkBatch(input_ids, attention_mask, labels, None)
@@ -298,9 +322,12 @@ class PrunedLlavaForConditionalGeneration:
                                    past_key_values=past_key_values, inputs_embeds=inputs_embeds, **kwargs)
         if input_ids is None:
             raise ValueError("a pruned LLaVA needs input_ids with pixel_values: the <image> runs are shrunk in input_ids")
-        shrunk = state.shrink(input_ids, pixel_values.shape[0], attention_mask, kwargs.get("labels"),
-                              padding_side=infer_padding_side(attention_mask, default="right"),
-                              already_shrunk=ivtp_shrunk, image_sizes=kwargs.get("image_sizes"))
+        shrunk = self.ivtp_shrink(input_ids, pixel_values, attention_mask, kwargs.get("labels"),
+                                  padding_side=infer_padding_side(attention_mask, default="right"),
+                                  image_sizes=kwargs.get("image_sizes"), already_shrunk=ivtp_shrunk)
+        ahead = state.pending_for(pixel_values)  # the tower already ran for a layout that follows the picks
+        if not ivtp_shrunk:  # a forward of its own: nothing else waits for these features
+            state.pending = None
         if shrunk.keep is not None:
             input_ids, attention_mask = shrunk.input_ids, shrunk.attention_mask
             if kwargs.get("labels") is not None:
@@ -312,21 +339,44 @@ class PrunedLlavaForConditionalGeneration:
             return state.compiled(self, input_ids, pixel_values, attention_mask, position_ids, past_key_values,
                                   ivtp_prompt_len, kwargs)
         if state.llm_plan is None or not _is_prefill(past_key_values):
-            return super().forward(input_ids=input_ids, pixel_values=pixel_values, attention_mask=attention_mask,
-                                   position_ids=position_ids, past_key_values=past_key_values,
-                                   inputs_embeds=inputs_embeds, **kwargs)
+            images = {"pixel_values": pixel_values} if ahead is None else {"mm_encoder_outputs": {"image": ahead}}
+            return super().forward(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                                   past_key_values=past_key_values, inputs_embeds=inputs_embeds, **images, **kwargs)
         # Stage 2: the instruction's CLIP side (it needs no image: on a GPU its host work, decoding and
         # tokenising, then overlaps the tower's kernels instead of leaving the GPU idle after them), the image
         # features, the guidance built from both, then the stock forward with the features handed in
         # (mm_encoder_outputs) so the tower runs once.
         visual, instr, instruction = self._guidance_inputs(input_ids, attention_mask, kwargs.get("labels"),
                                                            ivtp_prompt_len)
-        image_outputs = self.model.get_image_features(pixel_values=pixel_values, **_image_kwargs(kwargs))
+        image_outputs = ahead or self.model.get_image_features(pixel_values=pixel_values, **_image_kwargs(kwargs))
         guidance = self._guidance(input_ids, visual, instr, attention_mask, ivtp_prompt_len,
                                   image_outputs.pooler_output, instruction)
         return super().forward(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                                past_key_values=past_key_values, inputs_embeds=inputs_embeds,
                                mm_encoder_outputs={"image": image_outputs}, ivtp_guidance=guidance, **kwargs)
+
+    def ivtp_shrink(self, input_ids, pixel_values, attention_mask=None, labels=None, padding_side: str = "left",
+                    image_sizes=None, already_shrunk: bool = False) -> ShrunkBatch:
+        """Shrink the prompt's <image> runs to what each image hands the LLM (PruningState.shrink). A layout whose
+        counts follow the picks (LLaVA-NeXT's `anyres.layout: stock`) runs the tower first; its features wait
+        (PruningState.pending) for the prefill of the same pixels, so the tower runs once."""
+        state = self.ivtp_state
+        handed_on = None
+        if state.layout_is_variable:
+            # Input shrunk earlier (generate's prefill, and each step of generate without a cache) takes the
+            # features computed then; fresh input runs the tower now.
+            outputs = state.pending_for(pixel_values) if already_shrunk else None
+            if outputs is None and already_shrunk:
+                raise ValueError("this prompt's <image> runs were shrunk for a layout whose counts follow the picks "
+                                 "(anyres.layout: stock) without its features: shrink with model.ivtp_shrink and "
+                                 "pass the same pixel_values")
+            if outputs is None:
+                outputs = self.model.get_image_features(pixel_values=pixel_values,
+                                                        **_image_kwargs({"image_sizes": image_sizes}))
+                state.pending = (pixel_values, outputs)
+            handed_on = [len(f) for f in outputs.pooler_output]
+        return state.shrink(input_ids, pixel_values.shape[0], attention_mask, labels, padding_side=padding_side,
+                            already_shrunk=already_shrunk, image_sizes=image_sizes, handed_on=handed_on)
 
     def _guidance_inputs(self, input_ids, attention_mask, labels, prompt_len, clip_width: int | None = None):
         """What the guidance needs before the tower runs: the placeholders and the instruction, (B, L) bool each,
@@ -402,9 +452,9 @@ class PrunedLlavaForConditionalGeneration:
         state = self.ivtp_state
         if input_ids is not None and pixel_values is not None:
             attention_mask = kwargs.get("attention_mask")
-            shrunk = state.shrink(input_ids, pixel_values.shape[0], attention_mask, None,
-                                  padding_side=infer_padding_side(attention_mask, default="left"),
-                                  already_shrunk=ivtp_shrunk, image_sizes=kwargs.get("image_sizes"))
+            shrunk = self.ivtp_shrink(input_ids, pixel_values, attention_mask, None,
+                                      padding_side=infer_padding_side(attention_mask, default="left"),
+                                      image_sizes=kwargs.get("image_sizes"), already_shrunk=ivtp_shrunk)
             _shift_length_limits(kwargs, input_ids.shape[1] - shrunk.input_ids.shape[1])
             input_ids = shrunk.input_ids
             if shrunk.attention_mask is not None:
@@ -431,7 +481,10 @@ class PrunedLlavaForConditionalGeneration:
             # decoder traces as one full graph (tested on a CPU), but the compiled path has not run on a GPU yet,
             # so it stays eager unless the caller passes disable_compile=False.
             kwargs.setdefault("disable_compile", True)
-        out = super().generate(input_ids, ivtp_shrunk=True, **kwargs)
+        try:
+            out = super().generate(input_ids, ivtp_shrunk=True, **kwargs)
+        finally:
+            state.pending = None  # the features computed ahead were for this prompt only
         if added:
             if isinstance(out, torch.Tensor):
                 return out[:, added:]
@@ -600,8 +653,11 @@ def image_layout(cfg: PruneConfig, llava_config, runner: VisionRunner, llm_plan)
         return FixedLayout(num_patches(llava_config), runner.tokens_per_image)
     # Nothing pruned per crop before the LLM: the stock layout (padding cut, newlines) stands, and an in-LLM stage
     # keeps its per-crop budget's share of each image's tokens (LLMGuidance.units; docs/paper.md, LLaVA-NeXT).
-    stock = runner.tokens_per_image == runner.num_patches
-    return AnyResLayout(llava_config, runner.tokens_per_image, stock=stock)
+    # Pruned per crop: the survivors' layout, or VisPruner's stock layout of the kept patches (`anyres.layout`).
+    prunes_first = runner.tokens_per_image < runner.num_patches
+    chosen_stock = cfg.anyres_layout == "stock"
+    return AnyResLayout(llava_config, runner.tokens_per_image, stock=not prunes_first or chosen_stock,
+                        variable=prunes_first and chosen_stock)
 
 
 def make_plans(cfg: PruneConfig, llava_config) -> tuple[VisionRunner, LLMPlan | None]:

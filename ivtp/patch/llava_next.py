@@ -13,6 +13,7 @@ before the LLM nor in it, the stock layout stands: transformers' own `pack_image
 
 from __future__ import annotations
 
+import torch
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
 from ivtp import anyres
@@ -36,14 +37,21 @@ class PrunedLlavaNextModel:
         state.last_vision = out
         state.last_image_crops = crops
         features = self.multi_modal_projector(out.features).split(crops)  # per image: (crops, K, D)
-        if state.layout.stock:
+        layout = state.layout
+        if layout.stock and not layout.variable:  # every patch: transformers' own packing
             packed, _ = self.pack_image_features(list(features), image_sizes, "default", self.image_newline)
             state.last_image_places = [anyres.stock_places(size, self.config) for size in image_sizes]
-        else:
-            places = out.trace.places(out.features.shape[1]).split(crops)  # per image (crops, K), -1: no patch
-            packed = [f.flatten(0, 1)[anyres.raster_order(p, anyres.tile_grid(size, self.config),
-                                                          anyres.side(self.config))]
-                      for f, p, size in zip(features, places, image_sizes)]
-            state.last_image_places = [anyres.handed_on_places(p, size, self.config).cpu()
-                                       for p, size in zip(places, image_sizes)]
+            return BaseModelOutputWithPooling(last_hidden_state=out.features, pooler_output=packed)
+        places = out.trace.places(out.features.shape[1]).split(crops)  # per image (crops, K), -1: no patch
+        packed, state.last_image_places = [], []
+        for f, p, size in zip(features, places, image_sizes):
+            flat = f.flatten(0, 1)  # (crops K, D)
+            if layout.variable:  # VisPruner's: the stock layout's order and newlines, the kept patches only
+                order = anyres.stock_order(p, size, self.config)  # (T,), -1: a newline
+                newline = self.image_newline.to(flat.dtype)[None].expand(len(order), -1)
+                packed.append(torch.where((order >= 0)[:, None], flat[order.clamp_min(0)], newline))
+            else:  # the survivors, base view first, the tiles' in the map's raster order
+                order = anyres.raster_order(p, anyres.tile_grid(size, self.config), anyres.side(self.config))
+                packed.append(flat[order])
+            state.last_image_places.append(anyres.places_of(p, order, self.config).cpu())
         return BaseModelOutputWithPooling(last_hidden_state=out.features, pooler_output=packed)

@@ -54,6 +54,15 @@ def test_flops_on_llava_next_prices_the_image_size_given(capsys):
         capsys, "--model", "llava-1.5-7b", "--method", "none")["vit"])
 
 
+def test_flops_of_vispruner_on_llava_next_price_its_layouts_expected_count(capsys):
+    # Its own layout: the base view's 64, the tiles' 4 x 64 (nothing cut from a square), 48 rows' newlines.
+    out = flops(capsys, "--model", "llava-1.6-7b", "--method", "vispruner", "--visual-tokens", "64")
+    assert out["final_visual_tokens"] == 64 + 4 * 64 + 48
+    # A 400 x 1000 image: 1 x 3 tiles cut to 24 x 60 of their 24 x 72: 64 + round(64 x 1440 / 576) + 24 = 248.
+    wide = flops(capsys, "--model", "llava-1.6-7b", "--method", "vispruner", "--image-size", "400x1000")
+    assert wide["final_visual_tokens"] == 64 + 160 + 24
+
+
 def test_flops_of_an_in_llm_method_on_llava_next_keep_the_budgets_share_of_the_stock_tokens(capsys):
     out = flops(capsys, "--model", "llava-1.6-7b", "--method", "fastv", "--visual-tokens", "64")
     # FastV K = 2: the stock 2,928 tokens through layers 0-1, then 64 per 576 of them: round(64 x 2928 / 576) = 325
