@@ -108,9 +108,14 @@ def test_every_method_hands_the_llm_its_budget_per_crop(method):
     entering = state.tokens_per_image
     if state.llm_plan is None:
         assert entering == 16
-        # each row: its real tokens, less the stock layout's placeholders, plus 16 per crop; padded to the longest
-        rows = [int(real) - anyres.stock_tokens(size, model.config) + 16 * n
-                for real, size, n in zip(batch["attention_mask"].sum(1), batch["image_sizes"], crops)]
+        # each row: its real tokens, less the stock layout's placeholders, plus what its image hands on: 16 per crop
+        # (VisPruner's own layout: its kept patches left after the padding cut, and a newline per row)
+        handed_on = [16 * n for n in crops]
+        if state.layout.variable:
+            handed_on = [len(p) for p in state.last_image_places]
+            assert all(h <= 16 * n + 4 * 8 for h, n in zip(handed_on, crops))  # at most 4 x 8 rows of newlines
+        rows = [int(real) - anyres.stock_tokens(size, model.config) + h
+                for real, size, h in zip(batch["attention_mask"].sum(1), batch["image_sizes"], handed_on)]
         assert out.logits.shape[1] == max(rows)
     else:
         final = state.llm_tokens_per_layer(32)[-1]
@@ -230,6 +235,7 @@ def test_a_pruned_next_checkpoint_loads_back_as_it_ran(tmp_path):
     assert type(stock).__name__ == "LlavaNextForConditionalGeneration"
 
 
+
 # ---- reports and overlays: where each image's tokens came from ------------------------------------------------------
 def _generate(model, processor, images, questions):
     from ivtp.inference import Sample, generate
@@ -290,3 +296,94 @@ def test_anyres_views_assemble_the_tiles_and_place_their_patches():
 
     assert np.array_equal(np.asarray(whole)[:112, 112:], np.asarray(denormalize(pixels[2])))  # tile 1: top right
     assert np.array_equal(np.asarray(whole)[112:, :112], np.asarray(denormalize(pixels[3])))  # tile 2: bottom left
+
+
+# ---- VisPruner's own NeXT layout (anyres.layout: stock, its default): the kept patches in the stock layout -------
+def _vispruner_merge(crops_features, masks, image_size, grid, newline):
+    """A re-derivation of VisPruner's NeXT merge (llava_arch.prepare_inputs_labels_for_multimodal, spatial_unpad),
+    on one image: crops_features (crops, N, D) and masks (crops, N) bool of the kept patches. The tiles' features
+    and masks are laid out as the (rows n, cols n) map, both cut to the image by transformers' unpad_image, a
+    newline column with mask True appended to both, and the map's entries where the mask holds are taken in raster
+    order; the base view's kept features come first, in patch order."""
+    from transformers.models.llava_next.modeling_llava_next import unpad_image
+
+    rows, cols = grid
+    n = int(crops_features.shape[1] ** 0.5)
+    d = crops_features.shape[-1]
+    tiles = crops_features[1:].view(rows, cols, n, n, d).permute(4, 0, 2, 1, 3).reshape(d, rows * n, cols * n)
+    tile_mask = masks[1:].view(rows, cols, n, n).permute(0, 2, 1, 3).reshape(1, rows * n, cols * n)
+    tiles, tile_mask = unpad_image(tiles, image_size), unpad_image(tile_mask, image_size)
+    tiles = torch.cat([tiles, newline[:, None, None].expand(d, tiles.shape[1], 1)], dim=-1)
+    tile_mask = torch.cat([tile_mask, torch.ones(1, tile_mask.shape[1], 1, dtype=torch.bool)], dim=-1)
+    kept_tiles = tiles.flatten(1, 2).T[tile_mask.flatten()]
+    return torch.cat([crops_features[0][masks[0]], kept_tiles])
+
+
+def test_vispruner_on_next_hands_on_its_kept_patches_as_its_authors_code_lays_them_out():
+    stock, processor = tiny_random_next(image_size=112)
+    model, _ = pruned({"method": "vispruner", "vispruner": {"visual_token_num": 16}})
+    assert model.ivtp_state.layout.variable  # auto: VisPruner's own layout
+    batch = next_batch(processor, next_images()[:2], QUESTIONS[:2])
+    with torch.no_grad():
+        ours = model.model.get_image_features(batch["pixel_values"], batch["image_sizes"]).pooler_output
+        crops = anyres.crop_counts(batch["image_sizes"], stock.config)
+        pixels = anyres.flatten_crops(batch["pixel_values"], crops)
+        hidden = stock.model.vision_tower(pixels, output_hidden_states=True).hidden_states[-2][:, 1:]
+        projected = stock.model.multi_modal_projector(hidden).split(crops)  # per image (crops, N, D)
+    kept = model.ivtp_state.last_vision.trace.kept.split(crops)  # per image (crops, 16)
+    for image, (feats, k, size) in enumerate(zip(projected, kept, batch["image_sizes"])):
+        masks = torch.zeros(crops[image], N, dtype=torch.bool).scatter_(1, k, True)
+        grid = anyres.tile_grid(size, stock.config)
+        expected = _vispruner_merge(feats, masks, size.tolist(), grid, stock.model.image_newline)
+        torch.testing.assert_close(ours[image], expected, rtol=0, atol=1e-6)
+
+
+def _count_tower_runs(model) -> list:
+    """A list that grows by one each time the method's runner runs the tower."""
+    calls, run = [], model.ivtp_state.vision.run
+    model.ivtp_state.vision.run = lambda *args, **kwargs: calls.append(1) or run(*args, **kwargs)
+    return calls
+
+
+@pytest.mark.parametrize("config", [
+    {"method": "vispruner", "vispruner": {"visual_token_num": 16}},
+    {"method": "topk", "topk": {"keep": 16}, "anyres": {"layout": "stock"}},
+    {"method": "ivtp", **AT_16["ivtp"], "anyres": {"layout": "stock"}},
+])
+def test_the_stock_layout_of_kept_patches_batches_as_its_rows_alone_and_decodes_as_recomputed(config):
+    """Counts that follow the picks: the tower runs before the prompt is shrunk, once (its features wait for the
+    prefill), in forward, generate and a batch of mixed crop counts and a text-only row."""
+    model, processor = pruned(config)
+    assert model.ivtp_state.layout.variable
+    images = next_images()[:2] + [None]
+    batch = next_batch(processor, images, QUESTIONS, "left")
+    calls = _count_tower_runs(model)
+    with torch.no_grad():
+        logits = model(**batch).logits
+        assert len(calls) == 1  # the tower ran once for the batch
+        for row, (image, question) in enumerate(zip(images, QUESTIONS)):
+            single = model(**next_batch(processor, [image], [question], "left")).logits[0]
+            torch.testing.assert_close(logits[row, -1], single[-1], rtol=1e-4, atol=1e-4)
+    assert_cache_matches_recompute(model, next_batch(processor, images[:2], QUESTIONS[:2]), new_tokens=3)
+
+
+def test_generate_and_its_report_on_the_stock_layout_of_kept_patches():
+    model, processor = pruned({"method": "vispruner", "vispruner": {"visual_token_num": 16}})
+    image = next_images()[1]  # 3 x 1 tiles, cut to the image: kept patches in the letterbox vanish
+    calls = _count_tower_runs(model)
+    (result,) = _generate(model, processor, [image], QUESTIONS[:1])
+    assert len(calls) == 1  # shrinking ran the tower; the prefill took its features
+    places = model.ivtp_state.last_image_places[0]
+    trace = model.ivtp_state.last_vision.trace
+    kept = {c * N + p for c, crop in enumerate(trace.kept.tolist()) for p in crop}
+    stock = anyres.stock_places(result.image_size, model.config)
+    assert set(result.kept_patches) == kept & set(stock.tolist())  # the kept patches that survive the cut
+    assert int((places == -1).sum()) == int((stock == -1).sum())  # every row's newline
+    assert result.visual_tokens[-1] == len(places)
+
+
+def test_a_prompt_shrunk_without_its_features_is_refused():
+    model, processor = pruned({"method": "vispruner", "vispruner": {"visual_token_num": 16}})
+    batch = next_batch(processor, next_images()[:1], QUESTIONS[:1])
+    with pytest.raises(ValueError, match="without its features"):
+        model(**batch, ivtp_shrunk=True)
