@@ -234,6 +234,37 @@ def detach_frozen_tower(model) -> None:
     norm._ivtp_detach_hook = norm.register_forward_hook(detach_if_frozen)
 
 
+def saved_weights(folder: str) -> dict | None:
+    """The model weights save_pretrained wrote into `folder` (model.safetensors, or its index's shards), or None."""
+    from safetensors.torch import load_file
+
+    single = os.path.join(folder, "model.safetensors")
+    index = os.path.join(folder, "model.safetensors.index.json")
+    if os.path.isfile(single):
+        return load_file(single, device="cpu")
+    if not os.path.isfile(index):
+        return None
+    import json
+
+    with open(index) as f:
+        shards = sorted(set(json.load(f)["weight_map"].values()))
+    state = {}
+    for shard in shards:
+        state.update(load_file(os.path.join(folder, shard), device="cpu"))
+    return state
+
+
+def saved_to_own_names(model, state: dict) -> dict:
+    """`state` as save_pretrained names it (llava-hf's layout) renamed to the model's own parameter names: the
+    mapping transformers reverts on save, read off the model's own state dict (a rename keeps each tensor)."""
+    from transformers.core_model_loading import revert_weight_conversion
+
+    own = model.state_dict()
+    by_tensor = {id(t): name for name, t in own.items()}
+    saved_as = {saved: by_tensor.get(id(t), saved) for saved, t in revert_weight_conversion(model, dict(own)).items()}
+    return {saved_as.get(k, k): v for k, v in state.items()}
+
+
 def unwrap(model):
     """The LlavaForConditionalGeneration under a peft wrapper, if any."""
     return model.get_base_model() if hasattr(model, "get_base_model") else model
@@ -277,6 +308,23 @@ class LlavaTrainer(Trainer):
                 self.train_dataset.lengths(), self.args.train_batch_size * self.args.gradient_accumulation_steps,
                 world_size=self.args.world_size, seed=self.args.seed)
         return super()._get_train_sampler(*args, **kwargs)
+
+    def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
+        """Resume from checkpoint-N's weights through the model's own key mapping. transformers' Trainer loads them
+        with a raw load_state_dict, but save_pretrained wrote them in llava-hf's layout (language_model.model.*),
+        which transformers 5's LLaVA names model.language_model.*: every key would miss, with a warning only.
+        DeepSpeed and FSDP resume from their own files and never come here; LoRA adapters take transformers' path."""
+        model = model if model is not None else self.model
+        state = saved_weights(resume_from_checkpoint)
+        if state is None or hasattr(model, "peft_config"):
+            return super()._load_from_checkpoint(resume_from_checkpoint, model)
+        own = saved_to_own_names(unwrap(model), state)
+        result = model.load_state_dict(own, strict=False)
+        tied = set(getattr(unwrap(model), "all_tied_weights_keys", None) or {})
+        missing = sorted(set(result.missing_keys) - tied)
+        if missing or result.unexpected_keys:
+            raise RuntimeError(f"{resume_from_checkpoint}: its weights do not fit this model (missing "
+                               f"{missing[:3]}, unexpected {result.unexpected_keys[:3]})")
 
     def create_optimizer(self, *args, **kwargs):
         if self.optimizer is not None or self.mm_projector_lr is None:

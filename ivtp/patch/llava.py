@@ -563,8 +563,10 @@ def _swap_class(module: torch.nn.Module, mixin: type) -> None:
 
     base = module.__class__
     recordable = _CAN_RECORD_REGISTRY.get(module)
-    # Keep the stock class name: save_pretrained writes it into config.json "architectures".
-    module.__class__ = type(base.__name__, (mixin, base), {"__module__": mixin.__module__})
+    # Keep the stock class name (save_pretrained writes it into config.json "architectures") and its module:
+    # transformers then saves with the class's key mapping, in llava-hf's layout. A class it counts as custom code,
+    # by its module, would be saved in its internal layout, which other llava-hf tooling cannot read.
+    module.__class__ = type(base.__name__, (mixin, base), {"__module__": base.__module__})
     if recordable:  # output_hidden_states / output_attentions hooks are registered per class
         _CAN_RECORD_REGISTRY[module] = recordable
 

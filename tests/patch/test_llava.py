@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from conftest import batch_of
 from ivtp import ConfigError, PruneConfig, apply_pruning, load_pruned
@@ -185,6 +186,18 @@ def test_save_and_load_pruned_round_trip(small_llava, images, tmp_path):
     batch = batch_of(processor, images(1), ["What is it?"])
     with torch.no_grad():
         torch.testing.assert_close(loaded(**batch).logits, model(**batch).logits, rtol=0, atol=1e-6)
+
+
+def test_a_pruned_checkpoint_keeps_the_stock_key_layout(small_llava, tmp_path):
+    """apply_pruning swaps classes; save_pretrained must still write the stock checkpoint's keys (llava-hf's
+    layout), which transformers maps only for its own classes."""
+    stock, _ = small_llava()
+    stock.save_pretrained(tmp_path / "stock")
+    model, _ = small_llava()
+    apply_pruning(model, vision_only(keep=12, group_size=2))
+    model.save_pretrained(tmp_path / "pruned")
+    keys = lambda name: set(load_file(str(tmp_path / name / "model.safetensors")))  # noqa: E731
+    assert keys("pruned") == keys("stock")
 
 
 def test_load_pruned_asks_for_no_tokenizer_when_stage_2_does_not_run(small_llava, images, tmp_path):

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from safetensors.torch import load_file
 
 from conftest import assert_cache_matches_recompute, prompt
 from ivtp import apply_pruning
@@ -233,7 +234,9 @@ def test_a_pruned_next_checkpoint_loads_back_as_it_ran(tmp_path):
         torch.testing.assert_close(loaded(**batch).logits, model(**batch).logits, rtol=0, atol=1e-5)
     stock, _ = load_model(str(tmp_path))  # unpruned, as LLaVA-NeXT, with its processor
     assert type(stock).__name__ == "LlavaNextForConditionalGeneration"
-
+    stock.save_pretrained(tmp_path / "stock")  # the pruned checkpoint holds llava-hf's keys, as the stock one does
+    keys = lambda folder: set(load_file(str(folder / "model.safetensors")))  # noqa: E731
+    assert keys(tmp_path) == keys(tmp_path / "stock")
 
 
 # ---- reports and overlays: where each image's tokens came from ------------------------------------------------------

@@ -7,6 +7,7 @@ import os
 import pytest
 import torch
 from conftest import assert_cache_matches_recompute, batch_of
+from safetensors.torch import load_file
 from transformers import AutoProcessor
 
 from ivtp import apply_pruning, load_pruned
@@ -68,6 +69,20 @@ def test_save_and_load_back_reproduce_the_logits_exactly(small_llava, images, tm
         with torch.no_grad():
             assert torch.equal(loaded.eval()(**batch).logits, expected)
     assert "LOAD REPORT" not in capfd.readouterr().err  # the stock projector's weights are missing by design
+
+
+@pytest.mark.parametrize("name", sorted(PROJECTORS))
+def test_the_checkpoint_keeps_the_stock_key_layout(small_llava, tmp_path, name):
+    """Outside the projector, a compressor's checkpoint holds the stock checkpoint's keys (llava-hf's layout:
+    language_model.model.layers..., not transformers' internal model.language_model.layers...), LLaMA-VID's
+    class-swapped model included, so that tools reading llava-hf checkpoints read it."""
+    stock, _ = small_llava()
+    stock.save_pretrained(tmp_path / "stock")
+    model, _ = attached(small_llava, name)
+    model.save_pretrained(tmp_path / name)
+    outside = lambda folder: {k for k in load_file(str(folder / "model.safetensors"))  # noqa: E731
+                              if not k.startswith("multi_modal_projector.")}
+    assert outside(tmp_path / name) == outside(tmp_path / "stock")
 
 
 def test_llama_vids_context_token_reads_the_instruction_and_nothing_else(small_llava, images):

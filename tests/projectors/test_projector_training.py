@@ -80,11 +80,9 @@ def test_deepspeed_zero3_trains_the_compressor_and_saves_it_whole(tmp_path, name
     reference, _, _ = load_for_training(parse_args(args_for(tmp_path / "ref", "--projector", name,
                                                             "--projector_tokens", "16"), tune="projector")[0])
     shapes = {k: v.shape for k, v in reference.model.multi_modal_projector.state_dict().items()}
-    saved = load_file(str(tmp_path / "pre" / "model.safetensors"))
-    # llava-hf's layout, or transformers' internal one (model.multi_modal_projector.) for LLaMA-VID's swapped class
+    saved = load_file(str(tmp_path / "pre" / "model.safetensors"))  # keys in llava-hf's layout
     prefix = "multi_modal_projector."
-    inner = {k.removeprefix("model."): v for k, v in saved.items()}
-    assert {k[len(prefix):]: v.shape for k, v in inner.items() if k.startswith(prefix)} == shapes
+    assert {k[len(prefix):]: v.shape for k, v in saved.items() if k.startswith(prefix)} == shapes
     run_deepspeed_zero3("finetune.py", *args_for(tmp_path / "ft", "--model_name_or_path", str(tmp_path / "pre"),
                                        "--max_steps", "1", "--learning_rate", "0", "--weight_decay", "0"))
     loaded = load_pruned(str(tmp_path / "ft"))
