@@ -156,6 +156,21 @@ def test_cli_eval_end_to_end_with_pruned_model(tmp_path, capsys):
     assert "holds a run with other settings" in capsys.readouterr().err
 
 
+def test_cli_eval_on_llava_next_tiles_each_image_and_refuses_padding(tmp_path, capsys):
+    """tiny-random-next: anyres is the default (each image at its own aspect, its crops' count in the records);
+    --image-aspect-ratio pad is refused before the model loads."""
+    out = tmp_path / "out"
+    argv = ["eval", "--benchmark", "pope", "--data", os.path.join(FIXTURES, "pope"), "--model", "tiny-random-next",
+            "--out", str(out), "--max-new-tokens", "2", "--batch-size", "3", "--limit", "3", "--json"]
+    assert main(argv) == 0
+    assert json.loads(capsys.readouterr().out)["result"]["questions"] == 3
+    assert json.load(open(out / "run.json"))["image_aspect_ratio"] == "anyres"
+    rows = lines(out / "predictions.jsonl")
+    assert all(r["visual_tokens"][-1] % 64 == 0 and r["visual_tokens"][-1] >= 3 * 64 for r in rows)  # 64 per crop
+    assert main(argv[:-1] + ["--out", str(tmp_path / "pad"), "--image-aspect-ratio", "pad"]) == 2
+    assert "LLaVA-NeXT tiles each image at its own aspect" in capsys.readouterr().err
+
+
 def test_benchmark_script_runs_under_torchrun(tmp_path):
     """scripts/v1_5/eval/pope.sh TOKENS: torchrun, the method's config at that budget, merged results."""
     import subprocess
