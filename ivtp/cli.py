@@ -237,9 +237,18 @@ def cmd_data_check(args) -> int:
 
     from ivtp.data.check import check_file, format_report
 
+    image_tokens = args.image_tokens
+    if args.model is not None:  # its placeholder count (LLaVA-NeXT: each image's, by its size), from config.json
+        from ivtp.data.llava import placeholders_per_image
+        from ivtp.models import PRESETS, architecture
+
+        config = architecture(args.model, args.model in PRESETS)
+        if config is None:
+            raise InputError(f"{args.model}: its config.json is not in the HF cache; download it, or use a preset")
+        image_tokens = placeholders_per_image(config)
     tokenizer = AutoTokenizer.from_pretrained(args.tokenizer or TINY_TOKENIZER)
     report = check_file(args.data, args.image_folder, tokenizer, template=args.template,
-                        image_tokens=args.image_tokens, model_max_length=args.model_max_length,
+                        image_tokens=image_tokens, model_max_length=args.model_max_length,
                         progress=not args.json)
     if args.json:
         _print_json(report.to_json())
@@ -560,6 +569,8 @@ def build_parser() -> argparse.ArgumentParser:
                                                      "default: the tiny test tokenizer")
     p.add_argument("--template", default="vicuna_v1", choices=["vicuna_v1", "plain"])
     p.add_argument("--image-tokens", type=positive_int, default=576, help="placeholders per image (576 for LLaVA-1.5)")
+    p.add_argument("--model", default=None, help="count each image's placeholders as this model does (a preset or "
+                                                 "llava-hf folder; LLaVA-NeXT: by the image's size), not --image-tokens")
     p.add_argument("--model-max-length", type=positive_int, default=2048)
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_data_check)

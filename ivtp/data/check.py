@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from PIL import Image
@@ -42,7 +43,9 @@ class CheckReport:
 
 
 def check_file(data_path: str, image_folder: str | None, tokenizer=None, template: str = "vicuna_v1",
-               image_tokens: int = 576, model_max_length: int = 2048, progress: bool = True) -> CheckReport:
+               image_tokens: "int | Callable" = 576, model_max_length: int = 2048, progress: bool = True) -> CheckReport:
+    """image_tokens: placeholders per image, or (LLaVA-NeXT: ivtp.data.llava.placeholders_per_image) a function of
+    the image's (height, width), read from its header; an image that cannot be read is not counted for length."""
     if not os.path.isfile(data_path):
         raise FileNotFoundError(f"data file not found: {data_path}")
     with open(data_path) as f:
@@ -63,8 +66,7 @@ def check_file(data_path: str, image_folder: str | None, tokenizer=None, templat
         convs = place_image(rec.get("conversations") or [], bool(image))
         report.with_image += bool(image)
         report.text_only += not image
-        if image:
-            _check_image(report, sid, os.path.join(image_folder or "", image))
+        size = _check_image(report, sid, os.path.join(image_folder or "", image)) if image else None
         problem = placeholder_problem(convs, bool(image))
         if problem is not None:
             report.add(problem[0], f"{sid}: {problem[1]}")
@@ -73,22 +75,26 @@ def check_file(data_path: str, image_folder: str | None, tokenizer=None, templat
         except ConversationError as e:
             report.add("malformed_conversation", str(e))
             continue
-        if tokenizer is not None:
-            n_tokens = len(tokenize(rendered, tokenizer, image_tokens)[0])
+        per_image = image_tokens(size) if callable(image_tokens) and size is not None else image_tokens
+        if tokenizer is not None and not callable(per_image):
+            n_tokens = len(tokenize(rendered, tokenizer, per_image)[0])
             if n_tokens > model_max_length:
                 report.add("too_long", f"{sid}: {n_tokens} tokens > {model_max_length}")
     return report
 
 
-def _check_image(report: CheckReport, sid: str, path: str) -> None:
+def _check_image(report: CheckReport, sid: str, path: str) -> tuple[int, int] | None:
+    """The image's (height, width) from its header, or None (reported) when it is missing or unreadable."""
     if not os.path.isfile(path):
         report.add("missing_image", f"{sid}: {path}")
-        return
+        return None
     try:
         with Image.open(path) as im:
             im.verify()  # reads the whole file's structure without decoding pixels
+            return im.size[1], im.size[0]
     except Exception as e:  # PIL raises many types for broken files
         report.add("unreadable_image", f"{sid}: {path}: {e.__class__.__name__}")
+        return None
 
 
 def format_report(report: CheckReport) -> str:

@@ -67,6 +67,34 @@ def test_data_check_reports_every_kind_of_problem(tmp_path, capsys):
     assert "no problems found" in capsys.readouterr().out
 
 
+def test_data_check_counts_each_images_placeholders_as_the_model_does(tmp_path, capsys):
+    """--model tiny-random-next: each image takes its stock AnyRes count (by its size), not one fixed count; a limit
+    between the two counts flags the record on NeXT only."""
+    from PIL import Image
+
+    from ivtp.anyres import stock_tokens
+    from ivtp.models import preset_config
+
+    record = json.load(open(DATA))[0]
+    with Image.open(os.path.join(IMAGES, record["image"])) as im:
+        size = (im.height, im.width)
+    next_count = stock_tokens(size, preset_config("tiny-random-next"))
+    assert next_count > 576
+    path = tmp_path / "one.json"
+    path.write_text(json.dumps([record]))
+
+    def too_long(model, limit):
+        main(["data", "check", str(path), "--image-folder", IMAGES, "--model", model, "--model-max-length",
+              str(limit), "--json"])
+        return json.loads(capsys.readouterr().out)["problems"].get("too_long", 0)
+
+    text = 0
+    while too_long("tiny-random", 576 + text):  # the record's text tokens, less its one <image>
+        text += 25
+    assert not too_long("tiny-random", 576 + text) and too_long("tiny-random-next", 576 + text)
+    assert not too_long("tiny-random-next", next_count + text)
+
+
 def test_wandb_goes_offline_without_a_key(monkeypatch, tmp_path):
     from ivtp.training import parse_args
 
