@@ -18,7 +18,7 @@ demo: $(STAMP)
 	$(VENV)/bin/ivtp demo --out ivtp_out
 
 test: $(STAMP)
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q --durations=15
 
 # The lmms-eval plugin in a venv of its own (.[lmms] pins lmms-eval, whose dependencies stay out of .venv).
 LMMS_VENV := .venv-lmms
