@@ -61,13 +61,19 @@ def side(config) -> int:
     return config.vision_config.image_size // config.vision_config.patch_size
 
 
-def stock_tokens(image_size, config) -> int:
-    """The tokens stock LLaVA-NeXT hands the LLM for one image, and so the placeholders its processor writes: the
-    base view's patches, the tiles' feature map after the padding cut, and one newline per remaining row. The cut
-    is transformers' own `unpad_image`, run on an empty map of the grid's shape."""
+def cut_map(image_size, config) -> tuple[int, int]:
+    """(height, width) in patches of one image's tile map after the padding cut: transformers' own `unpad_image`,
+    run on an empty map of the grid's shape."""
     n, (rows, cols) = side(config), tile_grid(image_size, config)
     height, width = unpad_image(torch.empty(0, rows * n, cols * n), _size(image_size)).shape[1:]
-    return n * n + height * (width + 1)
+    return height, width
+
+
+def stock_tokens(image_size, config) -> int:
+    """The tokens stock LLaVA-NeXT hands the LLM for one image, and so the placeholders its processor writes: the
+    base view's patches, the tiles' feature map after the padding cut, and one newline per remaining row."""
+    height, width = cut_map(image_size, config)
+    return side(config) ** 2 + height * (width + 1)
 
 
 def flatten_crops(pixel_values: torch.Tensor, crops: list[int]) -> torch.Tensor:
@@ -130,12 +136,6 @@ def places_of(places: torch.Tensor, order: torch.Tensor, config) -> torch.Tensor
     return torch.where(order >= 0, flat[order.clamp_min(0)], -1)
 
 
-def handed_on_places(places: torch.Tensor, image_size, config) -> torch.Tensor:
-    """(crops * K,) the crop-major patch index of each token a pruned image hands the LLM, in raster_order.
-    places: (crops, K) each crop's kept patch indices (-1: no single patch)."""
-    return places_of(places, raster_order(places, tile_grid(image_size, config), side(config)), config)
-
-
 def stock_order(places: torch.Tensor, image_size, config) -> torch.Tensor:
     """VisPruner's NeXT layout (the config's `anyres.layout: stock`): the stock layout with only the kept patches.
     Returns (T,) indices into the image's crop tokens flattened crop after crop, -1 where an image_newline goes:
@@ -187,6 +187,10 @@ class AnyResLayout:
         the share of their map left after the padding cut, and one newline per row left."""
         if not self.variable:
             return int(self.counts(1, [image_size])[1][0])
-        n, (rows, cols) = side(self.config), tile_grid(image_size, self.config)
-        height, width = unpad_image(torch.empty(0, rows * n, cols * n), _size(image_size)).shape[1:]
-        return self.per_crop + round(self.per_crop * height * width / (n * n)) + height
+        height, width = cut_map(image_size, self.config)
+        return self.per_crop + round(self.per_crop * height * width / side(self.config) ** 2) + height
+
+    @property
+    def every_patch(self) -> bool:
+        """Nothing pruned before the LLM: every patch, in the stock layout (transformers' own packing)."""
+        return self.stock and not self.variable

@@ -209,7 +209,7 @@ def reads_image_newline(model) -> bool:
     if getattr(model.model, "image_newline", None) is None:
         return False
     state = getattr(model, "ivtp_state", None)
-    return state is None or getattr(state.layout, "stock", False)
+    return state is None or state.layout.stock
 
 
 def detach_frozen_tower(model) -> None:

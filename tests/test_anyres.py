@@ -84,12 +84,14 @@ def test_stock_places_are_where_transformers_packs_each_patch(next_model, size):
     assert torch.equal(packed[0][:, 0].long(), anyres.stock_places(image_size, config))
 
 
-def test_handed_on_places_follow_the_raster_order():
+def test_places_of_the_raster_order_name_each_handed_on_tokens_patch():
     # The hand-worked grid of test_raster_order_on_a_hand_worked_grid, with 2 x 2 patches per crop (4 per crop):
     # base keeps 1, 2 (crop-major 1, 2); tile 0 keeps 0, 3 (4, 7); tile 1 keeps 1, 2 (9, 10); in the map's order
     # tile 0's 0, tile 1's 1, tile 0's 3, tile 1's 2.
     config = tiny_random_next(image_size=28)[0].config  # 2 x 2 patches per crop, the 1 x 2 grid at 28 x 56 px
-    kept = torch.tensor([[1, 2], [0, 3], [1, 2]])
-    assert anyres.handed_on_places(kept, (28, 56), config).tolist() == [1, 2, 4, 9, 7, 10]
-    assert anyres.handed_on_places(torch.tensor([[1, -1], [0, 3], [-1, 2]]), (28, 56), config).tolist() == \
-        [1, -1, 4, 7, 10, -1]
+    def handed_on(places):
+        order = anyres.raster_order(places, anyres.tile_grid((28, 56), config), anyres.side(config))
+        return anyres.places_of(places, order, config).tolist()
+
+    assert handed_on(torch.tensor([[1, 2], [0, 3], [1, 2]])) == [1, 2, 4, 9, 7, 10]
+    assert handed_on(torch.tensor([[1, -1], [0, 3], [-1, 2]])) == [1, -1, 4, 7, 10, -1]

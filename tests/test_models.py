@@ -94,17 +94,19 @@ def _original_tokenizer(path):
                             ).save_pretrained(path)
 
 
-def test_converter_from_the_original_layout(tmp_path):
-    """Write a tiny checkpoint in liuhaotian's layout, convert it, and compare against its parts."""
+def _original_checkpoint(tmp_path, extra_weights: dict | None = None, extra_config: dict | None = None):
+    """A tiny checkpoint in liuhaotian's layout under tmp_path/orig (its CLIP tower in tmp_path/clip), with
+    `extra_weights` and `extra_config` added: (clip, llama, projector weights, source folder)."""
     torch.manual_seed(0)
-    clip_dir, src, out = tmp_path / "clip", tmp_path / "orig", tmp_path / "hf"
+    clip_dir, src = tmp_path / "clip", tmp_path / "orig"
     clip = CLIPVisionModel(CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=4,
                                             num_attention_heads=4, image_size=56, patch_size=14)).eval()
     clip.save_pretrained(clip_dir)
     llama = LlamaForCausalLM(LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                                          num_attention_heads=4, vocab_size=100)).eval()
     proj = {"model.mm_projector.0.weight": torch.randn(64, 32), "model.mm_projector.0.bias": torch.randn(64),
-            "model.mm_projector.2.weight": torch.randn(64, 64), "model.mm_projector.2.bias": torch.randn(64)}
+            "model.mm_projector.2.weight": torch.randn(64, 64), "model.mm_projector.2.bias": torch.randn(64),
+            **(extra_weights or {})}
     src.mkdir()
     torch.save({**llama.state_dict(), **proj}, src / "pytorch_model.bin")
     (src / "config.json").write_text(json.dumps({
@@ -112,9 +114,22 @@ def test_converter_from_the_original_layout(tmp_path):
         "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4, "vocab_size": 100,
         "max_position_embeddings": 2048, "rms_norm_eps": 1e-6, "mm_hidden_size": 32,
         "mm_projector_type": "mlp2x_gelu", "mm_vision_select_layer": -2, "mm_vision_select_feature": "patch",
-        "mm_vision_tower": str(clip_dir)}))
+        "mm_vision_tower": str(clip_dir), **(extra_config or {})}))
     _original_tokenizer(src)
+    return clip, llama, proj, src
 
+
+def _projected(clip, proj: dict, pixels):
+    """Layer -2 patch features through mm_projector.0 -> GELU -> mm_projector.2, by hand."""
+    feats = clip(pixels, output_hidden_states=True).hidden_states[-2][:, 1:]
+    hidden = torch.nn.functional.gelu(feats @ proj["model.mm_projector.0.weight"].T + proj["model.mm_projector.0.bias"])
+    return hidden @ proj["model.mm_projector.2.weight"].T + proj["model.mm_projector.2.bias"]
+
+
+def test_converter_from_the_original_layout(tmp_path):
+    """Write a tiny checkpoint in liuhaotian's layout, convert it, and compare against its parts."""
+    clip, llama, proj, src = _original_checkpoint(tmp_path)
+    out = tmp_path / "hf"
     convert_original_llava(str(src), str(out))
     model, processor = load_model(str(out), dtype=torch.float32)
     assert model.config.text_config.vocab_size == 128  # 100 + <image> + <pad>, padded to a multiple of 64
@@ -126,9 +141,7 @@ def test_converter_from_the_original_layout(tmp_path):
         # Text: the converted LLM is the original Llama (on the original vocabulary).
         torch.testing.assert_close(model(input_ids=ids).logits[..., :100], llama(input_ids=ids).logits)
         # Image: layer -2 patch features through mm_projector.0 -> GELU -> mm_projector.2.
-        feats = clip(pixels, output_hidden_states=True).hidden_states[-2][:, 1:]
-        ref = torch.nn.functional.gelu(feats @ proj["model.mm_projector.0.weight"].T + proj["model.mm_projector.0.bias"])
-        ref = ref @ proj["model.mm_projector.2.weight"].T + proj["model.mm_projector.2.bias"]
+        ref = _projected(clip, proj, pixels)
         got = model.model.get_image_features(pixel_values=pixels).pooler_output[0]
     torch.testing.assert_close(got, ref[0], rtol=1e-5, atol=1e-5)
     # New vocabulary rows start at the mean embedding.
@@ -142,28 +155,11 @@ def test_converter_from_the_original_llava_16_layout(tmp_path):
     image_newline after each row, computed here by hand for a 112 x 112 image (the 2 x 2 grid, nothing cut)."""
     from transformers import LlavaNextForConditionalGeneration
 
-    torch.manual_seed(0)
-    clip_dir, src, out = tmp_path / "clip", tmp_path / "orig", tmp_path / "hf"
-    clip = CLIPVisionModel(CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=4,
-                                            num_attention_heads=4, image_size=56, patch_size=14)).eval()
-    clip.save_pretrained(clip_dir)
-    llama = LlamaForCausalLM(LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                                         num_attention_heads=4, vocab_size=100)).eval()
-    proj = {"model.mm_projector.0.weight": torch.randn(64, 32), "model.mm_projector.0.bias": torch.randn(64),
-            "model.mm_projector.2.weight": torch.randn(64, 64), "model.mm_projector.2.bias": torch.randn(64),
-            "model.image_newline": torch.randn(64)}
-    src.mkdir()
-    torch.save({**llama.state_dict(), **proj}, src / "pytorch_model.bin")
     grids = [[56, 112], [112, 56], [112, 112], [168, 56], [56, 168]]
-    (src / "config.json").write_text(json.dumps({
-        "architectures": ["LlavaLlamaForCausalLM"], "model_type": "llava", "hidden_size": 64,
-        "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4, "vocab_size": 100,
-        "max_position_embeddings": 2048, "rms_norm_eps": 1e-6, "mm_hidden_size": 32,
-        "mm_projector_type": "mlp2x_gelu", "mm_vision_select_layer": -2, "mm_vision_select_feature": "patch",
-        "mm_vision_tower": str(clip_dir), "image_aspect_ratio": "anyres", "mm_patch_merge_type": "spatial_unpad",
-        "image_grid_pinpoints": grids}))
-    _original_tokenizer(src)
-
+    clip, llama, proj, src = _original_checkpoint(
+        tmp_path, {"model.image_newline": torch.randn(64)},
+        {"image_aspect_ratio": "anyres", "mm_patch_merge_type": "spatial_unpad", "image_grid_pinpoints": grids})
+    out = tmp_path / "hf"
     convert_original_llava(str(src), str(out))
     model, processor = load_model(str(out), dtype=torch.float32)
     assert isinstance(model, LlavaNextForConditionalGeneration) and model.config.image_grid_pinpoints == grids
@@ -171,9 +167,7 @@ def test_converter_from_the_original_llava_16_layout(tmp_path):
     pixels = torch.randn(1, 5, 3, 56, 56)  # base view and the 2 x 2 tiles
     with torch.no_grad():
         torch.testing.assert_close(model(input_ids=ids).logits[..., :100], llama(input_ids=ids).logits)
-        feats = clip(pixels[0], output_hidden_states=True).hidden_states[-2][:, 1:]  # (5, 16, 32)
-        crops = torch.nn.functional.gelu(feats @ proj["model.mm_projector.0.weight"].T + proj["model.mm_projector.0.bias"])
-        crops = crops @ proj["model.mm_projector.2.weight"].T + proj["model.mm_projector.2.bias"]  # (5, 16, 64)
+        crops = _projected(clip, proj, pixels[0])  # (5, 16, 64)
         got = model.model.get_image_features(pixel_values=pixels, image_sizes=torch.tensor([[112, 112]]))
     expected = [crops[0, p] for p in range(16)]
     for r in range(8):  # the map's rows: tile (r // 4, c // 4), its patch (r % 4, c % 4)

@@ -87,6 +87,8 @@ class FixedLayout:
 
     full: int
     kept: int
+    stock = False  # LLaVA-NeXT's layout flags (anyres.AnyResLayout), never set for one fixed view
+    variable = False
 
     def counts(self, num_images: int, image_sizes=None, handed_on=None) -> tuple[int, int]:
         """(placeholders per image, tokens it hands on); handed_on is for layouts whose counts follow the picks."""
@@ -116,7 +118,7 @@ class PruningState:
     last_vision: VisionOutput | None = None
     last_llm_trace: LLMTrace | None = None
     # LLaVA-NeXT: per image of the last forward, where each token it handed the LLM came from (anyres.stock_places,
-    # handed_on_places: crop-major patch indices, -1 for none); None for LLaVA-1.5, whose tokens are one crop's.
+    # places_of: crop-major patch indices, -1 for none); None for LLaVA-1.5, whose tokens are one crop's.
     last_image_places: list[torch.Tensor] | None = None
     last_image_crops: list[int] | None = None  # LLaVA-NeXT: per image of the last forward, its crops
     # A layout whose counts follow the picks (LLaVA-NeXT's `anyres.layout: stock`): (pixel_values, image features)
@@ -157,7 +159,7 @@ class PruningState:
         (images per row, or LLaVA-NeXT's crops, (B,) int64; None, or over NeXT's stock layout, whose images hold
         no whole number of crops' tokens, each row's visual tokens in crops' worth, (B,) float)."""
         tokens = visual.sum(1)  # (B,)
-        if not (self.layout_is_stock and self.llm_plan is not None):
+        if not (self.layout.stock and self.llm_plan is not None):
             return tokens // self.tokens_per_image, None
         crops = torch.zeros_like(tokens)
         per_image = iter(zip((len(p) for p in self.last_image_places), self.last_image_crops))
@@ -166,14 +168,6 @@ class PruningState:
                 n, c = next(per_image)
                 need, crops[r] = need - n, crops[r] + c
         return crops, tokens.float() / self.tokens_per_image
-
-    @property
-    def layout_is_stock(self) -> bool:
-        return bool(getattr(self.layout, "stock", False))
-
-    @property
-    def layout_is_variable(self) -> bool:
-        return bool(getattr(self.layout, "variable", False))
 
     def pending_for(self, pixel_values) -> object | None:
         """The image features computed ahead for exactly these pixels (ivtp_shrink), or None."""
@@ -216,7 +210,7 @@ class PruningState:
 
     def _anyres_row_report(self, row: int, first_image: int, n_images: int) -> dict:
         places = self.last_image_places[first_image:first_image + n_images]  # per image, in the order handed on
-        if self.layout.stock and not self.layout.variable:  # every patch, in the stock layout (newlines included)
+        if self.layout.every_patch:  # in the stock layout, newlines included
             counts = [len(places[0])]
         else:  # per image: stage 1's count per crop times the image's crops (a row's images averaged)
             crops = sum(self.last_image_crops[first_image:first_image + n_images])
@@ -362,7 +356,7 @@ class PrunedLlavaForConditionalGeneration:
         (PruningState.pending) for the prefill of the same pixels, so the tower runs once."""
         state = self.ivtp_state
         handed_on = None
-        if state.layout_is_variable:
+        if state.layout.variable:
             # Input shrunk earlier (generate's prefill, and each step of generate without a cache) takes the
             # features computed then; fresh input runs the tower now.
             outputs = state.pending_for(pixel_values) if already_shrunk else None

@@ -38,7 +38,7 @@ class PrunedLlavaNextModel:
         state.last_image_crops = crops
         features = self.multi_modal_projector(out.features).split(crops)  # per image: (crops, K, D)
         layout = state.layout
-        if layout.stock and not layout.variable:  # every patch: transformers' own packing
+        if layout.every_patch:  # transformers' own packing
             packed, _ = self.pack_image_features(list(features), image_sizes, "default", self.image_newline)
             state.last_image_places = [anyres.stock_places(size, self.config) for size in image_sizes]
             return BaseModelOutputWithPooling(last_hidden_state=out.features, pooler_output=packed)
