@@ -76,6 +76,25 @@ def stock_tokens(image_size, config) -> int:
     return side(config) ** 2 + height * (width + 1)
 
 
+def crop_count_range(config) -> list[int]:
+    """Every crop count an image can have on this model: 1 + the tiles of each grid (LLaVA-1.6: 3, 4 and 5)."""
+    n = config.vision_config.image_size
+    return sorted({1 + (h // n) * (w // n) for h, w in config.image_grid_pinpoints})
+
+
+def most_stock_tokens(config) -> int:
+    """The most tokens stock LLaVA-NeXT hands the LLM for one image: an image the exact size of a grid, which has
+    no padding to cut (2,928 on LLaVA-1.6, a 2 x 2 grid)."""
+    return max(stock_tokens((h, w), config) for h, w in config.image_grid_pinpoints)
+
+
+def split_budget(total: int, crops: int) -> list[int]:
+    """`anyres.budget: per_image`: an image's count over its crops as evenly as counts allow, the base view first,
+    then the tiles in grid order, each taking one of the remainder (160 over 3 crops: 54, 53, 53)."""
+    q, r = divmod(total, crops)
+    return [q + (i < r) for i in range(crops)]
+
+
 def flatten_crops(pixel_values: torch.Tensor, crops: list[int]) -> torch.Tensor:
     """(B, max crops, 3, S, S) padded to the batch's most crops, or (sum crops, 3, S, S) -> (sum crops, 3, S, S)."""
     if pixel_values.dim() == 4:
@@ -83,14 +102,19 @@ def flatten_crops(pixel_values: torch.Tensor, crops: list[int]) -> torch.Tensor:
     return torch.cat([pixels[:n] for pixels, n in zip(pixel_values, crops)], dim=0)
 
 
+# In a batch whose crops kept different counts (`anyres.budget: per_image`), each crop's tokens are padded to the
+# most any crop kept; a padding slot's place is ABSENT, and no order below hands it on.
+ABSENT = -2
+
+
 def raster_order(places: torch.Tensor, grid: tuple[int, int], n: int) -> torch.Tensor:
     """The order that puts one image's tokens where stock LLaVA-NeXT reads them: the base view's first, as they
     come, then the tiles' patches in raster order over the whole grid (a row of the map crosses every tile of a
     grid row), then the tiles' tokens that stand for no single patch (fused or merged ones), tile after tile.
 
-    places: (crops, K) each token's patch index (row-major within its crop, n x n) or -1; crop 0 is the base view,
-    crops 1.. the tiles in row-major order over the (rows, cols) grid. Returns (crops * K,) indices into the
-    crops' tokens flattened crop after crop."""
+    places: (crops, K) each token's patch index (row-major within its crop, n x n), -1 or ABSENT; crop 0 is the
+    base view, crops 1.. the tiles in row-major order over the (rows, cols) grid. Returns (T,) indices into the
+    crops' tokens flattened crop after crop, T the tokens that are not ABSENT."""
     crops, k = places.shape
     rows, cols = grid
     if crops != 1 + rows * cols:
@@ -101,8 +125,10 @@ def raster_order(places: torch.Tensor, grid: tuple[int, int], n: int) -> torch.T
     cell = ((tile // cols) * n + r) * (cols * n) + (tile % cols) * n + c  # (tiles, K) its raster index in the map
     unplaced = rows * cols * n * n + tile * k + torch.arange(k, device=places.device)  # after every cell, in order
     key = torch.where(p >= 0, cell, unplaced)  # (tiles, K)
-    tiles = k + torch.sort(key.flatten(), stable=True).indices  # (tiles * K,)
-    return torch.cat([torch.arange(k, device=places.device), tiles])
+    key = torch.where(p == ABSENT, rows * cols * (n * n + k), key)  # after everything: cut off below
+    present = int((p != ABSENT).sum())
+    tiles = k + torch.sort(key.flatten(), stable=True).indices[:present]  # (tiles' present tokens,)
+    return torch.cat([torch.nonzero(places[0] != ABSENT).flatten(), tiles])
 
 
 # Where an image's tokens came from, for reports and overlays: a crop-major patch index, crop * side^2 + patch
@@ -123,10 +149,11 @@ def stock_places(image_size, config) -> torch.Tensor:
 
 
 def crop_major(places: torch.Tensor, config) -> torch.Tensor:
-    """(crops, K) each crop's kept patch indices (-1: no single patch) -> (crops K,) their crop-major indices."""
+    """(crops, K) each crop's kept patch indices (-1: no single patch; ABSENT: padding) -> (crops K,) their
+    crop-major indices, -1 and ABSENT as they were."""
     n = side(config)
     crop = torch.arange(places.shape[0], device=places.device)[:, None]
-    return torch.where(places >= 0, crop * n * n + places, -1).flatten()
+    return torch.where(places >= 0, crop * n * n + places, places).flatten()
 
 
 def places_of(places: torch.Tensor, order: torch.Tensor, config) -> torch.Tensor:
@@ -141,7 +168,8 @@ def stock_order(places: torch.Tensor, image_size, config) -> torch.Tensor:
     Returns (T,) indices into the image's crop tokens flattened crop after crop, -1 where an image_newline goes:
     the base view's kept patches in patch order, then the tile map cut to the image in raster order, its kept
     patches and a newline after every row, then the tokens that stand for no single patch (-1 in `places`), crop
-    after crop. Kept patches in the letterbox vanish. places: (crops, K) each crop's kept patch indices or -1."""
+    after crop. Kept patches in the letterbox vanish. places: (crops, K) each crop's kept patch indices, -1 or
+    ABSENT."""
     n = side(config)
     flat = crop_major(places, config)  # (crops K,)
     token_at = torch.full((places.shape[0] * n * n,), -2, dtype=torch.long, device=places.device)  # -2: not kept
@@ -149,22 +177,29 @@ def stock_order(places: torch.Tensor, image_size, config) -> torch.Tensor:
     token_at[flat[placed]] = placed
     stock = stock_places(image_size, config).to(places.device)  # (S,) crop-major index, -1: newline
     at = torch.where(stock >= 0, token_at[stock.clamp_min(0)], -1)  # (S,) the token there, -1 newline, -2 none
-    unplaced = torch.nonzero(flat < 0).flatten()
+    unplaced = torch.nonzero(flat == -1).flatten()  # ABSENT padding goes nowhere
     return torch.cat([at[at != -2], unplaced])
 
 
 @dataclass(frozen=True)
 class AnyResLayout:
-    """What each image of a LLaVA-NeXT batch hands the LLM. per_crop: the tokens stage 1 leaves each crop. stock:
-    the stock layout's order, padding cut and newlines (nothing pruned before the LLM, so an in-LLM stage prunes over
+    """What each image of a LLaVA-NeXT batch hands the LLM. per_crop: the tokens stage 1 leaves each crop, or with
+    per_image set (`anyres.budget: per_image`) the image's count, split over its crops (split_budget). stock: the
+    stock layout's order, padding cut and newlines (nothing pruned before the LLM, so an in-LLM stage prunes over
     it; or the config's `anyres.layout: stock`). variable: stock with only the kept patches, whose count is known
-    once the tower has picked them (stock_order); else each image hands on `per_crop x crops` tokens in the
-    survivors' order (raster_order)."""
+    once the tower has picked them (stock_order); else each image hands on its crops' counts in the survivors'
+    order (raster_order)."""
 
     config: object  # the LlavaNextConfig
     per_crop: int
     stock: bool
     variable: bool = False
+    per_image: int | None = None
+    units_are_images: bool = False  # `anyres.budget: per_image`: stage 2 keeps its counts per image, not per crop
+
+    def crop_budgets(self, crops: int) -> list[int]:
+        """The tokens stage 1 leaves each crop of an image of `crops` crops, base view first."""
+        return [self.per_crop] * crops if self.per_image is None else split_budget(self.per_image, crops)
 
     def counts(self, num_images: int, image_sizes, handed_on=None) -> tuple[torch.Tensor, torch.Tensor]:
         """(placeholders the processor wrote, tokens the model hands on), (num_images,) each. handed_on: the counts
@@ -178,17 +213,19 @@ class AnyResLayout:
             return full, full if handed_on is None else torch.as_tensor(handed_on, dtype=torch.long)
         if self.stock:
             return full, full
-        crops = torch.tensor(crop_counts(image_sizes, self.config), dtype=torch.long)
-        return full, crops * self.per_crop
+        kept = [sum(self.crop_budgets(n)) for n in crop_counts(image_sizes, self.config)]
+        return full, torch.tensor(kept, dtype=torch.long)
 
     def expected(self, image_size) -> int:
         """The tokens one image hands on, and for a variable layout their expectation with the kept patches
-        spread evenly over the tiles (what `ivtp flops` prices): the base view's per_crop, the tiles' per_crop in
-        the share of their map left after the padding cut, and one newline per row left."""
+        spread evenly over the tiles (what `ivtp flops` prices): the base view's count, the tiles' in the share of
+        their map left after the padding cut, and one newline per row left."""
         if not self.variable:
             return int(self.counts(1, [image_size])[1][0])
+        budgets = self.crop_budgets(crop_count(image_size, self.config))
         height, width = cut_map(image_size, self.config)
-        return self.per_crop + round(self.per_crop * height * width / side(self.config) ** 2) + height
+        tiles = (len(budgets) - 1) * side(self.config) ** 2
+        return budgets[0] + round(sum(budgets[1:]) * height * width / tiles) + height
 
     @property
     def every_patch(self) -> bool:

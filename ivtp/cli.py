@@ -532,7 +532,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prune-config", default=None, help="a prune config instead of --method/--visual-tokens")
     p.add_argument("--image-size", type=image_size, default=None, metavar="HxW",
                    help="LLaVA-NeXT only: the image's height x width in px, which sets its AnyRes crops "
-                        "(default 672x672: 5 crops); budgets are per crop (docs/paper.md, LLaVA-NeXT)")
+                        "(default 672x672: 5 crops); budgets are per crop unless the config sets "
+                        "anyres.budget: per_image (docs/paper.md, LLaVA-NeXT)")
     p.add_argument("--projector", choices=PROJECTOR_NAMES, default="mlp",
                    help="a trained compressor in place of LLaVA's projector, at --visual-tokens (unpruned: "
                         "--method none); its own FLOPs go to 'extra'")

@@ -42,6 +42,7 @@ AGGREGATIONS = ("rollout", "mean", "max", "multiply", "single_layer", "layer_wis
 #                  kept set does not change with it reads no instruction (docs/paper.md, "Extensions")
 GUIDANCES = ("none", "all_text", "llm_threshold", "clip", "random")
 ANYRES_LAYOUTS = ("auto", "survivors", "stock")
+ANYRES_BUDGETS = ("per_crop", "per_image")
 # How eq. 6's cosines are read before the tau threshold (our extension; the paper thresholds the raw cosine):
 #   cosine        the raw cosine (the paper)
 #   centred       minus the mean over the row's rated instruction tokens: the aligner's offset per image (its
@@ -344,12 +345,20 @@ class AnyResSection:
     - stock: the stock layout with only the kept patches in it: the base view's in patch order, then the tile map
       cut to the image (kept patches in the letterbox vanish), with every row's image_newline. The count varies
       with the picks, so the tower runs before the prompt is shrunk (VisPruner's NeXT code).
-    - auto: the authors' own (stock for vispruner, survivors for every other method)."""
+    - auto: the authors' own (stock for vispruner, survivors for every other method).
+
+    `budget` says what the method's counts are for. per_crop (VisPruner's "32 x 5"): each crop keeps the count,
+    so an image of 5 crops hands on 5 times what one of 3 crops does. per_image: the count is the whole image's.
+    Stage 1's count is split over the image's crops as evenly as counts allow (`anyres.split_budget`), and a stage
+    in the LLM keeps its count per image. Only counts are read that way: a share of the tokens is the same per
+    crop and per image, so per_image refuses one."""
 
     layout: str = "auto"
+    budget: str = "per_crop"
 
     def validate(self, prefix: str) -> None:
         _check_choice(self.layout, ANYRES_LAYOUTS, f"{prefix}.layout")
+        _check_choice(self.budget, ANYRES_BUDGETS, f"{prefix}.budget")
 
 
 @dataclass
@@ -459,6 +468,42 @@ class PruneConfig:
         """Whether the in-LLM stage runs with CLIP-text guidance, and so needs an aligner and the LLM tokenizer."""
         return self.uses_llm_stage and self.llm.needs_aligner
 
+    def stage1_budget(self) -> tuple[str, str] | None:
+        """(section, key) of the one count that sets the visual tokens per image stage 1 hands on, None when
+        nothing prunes before the LLM. LLaVA-NeXT's `anyres.budget: per_image` splits it over an image's crops;
+        a method whose stage 1 has no such single count is refused here, with the reason."""
+        if self.method == "ivtp":
+            if not self.vision.enabled:
+                return None
+            if self.vision.schedule != "linear":
+                raise ConfigError("anyres.budget per_image: vision.schedule must be 'linear', so that each crop's "
+                                  "share of the image's vision.keep sets its own schedule")
+            return "vision", "keep"
+        if self.base_method in ("fastv", "sparsevlm"):
+            return None
+        if self.base_method == "visiondrop":
+            raise ConfigError("anyres.budget per_image: visiondrop's budgets are dominant + contextual tokens per "
+                              "crop at every stage, not one count; use anyres.budget per_crop")
+        return self.base_method, "visual_token_num" if self.base_method == "vispruner" else "keep"
+
+    def llm_budgets(self) -> list[tuple[str, Any]]:
+        """(key, value) of each budget the method's stage in the LLM reads (a count, or a float share)."""
+        if self.uses_llm_stage:
+            steps = self.llm.schedule if isinstance(self.llm.schedule, list) else []
+            return [("llm.keep", self.llm.keep)] + [(f"llm.schedule[{i}]", v) for i, v in enumerate(steps)]
+        if self.method == "fastv":
+            return [("fastv.ratio", self.fastv.ratio)] if self.fastv.keep is None else [("fastv.keep", self.fastv.keep)]
+        if self.method == "sparsevlm":
+            return [("sparsevlm.budget", self.sparsevlm.budget)]
+        return []
+
+    def with_stage1_count(self, count: int) -> "PruneConfig":
+        """This config with stage 1 handing on `count` tokens per crop (the key stage1_budget names)."""
+        section, key = self.stage1_budget()
+        d = self.to_dict()
+        d[section] = {**d[section], key: count}
+        return PruneConfig.from_dict(d)
+
     def sections(self) -> set[str]:
         """The config sections this method reads."""
         if self.method == "ivtp":
@@ -519,8 +564,10 @@ class PruneConfig:
         """The method and the sections it reads (what ivtp_config.json holds)."""
         full = dataclasses.asdict(self)
         out = {"method": self.method, **{k: full[k] for k in sorted(self.sections())}}
-        if self.anyres != AnyResSection():  # only when set: LLaVA-1.5 configs stay as they were
-            out["anyres"] = full["anyres"]
+        default = dataclasses.asdict(AnyResSection())
+        anyres = {k: v for k, v in full["anyres"].items() if v != default[k]}
+        if anyres:  # only what is set: LLaVA-1.5 configs stay as they were
+            out["anyres"] = anyres
         return out
 
     @classmethod

@@ -88,7 +88,32 @@ def test_resolve_budget():
         resolve_budget(577, 576, "vision.keep")
 
 
-@pytest.mark.parametrize("path", CONFIGS, ids=[os.path.relpath(p, ROOT) for p in CONFIGS])
+NEXT_CONFIGS = [p for p in CONFIGS if os.sep + "next" + os.sep in p]  # LLaVA-NeXT's own: budgets per image
+
+
+@pytest.mark.parametrize("path", NEXT_CONFIGS, ids=[os.path.relpath(p, ROOT) for p in NEXT_CONFIGS])
+def test_every_shipped_next_config_applies_to_llava16_geometry(path):
+    """configs/next/ apply to a model with LLaVA-1.6's geometry (576 patches per crop, its grids of 3-5 crops, 32
+    LLM layers), each image handing the LLM stage what the config says whatever its crops."""
+    from ivtp import apply_pruning
+    from ivtp.models import tiny_aligner, tiny_random_next
+
+    cfg = PruneConfig.from_yaml(path)
+    assert cfg.anyres.budget == "per_image"
+    model, processor = tiny_random_next(num_hidden_layers=24)
+    apply_pruning(model, cfg, aligner=tiny_aligner(), tokenizer=processor.tokenizer)
+    state = model.ivtp_state
+    assert state.layout.units_are_images and state.vision.num_patches == 576
+    if cfg.method == "ivtp":
+        assert state.tokens_per_image == cfg.vision.keep and state.llm_plan.counts[-1] == cfg.llm.keep
+    else:
+        assert state.layout.stock and state.llm_plan.counts[-1] == cfg.fastv.keep
+
+
+CONFIGS_15 = [p for p in CONFIGS if p not in NEXT_CONFIGS]
+
+
+@pytest.mark.parametrize("path", CONFIGS_15, ids=[os.path.relpath(p, ROOT) for p in CONFIGS_15])
 def test_every_shipped_config_loads_and_applies_to_llava15_geometry(path):
     """Every YAML validates, and applies to a model with LLaVA-1.5's depth and token geometry (24 ViT layers,
     feature layer -2, 336 px / 14 = 576 patches; 32 LLM layers), resolving to schedules that end at its keeps."""

@@ -2,6 +2,7 @@
 DeepSpeed ZeRO-3 and bad data."""
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -366,6 +367,29 @@ def test_next_checkpoint_reloads_for_pure_inference_with_identical_logits(next_s
     trainer, model, processor = train(next_args(root, tmp_path, "--max_steps", "2"))
     loaded = load_pruned(str(tmp_path)).eval()
     assert isinstance(loaded, LlavaNextForConditionalGeneration) and loaded.ivtp_state.config.llm.keep == 16
+    model.eval()
+    batch = Collator(processor.tokenizer.pad_token_id)([trainer.train_dataset[i] for i in (0, 5, 2)])  # 3, 0, 5 crops
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(**batch).logits, model(**batch).logits, rtol=0, atol=1e-5)
+
+
+def test_next_trains_and_reloads_with_budgets_per_image(next_setup, tmp_path):
+    """`anyres.budget: per_image`: 40 tokens per image from stage 1 (14/13/13 of a 3-crop image, 8 x 5 of a 5-crop
+    one), 20 after stage 2, in a training forward of mixed crops; the checkpoint reloads with the setting and the
+    same logits."""
+    root, _, _ = next_setup
+    config = tmp_path / "prune.json"
+    config.write_text(json.dumps({"method": "ivtp", "vision": {"keep": 40}, "llm": {
+        "keep": 20, "layers": 6, "aligner": {"model": "ivtp-tiny-clip", "pretrained": None}},
+        "anyres": {"budget": "per_image"}}))
+    argv = next_args(root, tmp_path / "out", "--max_steps", "2")
+    argv[argv.index("--prune-config") + 1] = str(config)
+    trainer, model, processor = train(argv)
+    assert all(math.isfinite(x) for x in losses(trainer))
+    rows = [c for c in model.ivtp_state.last_llm_trace.counts if c]  # the rows with an image
+    assert rows and all(c[0] == 40 and c[-1] == 20 for c in rows), rows
+    loaded = load_pruned(str(tmp_path / "out")).eval()
+    assert loaded.ivtp_state.config.anyres.budget == "per_image" and loaded.ivtp_state.tokens_per_image == 40
     model.eval()
     batch = Collator(processor.tokenizer.pad_token_id)([trainer.train_dataset[i] for i in (0, 5, 2)])  # 3, 0, 5 crops
     with torch.no_grad():

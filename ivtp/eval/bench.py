@@ -256,6 +256,7 @@ def method_flops(llava_config, prune_config: PruneConfig | None, text_tokens: in
     """
     from ivtp.anyres import PRICED_IMAGE_SIZE, crop_count
     from ivtp.eval.flops import TERA, TextEncoder, extra_flops_clip_text, extra_flops_rollout
+    from ivtp.methods import build_llm_plan
     from ivtp.patch.llava import FixedLayout, image_layout, make_plans
 
     arch = Arch.from_llava_config(llava_config)
@@ -267,6 +268,9 @@ def method_flops(llava_config, prune_config: PruneConfig | None, text_tokens: in
     crops = 1 if sizes is None else crop_count(sizes[0], llava_config)
     full = int(layout.counts(1, sizes)[0])
     handed_on = layout.expected(sizes[0] if sizes else None)  # NeXT's stock layout of the kept: its mean
+    if layout.units_are_images and layout.stock and plan is not None:  # per-image counts of this image's own tokens
+        plan = build_llm_plan(config, arch.llm_layers, handed_on)
+    budgets = layout.crop_budgets(crops) if sizes else [runner.tokens_per_image]
     per_unit = plan.tokens_per_layer(arch.llm_layers) if plan is not None else [runner.tokens_per_image] * arch.llm_layers
     # handed_on is per_unit[0] x crops, or NeXT's stock count, of which an in-LLM stage keeps its budget's share
     llm = [round(n * handed_on / per_unit[0]) for n in per_unit]
@@ -280,8 +284,8 @@ def method_flops(llava_config, prune_config: PruneConfig | None, text_tokens: in
         extra += extra_flops_rollout(arch.llm_hidden, scored, stage.effective_group_size)
         if stage.needs_aligner:
             extra += extra_flops_clip_text(text_encoder or TextEncoder.clip_vit_l14(), min(text_tokens, 75))
-    out = llava_flops(arch, text_tokens, vit_tokens_per_layer=runner.vit_tokens_per_layer(),
-                      llm_visual_per_layer=llm, extra=extra / TERA, crops=crops)
+    out = llava_flops(arch, text_tokens, llm_visual_per_layer=llm, extra=extra / TERA, crops=crops,
+                      crop_vit_tokens=[runner.at(b).vit_tokens_per_layer() for b in budgets])
     out["llm_visual_per_layer"] = llm
     out["final_visual_tokens"] = llm[-1]
     return out

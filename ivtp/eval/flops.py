@@ -252,6 +252,7 @@ def llava_flops(
     llm_visual_per_layer: Sequence[int] | None = None,
     extra: float = 0.0,
     crops: int = 1,
+    crop_vit_tokens: Sequence[Sequence[int]] | None = None,
 ) -> dict:
     """The paper's breakdown (Table 9) for one image and `text_tokens` text tokens, in TFLOPs.
 
@@ -259,6 +260,8 @@ def llava_flops(
         each of 23.
     crops: passes of the tower per image, each at vit_tokens_per_layer (LLaVA-NeXT's AnyRes: the base view and
         each tile; 1 for LLaVA-1.5).
+    crop_vit_tokens: instead of the two above, each crop's own vit_tokens_per_layer (LLaVA-NeXT with per-image
+        budgets, whose crops keep different counts); 'vit_tokens' then reports the first crop's.
     llm_visual_per_layer: visual tokens in each decoder layer. The text tokens are added to every layer.
         Default: unpruned, 576 in each layer.
     extra: TFLOPs of anything outside the two towers (scoring, a text encoder, a resampler). It is reported
@@ -275,11 +278,17 @@ def llava_flops(
         vit_tokens_per_layer = [arch.vit_sequence] * arch.vit_layers_priced
     if llm_visual_per_layer is None:
         llm_visual_per_layer = [arch.num_patches] * arch.llm_layers
-    vit_tokens = _check_counts(vit_tokens_per_layer, arch.vit_layers_priced, "vit_tokens_per_layer", _vit_hint(arch))
+    if crop_vit_tokens is None:
+        crop_vit_tokens = [vit_tokens_per_layer] * _check_positive(crops, "crops")
+    elif crops != len(crop_vit_tokens):
+        raise ValueError(f"crop_vit_tokens has {len(crop_vit_tokens)} crops, crops says {crops}")
+    per_crop = [_check_counts(t, arch.vit_layers_priced, "vit_tokens_per_layer", _vit_hint(arch))
+                for t in crop_vit_tokens]
+    vit_tokens = per_crop[0]
     visual = _check_counts(llm_visual_per_layer, arch.llm_layers, "llm_visual_per_layer", "one per decoder layer")
     llm_tokens = [v + text_tokens for v in visual]
 
-    vit = _check_positive(crops, "crops") * vit_flops(arch, vit_tokens) / TERA
+    vit = sum(vit_flops(arch, t) for t in per_crop) / TERA
     llm = llm_flops(arch, llm_tokens) / TERA
     return {
         "vit": vit,

@@ -23,8 +23,46 @@ class VisionRunner:
         """Tokens ([CLS] included) each feature layer runs on, for FLOPs accounting. Unpruned by default."""
         return [self.num_patches + 1] * self.layers_used
 
+    @property
+    def prunes(self) -> bool:
+        """Whether any patch is dropped or merged before the LLM."""
+        return self.tokens_per_image < self.num_patches
+
+    def at(self, count: int) -> "VisionRunner":
+        """The runner for a crop that keeps `count` tokens (LLaVA-NeXT: anyres.AnyResLayout.crop_budgets)."""
+        if count != self.tokens_per_image:
+            raise ValueError(f"this runner keeps {self.tokens_per_image} tokens per crop, not {count}")
+        return self
+
     def run(self, tower: nn.Module, pixel_values: torch.Tensor, want_final_cls: bool) -> VisionOutput:
         raise NotImplementedError
+
+
+class PerImageRunner(VisionRunner):
+    """LLaVA-NeXT with `anyres.budget: per_image`: stage 1's count is the whole image's, split over its crops
+    (anyres.split_budget), so crops of one batch keep different counts. It holds the method's runner at each count
+    a crop can get; the crops run in one batch per count. tokens_per_image is the image's count."""
+
+    def __init__(self, runners: dict[int, VisionRunner], total: int):
+        self.runners = runners
+        one = next(iter(runners.values()))
+        self.num_patches, self.layers_used, self.tokens_per_image = one.num_patches, one.layers_used, total
+
+    @property
+    def prunes(self) -> bool:
+        return any(r.prunes for r in self.runners.values())
+
+    def at(self, count: int) -> VisionRunner:
+        return self.runners[count]
+
+    def step_names(self) -> list[str]:
+        return next(iter(self.runners.values())).step_names()
+
+    def vit_tokens_per_layer(self) -> list[int]:
+        raise TypeError("per-image budgets price each crop at its own count: at(count).vit_tokens_per_layer()")
+
+    def run(self, tower, pixel_values, want_final_cls):
+        raise TypeError("per-image budgets run each crop at its own count: at(count).run(...)")
 
 
 class LLMStep:

@@ -89,6 +89,8 @@ class FixedLayout:
     kept: int
     stock = False  # LLaVA-NeXT's layout flags (anyres.AnyResLayout), never set for one fixed view
     variable = False
+    per_image = None
+    units_are_images = True
 
     def counts(self, num_images: int, image_sizes=None, handed_on=None) -> tuple[int, int]:
         """(placeholders per image, tokens it hands on); handed_on is for layouts whose counts follow the picks."""
@@ -120,7 +122,10 @@ class PruningState:
     # LLaVA-NeXT: per image of the last forward, where each token it handed the LLM came from (anyres.stock_places,
     # places_of: crop-major patch indices, -1 for none); None for LLaVA-1.5, whose tokens are one crop's.
     last_image_places: list[torch.Tensor] | None = None
-    last_image_crops: list[int] | None = None  # LLaVA-NeXT: per image of the last forward, its crops
+    # LLaVA-NeXT, per image of the last forward: what stage 2 counts its budgets in (its crops, or 1 with
+    # `anyres.budget: per_image`), and stage 1's counts after each of its steps, summed over the image's crops.
+    last_image_units: list[int] | None = None
+    last_image_counts: list[list[int]] | None = None
     # A layout whose counts follow the picks (LLaVA-NeXT's `anyres.layout: stock`): (pixel_values, image features)
     # of a prompt shrunk before its prefill, which the prefill then takes instead of running the tower again.
     pending: tuple | None = None
@@ -151,23 +156,26 @@ class PruningState:
     @property
     def tokens_per_image(self) -> int:
         """Tokens each image contributes to the LLM input; for LLaVA-NeXT, each crop (an image hands on one such
-        run per crop, and stage 2 counts crops where LLaVA-1.5 counts images)."""
+        run per crop, and stage 2 counts crops where LLaVA-1.5 counts images), or with `anyres.budget: per_image`
+        each image."""
         return self.vision.tokens_per_image
 
     def units_per_row(self, visual: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """What stage 2 counts its budgets in, per row of a prefill whose visual positions are `visual` (B, L):
         (images per row, or LLaVA-NeXT's crops, (B,) int64; None, or over NeXT's stock layout, whose images hold
-        no whole number of crops' tokens, each row's visual tokens in crops' worth, (B,) float)."""
+        no whole number of crops' tokens, each row's budget multiplier, (B,) float: its visual tokens in crops'
+        worth, or with per-image budgets its images)."""
         tokens = visual.sum(1)  # (B,)
         if not (self.layout.stock and self.llm_plan is not None):
             return tokens // self.tokens_per_image, None
-        crops = torch.zeros_like(tokens)
-        per_image = iter(zip((len(p) for p in self.last_image_places), self.last_image_crops))
+        units = torch.zeros_like(tokens)
+        per_image = iter(zip((len(p) for p in self.last_image_places), self.last_image_units))
         for r, need in enumerate(tokens.tolist()):  # a row's images are the next ones, until its tokens are filled
             while need > 0:
-                n, c = next(per_image)
-                need, crops[r] = need - n, crops[r] + c
-        return crops, tokens.float() / self.tokens_per_image
+                n, u = next(per_image)
+                need, units[r] = need - n, units[r] + u
+        share = units.float() if self.layout.units_are_images else tokens.float() / self.tokens_per_image
+        return units, share
 
     def pending_for(self, pixel_values) -> object | None:
         """The image features computed ahead for exactly these pixels (ivtp_shrink), or None."""
@@ -212,9 +220,8 @@ class PruningState:
         places = self.last_image_places[first_image:first_image + n_images]  # per image, in the order handed on
         if self.layout.every_patch:  # in the stock layout, newlines included
             counts = [len(places[0])]
-        else:  # per image: stage 1's count per crop times the image's crops (a row's images averaged)
-            crops = sum(self.last_image_crops[first_image:first_image + n_images])
-            counts = [n * crops // n_images for n in self.last_vision.trace.counts]
+        else:  # per image: stage 1's counts over all its crops (a row's images averaged)
+            counts = [sum(c) // n_images for c in zip(*self.last_image_counts[first_image:first_image + n_images])]
             if self.layout.variable:  # what the kept patches came to after the padding cut, with the newlines
                 counts[-1] = sum(len(p) for p in places) // n_images
         report = {"stage1_patches": [sorted(p[p >= 0].tolist()) for p in places]}
@@ -644,24 +651,68 @@ def _model_family(model, cfg: PruneConfig, runner: VisionRunner, llm_plan, compi
 def image_layout(cfg: PruneConfig, llava_config, runner: VisionRunner, llm_plan) -> "FixedLayout | AnyResLayout":
     """What each image writes in the prompt and hands the LLM, from the config alone (`ivtp flops` prices it)."""
     from ivtp.anyres import AnyResLayout, is_anyres
+    from ivtp.methods.base import PerImageRunner
 
     if not is_anyres(llava_config):
         return FixedLayout(num_patches(llava_config), runner.tokens_per_image)
     # Nothing pruned per crop before the LLM: the stock layout (padding cut, newlines) stands, and an in-LLM stage
-    # keeps its per-crop budget's share of each image's tokens (LLMGuidance.units; docs/paper.md, LLaVA-NeXT).
+    # keeps its per-crop budget's share of each image's tokens (LLMGuidance.units; docs/paper.md, LLaVA-NeXT), or
+    # with per-image budgets its count per image.
     # Pruned per crop: the survivors' layout, or VisPruner's stock layout of the kept patches (`anyres.layout`).
-    prunes_first = runner.tokens_per_image < runner.num_patches
     chosen_stock = cfg.anyres_layout == "stock"
-    return AnyResLayout(llava_config, runner.tokens_per_image, stock=not prunes_first or chosen_stock,
-                        variable=prunes_first and chosen_stock)
+    per_image = runner.tokens_per_image if isinstance(runner, PerImageRunner) else None
+    return AnyResLayout(llava_config, runner.tokens_per_image, stock=not runner.prunes or chosen_stock,
+                        variable=runner.prunes and chosen_stock, per_image=per_image,
+                        units_are_images=cfg.anyres.budget == "per_image")
 
 
 def make_plans(cfg: PruneConfig, llava_config) -> tuple[VisionRunner, LLMPlan | None]:
     """What runs before the LLM and what prunes inside it, resolved against a model's config alone (no weights:
     `ivtp flops` prices a config this way). Raises ConfigError for budgets the model cannot meet."""
-    runner = build_vision_runner(cfg, llava_config.vision_config, llava_config.vision_feature_layer)
-    llm_plan = build_llm_plan(cfg, llava_config.text_config.num_hidden_layers, runner.tokens_per_image)
-    return runner, llm_plan
+    from ivtp.anyres import is_anyres
+
+    layers = llava_config.text_config.num_hidden_layers
+    if is_anyres(llava_config) and cfg.anyres.budget == "per_image":
+        runner, tokens_in = _per_image_plans(cfg, llava_config)
+    else:
+        runner = build_vision_runner(cfg, llava_config.vision_config, llava_config.vision_feature_layer)
+        tokens_in = runner.tokens_per_image
+    return runner, build_llm_plan(cfg, layers, tokens_in)
+
+
+def _per_image_plans(cfg: PruneConfig, llava_config) -> tuple[VisionRunner, int]:
+    """LLaVA-NeXT with `anyres.budget: per_image`: (the runner, the visual tokens per image the LLM stage is fed,
+    at most). Stage 1's count is split over each image's crops (anyres.split_budget); the method's runner is built
+    at every count a crop can get, so a budget some crop cannot meet is refused before any compute."""
+    from ivtp import anyres
+    from ivtp.methods.base import PerImageRunner
+
+    vision, feature_layer = llava_config.vision_config, llava_config.vision_feature_layer
+    key = cfg.stage1_budget()
+    if key is None:  # nothing prunes before the LLM: its stage keeps a count of each image's stock tokens
+        shares = [name for name, value in cfg.llm_budgets() if isinstance(value, float)]
+        if shares:
+            raise ConfigError(f"anyres.budget per_image: {', '.join(shares)} is a share of the image's tokens, the "
+                              f"same per crop and per image; per_image takes a count")
+        return (build_vision_runner(cfg, vision, feature_layer), anyres.most_stock_tokens(llava_config))
+    name = f"{key[0]}.{key[1]}"
+    total = getattr(getattr(cfg, key[0]), key[1])
+    if isinstance(total, float):
+        raise ConfigError(f"anyres.budget per_image: {name} {total} is a share of each crop's patches, the same per "
+                          f"crop and per image; per_image takes a count")
+    crops = anyres.crop_count_range(llava_config)
+    patches = anyres.side(llava_config) ** 2
+    if not max(crops) <= total <= patches * min(crops):
+        raise ConfigError(f"anyres.budget per_image: {name} {total} must lie between {max(crops)} (a token for "
+                          f"each crop of a {max(crops)}-crop image) and {patches * min(crops)} (every patch of a "
+                          f"{min(crops)}-crop image)")
+    runners = {}
+    for count in sorted({b for n in crops for b in anyres.split_budget(total, n)}):
+        try:
+            runners[count] = build_vision_runner(cfg.with_stage1_count(count), vision, feature_layer)
+        except ConfigError as e:
+            raise ConfigError(f"anyres.budget per_image: {name} {total} gives some crop {count} tokens: {e}") from None
+    return PerImageRunner(runners, total), total
 
 
 def _checked_aligner(aligner, cfg: PruneConfig, mc, tokenizer) -> Aligner:

@@ -69,6 +69,63 @@ def test_flops_of_an_in_llm_method_on_llava_next_keep_the_budgets_share_of_the_s
     assert out["llm_visual_per_layer"][:3] == [2928, 2928, 325] and out["final_visual_tokens"] == 325
 
 
+def _per_image_config(tmp_path, name, body):
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(body + "anyres:\n  budget: per_image\n")
+    return str(path)
+
+
+def test_flops_of_budgets_per_image_price_each_crop_at_its_share(capsys, tmp_path):
+    """topk at 320 per image: on a 5-crop image the same as 64 per crop; on a 4-crop one the same as 80 per crop;
+    at 321 the base view keeps 65 and the tiles 64, priced crop by crop (llava_flops' crop_vit_tokens)."""
+    from ivtp.eval.flops import Arch, llava_flops
+    from ivtp.models import preset_config
+
+    def topk(keep, *extra):
+        return flops(capsys, "--model", "llava-1.6-7b", "--prune-config",
+                     _per_image_config(tmp_path, f"topk{keep}", f"method: topk\ntopk:\n  keep: {keep}\n"), *extra)
+
+    per_crop = flops(capsys, "--model", "llava-1.6-7b", "--method", "topk", "--visual-tokens", "64")
+    assert topk(320)["total"] == pytest.approx(per_crop["total"]) and topk(320)["final_visual_tokens"] == 320
+    wide = topk(320, "--image-size", "400x1000")
+    wide_per_crop = flops(capsys, "--model", "llava-1.6-7b", "--method", "topk", "--visual-tokens", "80",
+                          "--image-size", "400x1000")
+    assert wide["crops"] == 4 and wide["total"] == pytest.approx(wide_per_crop["total"])
+    odd = topk(321)
+    arch = Arch.from_llava_config(preset_config("llava-1.6-7b", vocab_size=32064))
+    by_hand = llava_flops(arch, 512, llm_visual_per_layer=[321] * 32, crops=5,
+                          crop_vit_tokens=[[577] * 23] * 5)  # topk scores at the feature layer: the ViT is unpruned
+    assert odd["final_visual_tokens"] == 321 and odd["total"] == pytest.approx(by_hand["total"])
+
+
+def test_flops_of_an_in_llm_method_per_image_keep_its_count_of_the_images_stock_tokens(capsys, tmp_path):
+    config = _per_image_config(tmp_path, "fastv", "method: fastv\nfastv:\n  keep: 320\n")
+    for size, stock in [("672x672", 2928), ("400x1000", 576 + 24 * 61)]:
+        out = flops(capsys, "--model", "llava-1.6-7b", "--prune-config", config, "--image-size", size)
+        assert out["llm_visual_per_layer"][:3] == [stock, stock, 320] and out["final_visual_tokens"] == 320
+
+
+def test_flops_of_ivtp_per_image_price_each_crops_own_schedule(capsys):
+    """IVTP's stage 1 at 640 per image: 128 per crop of a 672 x 672 image (5 crops), 214/213/213 of a 3-crop
+    336 x 672 one, whose ViT layers hold each crop's own linear schedule."""
+    from ivtp import PruneConfig
+    from ivtp.eval.bench import method_flops
+    from ivtp.eval.flops import Arch, llava_flops
+    from ivtp.models import preset_config
+    from ivtp.patch.llava import make_plans
+
+    config = preset_config("llava-1.6-7b", vocab_size=32064)
+    prune = PruneConfig.load("configs/next/ivtp_per_image_320.yaml")
+    out = method_flops(config, prune, 512, image_size=(336, 672))
+    runner, _ = make_plans(prune, config)
+    assert out["crops"] == 3 and out["final_visual_tokens"] == 320
+    crops = [runner.at(k).vit_tokens_per_layer() for k in (214, 213, 213)]
+    assert crops[0][0] == crops[1][0] == 577 and crops[0] != crops[1]  # each crop's own schedule
+    by_hand = llava_flops(Arch.from_llava_config(config), 512, llm_visual_per_layer=out["llm_visual_per_layer"],
+                          crops=3, crop_vit_tokens=crops)
+    assert out["vit"] == pytest.approx(by_hand["vit"])
+
+
 @pytest.mark.parametrize("argv, fragment", [
     (["--model", "llava-1.5-7b", "--image-size", "672x672"], "--image-size prices LLaVA-NeXT's AnyRes crops"),
     (["--model", "llava-1.6-7b", "--projector", "honeybee", "--method", "none"], "compressors are LLaVA-1.5's"),
